@@ -1,0 +1,1 @@
+"""Prefect blocks for LLM endpoints, sandboxes and storage (deployments issue)."""

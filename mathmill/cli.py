@@ -1,0 +1,159 @@
+"""The ``mathmill`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from mathmill import __version__
+from mathmill.errors import MathmillError
+from mathmill.llm.config import EndpointConfig, endpoint_from_env
+
+app = typer.Typer(
+    help="mathmill: verified math reasoning data for LLMs, as Prefect flows.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+endpoint_app = typer.Typer(help="Check OpenAI-compatible endpoints.", no_args_is_help=True)
+app.add_typer(endpoint_app, name="endpoint")
+console = Console()
+err = Console(stderr=True)
+
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(help="OpenAI-compatible base URL (env MATHMILL_BASE_URL); none = embedded model."),
+]
+Model = Annotated[str | None, typer.Option(help="Model name (env MATHMILL_MODEL).")]
+ApiKeyEnv = Annotated[
+    str,
+    typer.Option(help="Name of the environment variable holding the API key (never the key)."),
+]
+
+
+def _endpoint(base_url: str | None, model: str | None, api_key_env: str) -> EndpointConfig | None:
+    return endpoint_from_env(base_url, model, os.environ.get(api_key_env) or None)
+
+
+@app.command()
+def version() -> None:
+    """Print the mathmill version."""
+    console.print(__version__)
+
+
+@endpoint_app.command("check")
+def endpoint_check(
+    base_url: BaseUrl = None,
+    model: Model = None,
+    api_key_env: ApiKeyEnv = "MATHMILL_API_KEY",
+    timeout: Annotated[float, typer.Option(help="Seconds per request.")] = 30.0,
+    retries: Annotated[int, typer.Option(help="Retries per request.")] = 1,
+    require_structured: Annotated[
+        bool, typer.Option(help="Fail when structured output does not work.")
+    ] = False,
+) -> None:
+    """Make one real call; print the model, latency and whether structured output works."""
+    from mathmill.llm.check import check_endpoint
+    from mathmill.llm.embedded import EmbeddedModel
+
+    endpoint = _endpoint(base_url, model, api_key_env)
+    update = {"timeout_s": timeout, "max_retries": retries, "max_backoff_s": 2.0}
+    if endpoint is None:
+        with console.status("starting the embedded model"), EmbeddedModel() as embedded:
+            report = check_endpoint(embedded.model_copy(update=update), overall_timeout_s=600)
+    else:
+        endpoint = endpoint.model_copy(update=update)
+        budget = (retries + 1) * timeout * 3 + 10
+        report = check_endpoint(endpoint, overall_timeout_s=budget)
+    table = Table(show_header=False, box=None)
+    table.add_row("endpoint", report.base_url)
+    table.add_row("model", report.model)
+    table.add_row("latency", f"{report.latency_ms:.0f} ms ({report.completion_tokens} tokens)")
+    table.add_row("reply", repr(report.reply))
+    ok = report.structured_mode is not None
+    table.add_row("structured output", f"{'yes' if ok else 'no'}: {report.structured_detail}")
+    console.print(table)
+    if require_structured and not ok:
+        err.print("error: structured output does not work on this endpoint")
+        raise typer.Exit(1)
+    console.print("[green]OK[/green]")
+
+
+@app.command()
+def demo(
+    out: Annotated[str, typer.Option(help="Directory (or s3:// URL) for the run.")] = "runs",
+    limit: Annotated[int, typer.Option(min=1, max=5, help="Problems to solve.")] = 3,
+    max_tokens: Annotated[int, typer.Option(min=16, max=4096)] = 200,
+    base_url: BaseUrl = None,
+    model: Model = None,
+    api_key_env: ApiKeyEnv = "MATHMILL_API_KEY",
+) -> None:
+    """Solve a few GSM8K problems with the embedded model and write them as Parquet."""
+    from mathmill.demo import run_demo_async
+    from mathmill.llm.embedded import resolve_endpoint
+
+    key = os.environ.get(api_key_env) or None
+    with console.status("starting the model") as status, resolve_endpoint(
+        base_url, model, key
+    ) as endpoint:
+        status.update(f"solving {limit} problems with {endpoint.label} ({endpoint.base_url})")
+        report = asyncio.run(run_demo_async(endpoint, out, limit=limit, max_tokens=max_tokens))
+    table = Table(title=f"{len(report.rows)} attempts by {endpoint.label}")
+    for column in ("problem", "model answer", "reference", "verdict", "tokens", "ms"):
+        table.add_column(column)
+    for row in report.rows:
+        verdict = row.verdict.status if row.verdict else (row.error.kind if row.error else "-")
+        table.add_row(
+            row.problem_id[:8],
+            str(row.final_answer)[:30],
+            str(row.verdict.expected if row.verdict else "")[:20],
+            verdict,
+            str(row.usage.total_tokens),
+            f"{row.latency_ms or 0:.0f}",
+        )
+    console.print(table)
+    console.print(report.meter.to_markdown())
+    console.print(f"run directory: {report.run_dir}")
+    console.print(f"  problems: {report.problems.path} ({report.problems.rows} rows)")
+    console.print(f"  attempts: {report.attempts.path} ({report.attempts.rows} rows)")
+    console.print(f"  usage:    {report.run_dir}/usage.md")
+    for skipped in report.skipped:
+        err.print(f"skipped: {skipped.message}")
+    console.print(f"done in {report.seconds:.1f}s")
+
+
+def main() -> None:
+    """Entry point: run the app; errors end in one line on stderr, never a traceback."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(130)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except MathmillError as e:
+        err.print(f"error: {e}", markup=False, highlight=False)
+        sys.exit(1)
+    except Exception as e:
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if os.environ.get("MATHMILL_DEBUG"):
+            raise
+        err.print(
+            f"internal error: {type(e).__name__}: {e} (set MATHMILL_DEBUG=1 for the traceback)",
+            markup=False,
+            highlight=False,
+        )
+        sys.exit(70)

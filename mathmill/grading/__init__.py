@@ -1,0 +1,1 @@
+"""Answer extraction and equivalence (math-verify + sympy). Filled by the grading issue."""

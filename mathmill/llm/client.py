@@ -1,0 +1,481 @@
+"""An async client pool over the official ``openai`` SDK for OpenAI-compatible endpoints.
+
+One :class:`LLMClient` per endpoint bounds the requests in flight with a semaphore,
+retries 429/5xx/timeouts/connection errors with tenacity (honouring ``Retry-After``),
+applies a per-request timeout and records usage, latency and cost per stage.
+
+>>> pool = LLMPool()  # doctest: +SKIP
+>>> client = pool.client(EndpointConfig(base_url="http://127.0.0.1:8000/v1", model="m"))
+>>> result = await client.chat([{"role": "user", "content": "2+2?"}], stage="demo")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+import httpx2
+import openai
+from pydantic import BaseModel
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from mathmill.errors import EndpointError, EndpointTimeout, StructuredOutputError
+from mathmill.llm.config import EndpointConfig, Price
+from mathmill.llm.structured import parse_reply, repair_message, response_format, schema_hint
+from mathmill.llm.usage import UsageMeter
+from mathmill.records import ErrorInfo, SamplingParams, TokenUsage
+
+__all__ = [
+    "ChatResult",
+    "Choice",
+    "LLMClient",
+    "LLMPool",
+    "StructuredResult",
+    "TokenLogprob",
+]
+
+T = TypeVar("T", bound=BaseModel)
+Message = dict[str, Any]
+
+_RETRY_STATUS = {408, 409, 429}
+
+
+@dataclass(slots=True)
+class TokenLogprob:
+    """One generated token with its logprob and the top alternatives."""
+
+    token: str
+    logprob: float
+    top: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Choice:
+    """One sample of a completion."""
+
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass(slots=True)
+class ChatResult:
+    """The outcome of one logical call: the samples, or the recorded error."""
+
+    model: str
+    choices: list[Choice]
+    usage: TokenUsage
+    latency_ms: float
+    attempts: int
+    cost_usd: float = 0.0
+    error: ErrorInfo | None = None
+    raw: dict[str, Any] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when the call produced at least one choice."""
+        return self.error is None
+
+    @property
+    def text(self) -> str:
+        """The first sample's text ('' when the call failed)."""
+        return self.choices[0].text if self.choices else ""
+
+    @property
+    def texts(self) -> list[str]:
+        """All samples' texts."""
+        return [c.text for c in self.choices]
+
+
+@dataclass(slots=True)
+class StructuredResult(Generic[T]):
+    """A structured call: the parsed value (or the recorded failure) and the raw text."""
+
+    value: T | None
+    raw: str
+    repaired: bool
+    result: ChatResult
+    error: ErrorInfo | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when ``value`` parsed."""
+        return self.value is not None
+
+
+def _retry_after(exc: BaseException) -> float | None:
+    response = getattr(exc, "response", None)
+    headers = getattr(response, "headers", None)
+    if headers is None:
+        return None
+    if (ms := headers.get("retry-after-ms")) is not None:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        parsed = email.utils.parsedate_to_datetime(value)
+        return max(0.0, parsed.timestamp() - time.time()) if parsed else None
+
+
+def _retryable(exc: BaseException) -> bool:
+    if isinstance(exc, openai.APIStatusError):
+        return exc.status_code in _RETRY_STATUS or exc.status_code >= 500
+    return isinstance(
+        exc,
+        openai.APITimeoutError
+        | openai.APIConnectionError
+        | openai.APIResponseValidationError
+        | json.JSONDecodeError,
+    )
+
+
+def _describe(exc: BaseException, endpoint: EndpointConfig, attempts: int) -> EndpointError:
+    where = f"{endpoint.base_url} (model {endpoint.model!r})"
+    tries = f"after {attempts} attempt{'s' if attempts != 1 else ''}"
+    if isinstance(exc, openai.APITimeoutError):
+        return EndpointTimeout(
+            f"{where}: no answer within {endpoint.timeout_s:g}s {tries}",
+            kind="timeout",
+            attempts=attempts,
+        )
+    if isinstance(exc, openai.APIStatusError):
+        body = exc.response.text[:200].replace("\n", " ")
+        return EndpointError(
+            f"{where}: HTTP {exc.status_code} {tries}: {body}",
+            kind="status",
+            status=exc.status_code,
+            attempts=attempts,
+        )
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc
+        return EndpointError(
+            f"{where}: cannot connect {tries}: {cause}", kind="connection", attempts=attempts
+        )
+    return EndpointError(
+        f"{where}: invalid response {tries}: {type(exc).__name__}: {exc}",
+        kind="bad_response",
+        attempts=attempts,
+    )
+
+
+class LLMClient:
+    """Calls to one endpoint, bounded by its ``max_concurrency``, with retries and accounting.
+
+    Methods raise :class:`~mathmill.errors.EndpointError` on final failure unless
+    ``raise_on_error=False``, in which case the failure is returned in ``result.error``.
+    """
+
+    def __init__(
+        self, endpoint: EndpointConfig, meter: UsageMeter, price: Price | None = None
+    ) -> None:
+        self.endpoint = endpoint
+        self.meter = meter
+        self.price = endpoint.price or price
+        limits = httpx2.Limits(
+            max_connections=endpoint.max_concurrency,
+            max_keepalive_connections=endpoint.max_concurrency,
+        )
+        self._http = openai.DefaultAsyncHttpx2Client(limits=limits)
+        self.openai = openai.AsyncOpenAI(
+            base_url=endpoint.base_url,
+            api_key=endpoint.api_key.get_secret_value(),
+            timeout=endpoint.timeout_s,
+            max_retries=0,  # retries are ours (tenacity), so they are counted and logged
+            http_client=self._http,
+        )
+        self._semaphore: asyncio.Semaphore | None = None
+
+    async def aclose(self) -> None:
+        """Close the HTTP connections."""
+        await self.openai.close()
+
+    def _sem(self) -> asyncio.Semaphore:
+        if self._semaphore is None:
+            self._semaphore = asyncio.Semaphore(self.endpoint.max_concurrency)
+        return self._semaphore
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        after = _retry_after(exc) if exc is not None else None
+        if after is not None:
+            return min(after, self.endpoint.max_backoff_s)
+        backoff = wait_exponential_jitter(initial=0.25, max=self.endpoint.max_backoff_s, jitter=0.25)
+        return float(backoff(state))
+
+    async def _request(self, fn: Any, body: dict[str, Any]) -> tuple[Any, int]:
+        attempts = 0
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_retryable),
+            stop=stop_after_attempt(self.endpoint.max_retries + 1),
+            wait=self._wait,
+            reraise=True,
+        )
+        sem = self._sem()
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    attempts += 1
+                    async with sem:
+                        response = await fn(**body)
+                    if isinstance(response, str):  # the SDK returns str for non-JSON bodies
+                        raise openai.APIResponseValidationError(
+                            response=httpx2.Response(200, request=httpx2.Request("POST", "/")),
+                            body=response,
+                            message=f"response body is not JSON: {response[:80]!r}",
+                        )
+        except Exception as e:
+            if isinstance(e, openai.OpenAIError | json.JSONDecodeError):
+                raise _describe(e, self.endpoint, attempts) from e
+            raise
+        return response, attempts
+
+    def _body(self, sampling: SamplingParams | None, extra: dict[str, Any]) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": self.endpoint.model}
+        if sampling is not None:
+            for name in ("temperature", "top_p", "max_tokens", "seed", "stop"):
+                value = getattr(sampling, name)
+                if value is not None:
+                    body[name] = value
+            if sampling.n != 1:
+                body["n"] = sampling.n
+        if self.endpoint.extra_body:
+            body["extra_body"] = dict(self.endpoint.extra_body)
+        body.update(extra)
+        return body
+
+    def _finish(
+        self,
+        stage: str,
+        start: float,
+        attempts: int,
+        usage: TokenUsage,
+        choices: list[Choice],
+        raw: dict[str, Any] | None,
+        model: str,
+    ) -> ChatResult:
+        latency = (time.perf_counter() - start) * 1000.0
+        cost = self.price.cost(usage.prompt_tokens, usage.completion_tokens) if self.price else 0.0
+        self.meter.record(
+            stage,
+            model=model,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            latency_ms=latency,
+            cost_usd=cost,
+            retries=attempts - 1,
+        )
+        return ChatResult(model, choices, usage, latency, attempts, cost, None, raw)
+
+    def _failed(
+        self, stage: str, start: float, err: EndpointError, raise_on_error: bool
+    ) -> ChatResult:
+        latency = (time.perf_counter() - start) * 1000.0
+        self.meter.record(
+            stage,
+            model=self.endpoint.model,
+            latency_ms=latency,
+            retries=max(0, err.attempts - 1),
+            error=True,
+        )
+        if raise_on_error:
+            raise err
+        info = ErrorInfo(kind=err.kind, message=str(err), stage=stage, attempts=err.attempts)
+        return ChatResult(self.endpoint.model, [], TokenUsage(), latency, err.attempts, error=info)
+
+    async def chat(
+        self,
+        messages: Sequence[Message],
+        *,
+        stage: str = "default",
+        sampling: SamplingParams | None = None,
+        raise_on_error: bool = True,
+        keep_raw: bool = False,
+        **extra: Any,
+    ) -> ChatResult:
+        """One chat completion (``sampling.n`` samples). ``extra`` goes into the body."""
+        body = self._body(sampling, extra)
+        if sampling is not None and sampling.logprobs:
+            body["logprobs"] = True
+            if sampling.top_logprobs is not None:
+                body["top_logprobs"] = sampling.top_logprobs
+        body["messages"] = list(messages)
+        start = time.perf_counter()
+        try:
+            response, attempts = await self._request(self.openai.chat.completions.create, body)
+        except EndpointError as e:
+            return self._failed(stage, start, e, raise_on_error)
+        choices = []
+        for c in response.choices:
+            logprobs = None
+            if c.logprobs is not None and c.logprobs.content is not None:
+                logprobs = [
+                    TokenLogprob(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
+                    for t in c.logprobs.content
+                ]
+            choices.append(Choice(c.index, c.message.content or "", c.finish_reason, logprobs))
+        usage = _usage(response)
+        raw = response.model_dump() if keep_raw else None
+        return self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        stage: str = "default",
+        sampling: SamplingParams | None = None,
+        raise_on_error: bool = True,
+        keep_raw: bool = False,
+        **extra: Any,
+    ) -> ChatResult:
+        """One text completion (``/v1/completions``); ``sampling.top_logprobs`` sets
+        ``logprobs``. Extras such as ``echo`` or vLLM's ``prompt_logprobs`` (via
+        ``extra_body``) pass through; ``keep_raw`` keeps the whole response.
+        """
+        body = self._body(sampling, extra)
+        if sampling is not None and sampling.logprobs:
+            body["logprobs"] = sampling.top_logprobs or 1
+        body["prompt"] = prompt
+        start = time.perf_counter()
+        try:
+            response, attempts = await self._request(self.openai.completions.create, body)
+        except EndpointError as e:
+            return self._failed(stage, start, e, raise_on_error)
+        choices = []
+        for c in response.choices:
+            logprobs = None
+            lp = c.logprobs
+            if lp is not None and lp.tokens is not None and lp.token_logprobs is not None:
+                tops = lp.top_logprobs or [{} for _ in lp.tokens]
+                logprobs = [
+                    TokenLogprob(tok, val if val is not None else float("nan"), dict(top or {}))
+                    for tok, val, top in zip(lp.tokens, lp.token_logprobs, tops, strict=False)
+                ]
+            choices.append(Choice(c.index, c.text, c.finish_reason, logprobs))
+        usage = _usage(response)
+        raw = response.model_dump() if keep_raw else None
+        return self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+
+    async def structured(
+        self,
+        messages: Sequence[Message],
+        schema: type[T],
+        *,
+        stage: str = "default",
+        sampling: SamplingParams | None = None,
+        raise_on_error: bool = True,
+        **extra: Any,
+    ) -> StructuredResult[T]:
+        """A chat call whose reply is parsed into ``schema``.
+
+        The request carries the schema in the endpoint's ``structured_mode``. Parsing
+        tolerates code fences, surrounding prose and raw newlines; on an invalid reply
+        one repair retry shows the model its reply and the error. A reply that still
+        fails raises :class:`StructuredOutputError`, or with ``raise_on_error=False``
+        comes back with ``value=None`` and ``error`` recorded.
+        """
+        mode = self.endpoint.structured_mode
+        msgs = list(messages)
+        if mode == "json_object":
+            msgs = [{"role": "system", "content": schema_hint(schema)}, *msgs]
+        extra = {"response_format": response_format(schema, mode), **extra}
+        result = await self.chat(
+            msgs, stage=stage, sampling=sampling, raise_on_error=raise_on_error, **extra
+        )
+        if not result.ok:
+            return StructuredResult(None, "", False, result, result.error)
+        try:
+            return StructuredResult(parse_reply(result.text, schema), result.text, False, result)
+        except ValueError as first:
+            repair = [
+                *msgs,
+                {"role": "assistant", "content": result.text},
+                {"role": "user", "content": repair_message(str(first))},
+            ]
+            second = await self.chat(
+                repair,
+                stage=stage,
+                sampling=sampling,
+                raise_on_error=raise_on_error,
+                **extra,
+            )
+            _merge_into(second, result)
+            if second.ok:
+                try:
+                    value = parse_reply(second.text, schema)
+                    return StructuredResult(value, second.text, True, second)
+                except ValueError as e:
+                    first = e
+            message = f"{stage}: reply does not fit {schema.__name__} after one repair: {first}"
+            if raise_on_error:
+                raise StructuredOutputError(message, raw=second.text or result.text) from first
+            info = ErrorInfo(kind="invalid_json", message=message, stage=stage, attempts=2)
+            return StructuredResult(None, second.text or result.text, True, second, info)
+
+
+def _merge_into(second: ChatResult, first: ChatResult) -> None:
+    """Count the first call's tokens, cost and time on the repair call's result."""
+    second.usage = TokenUsage(
+        prompt_tokens=second.usage.prompt_tokens + first.usage.prompt_tokens,
+        completion_tokens=second.usage.completion_tokens + first.usage.completion_tokens,
+    )
+    second.latency_ms += first.latency_ms
+    second.cost_usd += first.cost_usd
+    second.attempts += first.attempts
+
+
+def _usage(response: Any) -> TokenUsage:
+    u = getattr(response, "usage", None)
+    if u is None:
+        return TokenUsage()
+    return TokenUsage(
+        prompt_tokens=u.prompt_tokens or 0, completion_tokens=u.completion_tokens or 0
+    )
+
+
+class LLMPool:
+    """Clients by endpoint, sharing one :class:`UsageMeter` for the run.
+
+    Roles that point at the same endpoint (same base URL and key) share one client
+    and so one concurrency limit.
+    """
+
+    def __init__(self, meter: UsageMeter | None = None) -> None:
+        self.meter = meter or UsageMeter()
+        self._clients: dict[str, LLMClient] = {}
+
+    def client(self, endpoint: EndpointConfig) -> LLMClient:
+        """The client for ``endpoint`` (created on first use)."""
+        key = f"{endpoint.pool_key()}|{endpoint.model}|{endpoint.max_concurrency}"
+        if key not in self._clients:
+            self._clients[key] = LLMClient(endpoint, self.meter)
+        return self._clients[key]
+
+    async def aclose(self) -> None:
+        """Close every client's connections."""
+        for client in self._clients.values():
+            await client.aclose()
+        self._clients.clear()
+
+    async def __aenter__(self) -> LLMPool:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,275 @@
+"""The record family every stage passes on.
+
+Stages fill typed fields; ``metadata`` holds only extras. Every record round-trips
+losslessly through Parquet (see :mod:`mathmill.codec`), nested fields included.
+
+>>> p = Problem(statement="What is  1+1?", answer="2", source="demo")
+>>> p.id == Problem(statement="What is 1+1?").id
+True
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+
+__all__ = [
+    "RECORD_TYPES",
+    "Attempt",
+    "AttemptKind",
+    "Critique",
+    "ErrorInfo",
+    "ExecStatus",
+    "ExecutionResult",
+    "Label",
+    "Problem",
+    "PromptRef",
+    "Record",
+    "SamplingParams",
+    "TokenUsage",
+    "Turn",
+    "Verdict",
+    "VerdictStatus",
+    "normalize_statement",
+    "stable_id",
+]
+
+AttemptKind = Literal["long_cot", "short_cot", "code", "tir"]
+ExecStatus = Literal["ok", "error", "timeout", "memory", "output_limit", "crashed"]
+VerdictStatus = Literal[
+    "verified",
+    "wrong_answer",
+    "error",
+    "timeout",
+    "no_output",
+    "correct",
+    "incorrect",
+    "unvalidated",
+    "failed",
+]
+
+_WS = re.compile(r"\s+")
+
+
+def normalize_statement(text: str) -> str:
+    """Normalize a problem statement for identity: NFKC, collapsed whitespace, stripped.
+
+    Case and punctuation are kept: ``x`` and ``X`` can be different variables.
+
+    >>> normalize_statement("  Find\\u00a0x,\\n  if x+1=2. ")
+    'Find x, if x+1=2.'
+    """
+    return _WS.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+
+
+def stable_id(*parts: str, length: int = 16) -> str:
+    """A short hex id from the SHA-256 of the parts (joined with a unit separator).
+
+    >>> stable_id("a", "b") == stable_id("a", "b") != stable_id("ab")
+    True
+    """
+    digest = hashlib.sha256("\x1f".join(parts).encode("utf-8")).hexdigest()
+    return digest[:length]
+
+
+class Record(BaseModel):
+    """Base of every record: strict about unknown fields, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TokenUsage(Record):
+    """Tokens used by one or more LLM calls."""
+
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+
+    @property
+    def total_tokens(self) -> int:
+        """Prompt plus completion tokens."""
+        return self.prompt_tokens + self.completion_tokens
+
+
+class SamplingParams(Record):
+    """The sampling parameters a text was generated with."""
+
+    temperature: float | None = Field(None, ge=0.0, le=5.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=1024, description="Samples per prompt.")
+    seed: int | None = None
+    stop: list[str] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class PromptRef(Record):
+    """Which prompt template produced a text: its id and the SHA-256 of its content."""
+
+    template_id: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class ErrorInfo(Record):
+    """A recorded failure: what kind, what it said, in which stage, after how many tries."""
+
+    kind: str = Field(description="Short reason, e.g. 'timeout', 'status', 'invalid_json'.")
+    message: str
+    stage: str | None = None
+    attempts: int = Field(1, ge=0)
+
+
+class ExecutionResult(Record):
+    """What running code in the sandbox gave. The one result shape of every backend."""
+
+    status: ExecStatus
+    stdout: str = ""
+    stderr: str = ""
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    exit_code: int | None = None
+    wall_ms: float = Field(0.0, ge=0.0)
+    cpu_ms: float = Field(0.0, ge=0.0)
+    peak_memory_kb: int | None = Field(None, ge=0)
+    backend: str | None = Field(None, description="Which sandbox backend ran it.")
+
+
+class Verdict(Record):
+    """A grading decision: the status, which rule decided, and why."""
+
+    status: VerdictStatus
+    expected: str | None = None
+    predicted: str | None = None
+    rule: str | None = Field(None, description="The grader rule that decided.")
+    reason: str = ""
+
+
+class Critique(Record):
+    """A structured critique of a solution or of its code."""
+
+    summary: str
+    issues: list[str] = Field(default_factory=list)
+    scores: dict[str, float] = Field(default_factory=dict)
+    passed: bool | None = None
+    model: str | None = None
+
+
+class Turn(Record):
+    """One message of a multi-turn trajectory; tool turns carry their execution."""
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str
+    execution: ExecutionResult | None = None
+
+
+class Problem(Record):
+    """A math problem. ``id`` is derived from the normalized statement unless given.
+
+    >>> Problem(statement="2+2?").id == stable_id(normalize_statement("2+2? "))
+    True
+    """
+
+    id: str = ""
+    statement: str = Field(min_length=1)
+    answer: str | None = Field(None, description="Reference answer, when known.")
+    solution: str | None = None
+    source: str | None = Field(None, description="Dataset or generator it came from.")
+    source_id: str | None = Field(None, description="Its id in the source, if any.")
+    license: str | None = None
+    topic: str | None = None
+    domain: str | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id") and data.get("statement"):
+            data = {**data, "id": stable_id(normalize_statement(str(data["statement"])))}
+        return data
+
+
+class Attempt(Record):
+    """One solution attempt at a problem: a chain of thought, code, or a TIR trajectory.
+
+    Rounds of a feedback-rewrite loop are separate attempts linked by ``parent_id``.
+    """
+
+    id: str = ""
+    problem_id: str
+    kind: AttemptKind
+    model: str | None = None
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    prompt: PromptRef | None = None
+    sample_index: int = Field(0, ge=0)
+    round: int = Field(0, ge=0, description="Feedback-rewrite round; 0 is the first try.")
+    parent_id: str | None = Field(None, description="The attempt this one revises.")
+    text: str | None = None
+    final_answer: str | None = None
+    code: str | None = None
+    execution: ExecutionResult | None = None
+    verdict: Verdict | None = None
+    critique: Critique | None = None
+    turns: list[Turn] = Field(default_factory=list)
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    latency_ms: float | None = Field(None, ge=0.0)
+    error: ErrorInfo | None = None
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id") and data.get("problem_id"):
+            prompt = data.get("prompt")
+            prompt_hash = (
+                prompt.sha256 if isinstance(prompt, PromptRef) else (prompt or {}).get("sha256")
+            )
+            parts = [
+                str(data["problem_id"]),
+                str(data.get("kind", "")),
+                str(data.get("model") or ""),
+                str(prompt_hash or ""),
+                str(data.get("sample_index", 0)),
+                str(data.get("round", 0)),
+                str(data.get("parent_id") or ""),
+            ]
+            data = {**data, "id": stable_id(*parts)}
+        return data
+
+
+class Label(Record):
+    """A label on a problem or attempt: difficulty, domain, leak, ... with its evidence."""
+
+    target_id: str = Field(description="The problem or attempt id it labels.")
+    name: str = Field(description="What is labelled, e.g. 'difficulty', 'domain', 'leak'.")
+    value: str
+    score: float | None = None
+    source: str | None = Field(None, description="Model or heuristic that produced it.")
+    reason: str = ""
+    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+
+
+RECORD_TYPES: dict[str, type[Record]] = {
+    cls.__name__: cls
+    for cls in (
+        Problem,
+        Attempt,
+        Label,
+        Verdict,
+        Critique,
+        ExecutionResult,
+        Turn,
+        TokenUsage,
+        SamplingParams,
+        PromptRef,
+        ErrorInfo,
+    )
+}
+"""Every record type by name; Parquet chunks record which one they hold."""

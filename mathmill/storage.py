@@ -1,0 +1,338 @@
+"""Datasets as Parquet chunks under a run directory, on local disk or object storage.
+
+A run directory holds one folder per dataset; a dataset is a set of Parquet chunks,
+each named by a key the caller chooses (usually the input chunk's hash, so a re-run
+overwrites rather than duplicates). A chunk's reference carries the SHA-256 of its
+bytes; reading by reference verifies it.
+
+Writes are atomic. On local disk a chunk is written to a hidden temporary file,
+flushed, fsynced and renamed into place; on S3-compatible storage it is one PUT,
+which becomes visible only when complete. A crash never leaves a half-written file
+under a chunk's name, and hidden temporaries are never listed.
+
+>>> import tempfile
+>>> from mathmill.records import Problem
+>>> store = RunStore(tempfile.mkdtemp())
+>>> ref = store.dataset("problems").write_chunk("00000", [Problem(statement="1+1?")])
+>>> [p.statement for p in store.dataset("problems").read_chunk(ref)]
+['1+1?']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+
+from mathmill.codec import from_table, to_table
+from mathmill.errors import ConfigError, StorageError
+from mathmill.records import RECORD_TYPES, Record
+
+__all__ = ["ChunkRef", "Dataset", "RunStore", "StorageConfig"]
+
+R = TypeVar("R", bound=Record)
+_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
+_SUFFIX = ".parquet"
+_TMP_PREFIX = ".tmp-"
+
+
+class StorageConfig(BaseModel):
+    """Where a run's datasets live.
+
+    ``url`` is a local path or ``s3://bucket/prefix``. For S3-compatible servers
+    (MinIO, moto, R2) set ``endpoint_url``. Credentials default to the usual AWS
+    environment variables and files; pass them here only from a secret store.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(description="Run directory: a local path or s3://bucket/prefix.")
+    endpoint_url: str | None = Field(
+        default_factory=lambda: os.environ.get("MATHMILL_S3_ENDPOINT_URL"),
+        description="S3-compatible endpoint, e.g. http://127.0.0.1:9000.",
+        examples=["http://127.0.0.1:9000"],
+    )
+    key: SecretStr | None = Field(None, description="Access key id (else from the environment).")
+    secret: SecretStr | None = Field(None, description="Secret key (else from the environment).")
+    region: str | None = Field(None, description="Region name, if the server needs one.")
+
+
+class ChunkRef(BaseModel):
+    """A small reference to one written chunk: where, what, how many rows, which bytes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dataset: str
+    key: str
+    path: str = Field(description="Full path or URL of the Parquet file.")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rows: int = Field(ge=0)
+    nbytes: int = Field(ge=0)
+    record_type: str
+
+
+def _filesystem(config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
+    protocol, _, rest = config.url.partition("://")
+    if not rest:
+        return fsspec.filesystem("file"), os.path.abspath(os.path.expanduser(config.url))
+    if protocol in ("s3", "s3a"):
+        options: dict[str, Any] = {}
+        client_kwargs: dict[str, Any] = {}
+        if config.endpoint_url:
+            client_kwargs["endpoint_url"] = config.endpoint_url
+        if config.region:
+            client_kwargs["region_name"] = config.region
+        if client_kwargs:
+            options["client_kwargs"] = client_kwargs
+        if config.key is not None:
+            options["key"] = config.key.get_secret_value()
+        if config.secret is not None:
+            options["secret"] = config.secret.get_secret_value()
+        try:
+            fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+        except ImportError as e:
+            raise ConfigError(
+                "s3:// storage needs the s3 extra: pip install 'mathmill[s3]'"
+            ) from e
+        return fs, rest.rstrip("/")
+    if protocol == "file":
+        return fsspec.filesystem("file"), os.path.abspath(rest)
+    try:
+        return fsspec.filesystem(protocol), rest.rstrip("/")
+    except (ImportError, ValueError) as e:
+        raise ConfigError(f"unsupported storage URL {config.url!r}: {e}") from e
+
+
+class RunStore:
+    """A run directory: datasets by name, plus small text artifacts (reports, manifests)."""
+
+    def __init__(self, url: str | StorageConfig) -> None:
+        self.config = url if isinstance(url, StorageConfig) else StorageConfig(url=url)
+        self.fs, self.root = _filesystem(self.config)
+        self.is_local = "file" in _protocols(self.fs)
+        if self.is_local:
+            os.makedirs(self.root, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"RunStore({self.url!r})"
+
+    @property
+    def url(self) -> str:
+        """The run directory as a path (local) or URL (object storage)."""
+        return self.root if self.is_local else f"{_protocols(self.fs)[0]}://{self.root}"
+
+    def dataset(self, name: str) -> Dataset:
+        """The dataset called ``name`` in this run (created on first write)."""
+        return Dataset(self, _check_key(name, "dataset name"))
+
+    def datasets(self) -> list[str]:
+        """Names of the datasets that have at least one chunk."""
+        if not self.fs.exists(self.root):
+            return []
+        names = []
+        for entry in self.fs.ls(self.root, detail=True):
+            name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
+            if entry["type"] == "directory" and not name.startswith("."):
+                if self.dataset(name).keys():
+                    names.append(name)
+        return sorted(names)
+
+    def write_bytes(self, relpath: str, data: bytes) -> str:
+        """Write a file under the run directory atomically; returns its path or URL."""
+        path = f"{self.root}/{relpath}"
+        _atomic_write(self, path, data)
+        return self._public(path)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        """Read a file written with :meth:`write_bytes`."""
+        path = f"{self.root}/{relpath}"
+        try:
+            data: bytes = self.fs.cat_file(path)
+        except FileNotFoundError as e:
+            raise StorageError(f"no file {self._public(path)}") from e
+        return data
+
+    def _public(self, path: str) -> str:
+        return path if self.is_local else f"{_protocols(self.fs)[0]}://{path}"
+
+
+class Dataset:
+    """One dataset of a run: Parquet chunks of a single record type."""
+
+    def __init__(self, store: RunStore, name: str) -> None:
+        self.store = store
+        self.name = name
+        self.path = f"{store.root}/{name}"
+
+    def __repr__(self) -> str:
+        return f"Dataset({self.store.url!r}, {self.name!r})"
+
+    def _chunk_path(self, key: str) -> str:
+        return f"{self.path}/{key}{_SUFFIX}"
+
+    def write_chunk(self, key: str, records: Sequence[Record]) -> ChunkRef:
+        """Write records (all of one type) as the chunk ``key``, atomically.
+
+        Writing an existing key replaces it, so a re-run of the same input chunk
+        never duplicates rows.
+        """
+        _check_key(key, "chunk key")
+        if not records:
+            raise StorageError(f"{self}: refusing to write an empty chunk {key!r}")
+        model = type(records[0])
+        data = _to_parquet(to_table(records, model))
+        path = self._chunk_path(key)
+        _atomic_write(self.store, path, data)
+        return ChunkRef(
+            dataset=self.name,
+            key=key,
+            path=self.store._public(path),
+            sha256=hashlib.sha256(data).hexdigest(),
+            rows=len(records),
+            nbytes=len(data),
+            record_type=model.__name__,
+        )
+
+    def keys(self) -> list[str]:
+        """Keys of the complete chunks, sorted. Hidden temporaries are never listed."""
+        try:
+            names = self.store.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        keys = []
+        for name in names:
+            base = str(name).rstrip("/").rsplit("/", 1)[-1]
+            if base.endswith(_SUFFIX) and not base.startswith("."):
+                keys.append(base[: -len(_SUFFIX)])
+        return sorted(keys)
+
+    def ref(self, key: str) -> ChunkRef | None:
+        """The reference of chunk ``key``, or None when it was never completed."""
+        try:
+            data = self.store.fs.cat_file(self._chunk_path(key))
+        except FileNotFoundError:
+            return None
+        table = self._parse(key, data)
+        return ChunkRef(
+            dataset=self.name,
+            key=key,
+            path=self.store._public(self._chunk_path(key)),
+            sha256=hashlib.sha256(data).hexdigest(),
+            rows=table.num_rows,
+            nbytes=len(data),
+            record_type=_record_type_name(table, self._chunk_path(key)),
+        )
+
+    def refs(self) -> list[ChunkRef]:
+        """References of all complete chunks, sorted by key."""
+        return [ref for key in self.keys() if (ref := self.ref(key)) is not None]
+
+    def read_table(self, ref: ChunkRef | str) -> pa.Table:
+        """One chunk as an Arrow table; a ChunkRef's hash is verified."""
+        key = ref.key if isinstance(ref, ChunkRef) else ref
+        path = self._chunk_path(key)
+        try:
+            data = self.store.fs.cat_file(path)
+        except FileNotFoundError as e:
+            raise StorageError(f"{self}: chunk {key!r} not found at {path}") from e
+        if isinstance(ref, ChunkRef):
+            digest = hashlib.sha256(data).hexdigest()
+            if digest != ref.sha256:
+                raise StorageError(
+                    f"{self}: chunk {key!r} changed since it was referenced "
+                    f"(sha256 {digest[:12]} != {ref.sha256[:12]})"
+                )
+        return self._parse(key, data)
+
+    def read_chunk(self, ref: ChunkRef | str, model: type[R] | None = None) -> list[R]:
+        """One chunk's records, as the type recorded in the file unless ``model`` is given."""
+        table = self.read_table(ref)
+        cls = model or RECORD_TYPES[_record_type_name(table, self.path)]
+        return from_table(table, cls)  # type: ignore[return-value]
+
+    def iter_records(self, model: type[R] | None = None) -> Iterator[R]:
+        """All records of all complete chunks, in key order."""
+        for key in self.keys():
+            yield from self.read_chunk(key, model)
+
+    def read_all(self, model: type[R] | None = None) -> list[R]:
+        """All records of all complete chunks, in key order."""
+        return list(self.iter_records(model))
+
+    def to_table(self) -> pa.Table:
+        """All chunks concatenated as one Arrow table (for polars, pandas, datasets)."""
+        tables = [self.read_table(key) for key in self.keys()]
+        if not tables:
+            raise StorageError(f"{self}: no complete chunks")
+        return pa.concat_tables(tables)
+
+    def _parse(self, key: str, data: bytes) -> pa.Table:
+        try:
+            return pq.read_table(io.BytesIO(data))
+        except (pa.ArrowInvalid, OSError) as e:
+            raise StorageError(f"{self}: chunk {key!r} is not valid Parquet: {e}") from e
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    proto = fs.protocol
+    return (proto,) if isinstance(proto, str) else tuple(proto)
+
+
+def _check_key(key: str, what: str) -> str:
+    if not _KEY.match(key):
+        raise StorageError(
+            f"invalid {what} {key!r}: use letters, digits, '_', '.', '=', '-' (max 128)"
+        )
+    return key
+
+
+def _record_type_name(table: pa.Table, where: str) -> str:
+    meta = table.schema.metadata or {}
+    name = meta.get(b"mathmill.record_type", b"").decode()
+    if name not in RECORD_TYPES:
+        raise StorageError(f"{where}: unknown record type {name!r} in Parquet metadata")
+    return name
+
+
+def _to_parquet(table: pa.Table) -> bytes:
+    sink = io.BytesIO()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue()
+
+
+def _atomic_write(store: RunStore, path: str, data: bytes) -> None:
+    if not store.is_local:
+        # One PUT: S3 makes the object visible only once it is complete.
+        try:
+            store.fs.pipe_file(path, data)
+        except Exception as e:  # botocore/aiohttp errors have no common base
+            raise StorageError(f"writing {store._public(path)} failed: {e}") from e
+        return
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError as e:
+        raise StorageError(f"writing {path} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

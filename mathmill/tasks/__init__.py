@@ -1,0 +1,1 @@
+"""Prefect tasks over chunks of rows, one module per stage family (pipeline issues)."""
