@@ -10,10 +10,12 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.exceptions import TyperException
 
 from mathmill import __version__
 from mathmill.errors import MathmillError
 from mathmill.llm.config import EndpointConfig, endpoint_from_env
+from mathmill.llm.usage import UsageMeter
 
 app = typer.Typer(
     help="mathmill: verified math reasoning data for LLMs, as Prefect flows.",
@@ -23,8 +25,8 @@ app = typer.Typer(
 )
 endpoint_app = typer.Typer(help="Check OpenAI-compatible endpoints.", no_args_is_help=True)
 app.add_typer(endpoint_app, name="endpoint")
-console = Console()
-err = Console(stderr=True)
+console = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
 
 BaseUrl = Annotated[
     str | None,
@@ -99,9 +101,10 @@ def demo(
     from mathmill.llm.embedded import resolve_endpoint
 
     key = os.environ.get(api_key_env) or None
-    with console.status("starting the model") as status, resolve_endpoint(
-        base_url, model, key
-    ) as endpoint:
+    with (
+        console.status("starting the model") as status,
+        resolve_endpoint(base_url, model, key) as endpoint,
+    ):
         status.update(f"solving {limit} problems with {endpoint.label} ({endpoint.base_url})")
         report = asyncio.run(run_demo_async(endpoint, out, limit=limit, max_tokens=max_tokens))
     table = Table(title=f"{len(report.rows)} attempts by {endpoint.label}")
@@ -118,7 +121,7 @@ def demo(
             f"{row.latency_ms or 0:.0f}",
         )
     console.print(table)
-    console.print(report.meter.to_markdown())
+    console.print(_usage_table(report.meter))
     console.print(f"run directory: {report.run_dir}")
     console.print(f"  problems: {report.problems.path} ({report.problems.rows} rows)")
     console.print(f"  attempts: {report.attempts.path} ({report.attempts.rows} rows)")
@@ -128,12 +131,23 @@ def demo(
     console.print(f"done in {report.seconds:.1f}s")
 
 
+def _usage_table(meter: UsageMeter) -> Table:
+    table = Table(title="LLM usage by stage")
+    stages = [*meter.stages().items(), ("total", meter.total())]
+    columns = list(stages[-1][1].as_dict())
+    table.add_column("stage")
+    for column in columns:
+        table.add_column(column.replace("_", " "), justify="right")
+    for name, usage in stages:
+        values = usage.as_dict()
+        table.add_row(name, *(str(values[c]) for c in columns))
+    return table
+
+
 def main() -> None:
     """Entry point: run the app; errors end in one line on stderr, never a traceback."""
     try:
-        app(standalone_mode=False)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
+        code = app(standalone_mode=False)
     except typer.Abort:
         err.print("aborted")
         sys.exit(130)
@@ -143,12 +157,11 @@ def main() -> None:
     except MathmillError as e:
         err.print(f"error: {e}", markup=False, highlight=False)
         sys.exit(1)
-    except Exception as e:
-        import click
-
-        if isinstance(e, click.ClickException):
+    except TyperException as e:
+        if hasattr(e, "show"):
             e.show()
-            sys.exit(e.exit_code)
+        sys.exit(getattr(e, "exit_code", 2))
+    except Exception as e:
         if os.environ.get("MATHMILL_DEBUG"):
             raise
         err.print(
@@ -157,3 +170,4 @@ def main() -> None:
             highlight=False,
         )
         sys.exit(70)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -54,6 +54,27 @@ def _strip_optional(annotation: Any) -> Any:
     return annotation
 
 
+def _each(fn: Conv) -> Conv:
+    """Apply ``fn`` to every item of a list (None when there is nothing to do)."""
+    if fn is None:
+        return None
+    return lambda v: None if v is None else [fn(x) for x in v]
+
+
+def _each_value(fn: Conv) -> Conv:
+    """Apply ``fn`` to every value of a dict (None when there is nothing to do)."""
+    if fn is None:
+        return None
+    return lambda v: None if v is None else {k: fn(x) for k, x in v.items()}
+
+
+def _map_from_pairs(fn: Conv) -> Callable[[Any], Any]:
+    """Arrow gives maps back as (key, value) pairs: rebuild the dict."""
+    if fn is None:
+        return lambda v: None if v is None else dict(v)
+    return lambda v: None if v is None else {k: fn(x) for k, x in v}
+
+
 def _compile(annotation: Any) -> _Field:
     annotation = _strip_optional(annotation)
     if annotation is JsonValue or annotation is Any:
@@ -66,25 +87,19 @@ def _compile(annotation: Any) -> _Field:
         if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             return _Field(pa.int64(), None, None)
         return _json_field()
-    if origin in (list, Sequence, tuple) and origin is not tuple:
+    if origin is list:
         (item,) = get_args(annotation)
         inner = _compile(item)
-        enc, dec = inner.encode, inner.decode
-        return _Field(
-            pa.list_(inner.arrow),
-            None if enc is None else (lambda v: None if v is None else [enc(x) for x in v]),
-            None if dec is None else (lambda v: None if v is None else [dec(x) for x in v]),
-        )
+        return _Field(pa.list_(inner.arrow), _each(inner.encode), _each(inner.decode))
     if origin is dict:
         key, value = get_args(annotation)
         if key is not str or _strip_optional(value) in (JsonValue, Any):
             return _json_field()
         inner = _compile(value)
-        enc, dec = inner.encode, inner.decode
         return _Field(
             pa.map_(pa.string(), inner.arrow),
-            None if enc is None else (lambda v: None if v is None else {k: enc(x) for k, x in v.items()}),
-            lambda v: None if v is None else {k: (x if dec is None else dec(x)) for k, x in v},
+            _each_value(inner.encode),
+            _map_from_pairs(inner.decode),
         )
     if isinstance(annotation, type):
         if issubclass(annotation, BaseModel):

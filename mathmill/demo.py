@@ -24,7 +24,7 @@ from mathmill.records import Attempt, ErrorInfo, Problem, SamplingParams, Verdic
 from mathmill.sources import read_problems_jsonl
 from mathmill.storage import ChunkRef, RunStore
 
-__all__ = ["DemoReport", "run_demo"]
+__all__ = ["DemoReport", "run_demo_async"]
 
 _BOXED = re.compile(r"\\boxed\{([^{}]*)\}")
 
@@ -80,7 +80,12 @@ async def _solve(client: LLMClient, problem: Problem, max_tokens: int) -> Attemp
     if answer is None:
         extract = load_prompt("demo_answer")
         parsed = await client.structured(
-            [{"role": "user", "content": extract.render(statement=problem.statement, solution=cot.text)}],
+            [
+                {
+                    "role": "user",
+                    "content": extract.render(statement=problem.statement, solution=cot.text),
+                }
+            ],
             FinalAnswer,
             stage="demo.extract",
             sampling=SamplingParams(temperature=0.0, max_tokens=64),

@@ -14,9 +14,9 @@ import hashlib
 import re
 import unicodedata
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 __all__ = [
     "RECORD_TYPES",
@@ -54,6 +54,18 @@ VerdictStatus = Literal[
 ]
 
 _WS = re.compile(r"\s+")
+
+
+def _as_utc(value: datetime) -> datetime:
+    """Timestamps are UTC; a naive one is taken as UTC."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+UTCDateTime = Annotated[datetime, AfterValidator(_as_utc)]
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def normalize_statement(text: str) -> str:
@@ -183,7 +195,7 @@ class Problem(Record):
     license: str | None = None
     topic: str | None = None
     domain: str | None = None
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: UTCDateTime = Field(default_factory=_now)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -219,7 +231,7 @@ class Attempt(Record):
     usage: TokenUsage = Field(default_factory=TokenUsage)
     latency_ms: float | None = Field(None, ge=0.0)
     error: ErrorInfo | None = None
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: UTCDateTime = Field(default_factory=_now)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
     @model_validator(mode="before")
@@ -252,7 +264,7 @@ class Label(Record):
     score: float | None = None
     source: str | None = Field(None, description="Model or heuristic that produced it.")
     reason: str = ""
-    created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    created_at: UTCDateTime = Field(default_factory=_now)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 

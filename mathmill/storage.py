@@ -100,9 +100,7 @@ def _filesystem(config: StorageConfig) -> tuple[fsspec.AbstractFileSystem, str]:
         try:
             fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
         except ImportError as e:
-            raise ConfigError(
-                "s3:// storage needs the s3 extra: pip install 'mathmill[s3]'"
-            ) from e
+            raise ConfigError("s3:// storage needs the s3 extra: pip install 'mathmill[s3]'") from e
         return fs, rest.rstrip("/")
     if protocol == "file":
         return fsspec.filesystem("file"), os.path.abspath(rest)
@@ -141,9 +139,9 @@ class RunStore:
         names = []
         for entry in self.fs.ls(self.root, detail=True):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
-            if entry["type"] == "directory" and not name.startswith("."):
-                if self.dataset(name).keys():
-                    names.append(name)
+            is_dir = entry["type"] == "directory" and not name.startswith(".")
+            if is_dir and self.dataset(name).keys():
+                names.append(name)
         return sorted(names)
 
     def write_bytes(self, relpath: str, data: bytes) -> str:
@@ -256,8 +254,8 @@ class Dataset:
     def read_chunk(self, ref: ChunkRef | str, model: type[R] | None = None) -> list[R]:
         """One chunk's records, as the type recorded in the file unless ``model`` is given."""
         table = self.read_table(ref)
-        cls = model or RECORD_TYPES[_record_type_name(table, self.path)]
-        return from_table(table, cls)  # type: ignore[return-value]
+        cls: type[Any] = model or RECORD_TYPES[_record_type_name(table, self.path)]
+        return from_table(table, cls)
 
     def iter_records(self, model: type[R] | None = None) -> Iterator[R]:
         """All records of all complete chunks, in key order."""

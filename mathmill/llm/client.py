@@ -202,6 +202,9 @@ class LLMClient:
             http_client=self._http,
         )
         self._semaphore: asyncio.Semaphore | None = None
+        self._backoff = wait_exponential_jitter(
+            multiplier=0.25, max=endpoint.max_backoff_s, jitter=0.25
+        )
 
     async def aclose(self) -> None:
         """Close the HTTP connections."""
@@ -217,8 +220,7 @@ class LLMClient:
         after = _retry_after(exc) if exc is not None else None
         if after is not None:
             return min(after, self.endpoint.max_backoff_s)
-        backoff = wait_exponential_jitter(initial=0.25, max=self.endpoint.max_backoff_s, jitter=0.25)
-        return float(backoff(state))
+        return float(self._backoff(state))
 
     async def _request(self, fn: Any, body: dict[str, Any]) -> tuple[Any, int]:
         attempts = 0

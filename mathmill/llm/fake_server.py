@@ -26,12 +26,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import uvicorn
 
-__all__ = ["Fault", "FakeOpenAIServer", "RecordedRequest", "Reply", "Response"]
+__all__ = ["FakeOpenAIServer", "Fault", "RecordedRequest", "Reply", "Response"]
 
 
 @dataclass
@@ -51,21 +51,15 @@ class Fault:
     """A failure to inject."""
 
     kind: Literal["status", "hang", "malformed", "truncated"]
-    status: int = 500
+    code: int = 500
     retry_after: float | None = None
     seconds: float = 30.0
     body: str = ""
 
     @classmethod
-    def status_code(cls, status: int, retry_after: float | None = None) -> Fault:
+    def status(cls, code: int, retry_after: float | None = None) -> Fault:
         """An HTTP error (``retry_after`` sets the Retry-After header, in seconds)."""
-        return cls("status", status=status, retry_after=retry_after)
-
-    # Readable alias: Fault.status(429, retry_after=1)
-    @classmethod
-    def status(cls, status: int, retry_after: float | None = None) -> Fault:  # type: ignore[override]
-        """An HTTP error (``retry_after`` sets the Retry-After header, in seconds)."""
-        return cls.status_code(status, retry_after)
+        return cls("status", code=code, retry_after=retry_after)
 
     @classmethod
     def hang(cls, seconds: float = 30.0) -> Fault:
@@ -261,12 +255,12 @@ class FakeOpenAIServer:
     ) -> None:
         if isinstance(response, Fault):
             if response.kind == "status":
-                request.outcome = f"status:{response.status}"
+                request.outcome = f"status:{response.code}"
                 extra = {}
                 if response.retry_after is not None:
                     extra["retry-after"] = f"{response.retry_after:g}"
-                payload = {"error": {"message": f"injected {response.status}", "type": "fault"}}
-                await _send(send, response.status, payload, extra)
+                payload = {"error": {"message": f"injected {response.code}", "type": "fault"}}
+                await _send(send, response.code, payload, extra)
                 return
             if response.kind == "hang":
                 request.outcome = "hang"

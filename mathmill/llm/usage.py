@@ -108,7 +108,9 @@ class UsageMeter:
 
     def to_markdown(self) -> str:
         """A markdown table of the stages and the total (for Prefect artifacts)."""
-        header = "| stage | calls | errors | retries | prompt tok | completion tok | mean ms | USD |"
+        header = (
+            "| stage | calls | errors | retries | prompt tok | completion tok | mean ms | USD |"
+        )
         lines = [header, "|" + "---|" * 8]
         rows = [*self.stages().items(), ("**total**", self.total())]
         for name, s in rows:

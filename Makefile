@@ -1,0 +1,53 @@
+# One entry point for setup and every check. `make help` lists the targets.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mathmill-installed
+
+.PHONY: help setup demo check test test-fast fmt lint typecheck bench clean
+
+help:
+	@echo "make demo       set up, then run 'mathmill demo' on the embedded model"
+	@echo "make check      set up, then format check, lint, type check and all tests (CI)"
+	@echo "make test-fast  the tests without the slow ones (inner loop)"
+	@echo "make fmt        format and fix lint in place"
+	@echo "make bench      run the benchmarks in bench/"
+
+$(STAMP): pyproject.toml scripts/install_llama_cpp.sh
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev,s3,embedded]"
+	scripts/install_llama_cpp.sh $(BIN)/python
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/mathmill demo
+
+check: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+test: check
+
+test-fast: setup
+	$(BIN)/pytest -m "not slow and not gpu" -q
+
+fmt: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+lint: setup
+	$(BIN)/ruff check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+bench: setup
+	$(BIN)/python bench/llm_pool.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,5 @@
+"""``python -m mathmill`` runs the CLI."""
+
+from mathmill.cli import main
+
+main()

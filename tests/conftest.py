@@ -1,0 +1,66 @@
+"""Shared fixtures: a fake OpenAI-compatible server and a loopback S3 server (moto)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from pydantic import SecretStr
+
+from mathmill.llm.fake_server import FakeOpenAIServer
+from mathmill.storage import RunStore, StorageConfig
+
+S3_KEY = "mathmill-test-key"
+S3_SECRET = "mathmill-test-secret"
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAIServer]:
+    """A fresh fake OpenAI-compatible server on loopback."""
+    with FakeOpenAIServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-protocol server (moto in server mode) on 127.0.0.1."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: str) -> RunStore:
+    """A run directory in a fresh bucket on the loopback S3 server."""
+    import boto3
+
+    bucket = f"mm-{uuid.uuid4().hex[:12]}"
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    ).create_bucket(Bucket=bucket)
+    return RunStore(
+        StorageConfig(
+            url=f"s3://{bucket}/runs/r1",
+            endpoint_url=s3_endpoint,
+            key=SecretStr(S3_KEY),
+            secret=SecretStr(S3_SECRET),
+            region="us-east-1",
+        )
+    )
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: object) -> RunStore:
+    """A run store on local disk and on the loopback S3 server."""
+    if request.param == "local":
+        return RunStore(str(tmp_path))
+    return request.getfixturevalue("s3_store")  # type: ignore[no-any-return]

@@ -1,0 +1,259 @@
+"""The LLM client pool against the fake OpenAI-compatible server (real HTTP)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import pytest
+from pydantic import BaseModel, SecretStr
+
+from mathmill.errors import EndpointError, EndpointTimeout, StructuredOutputError
+from mathmill.llm import EndpointConfig, LLMPool, Price
+from mathmill.llm.fake_server import FakeOpenAIServer, Fault, RecordedRequest, Reply
+from mathmill.records import SamplingParams
+
+USER = [{"role": "user", "content": "What is 2+2?"}]
+
+
+class Answer(BaseModel):
+    answer: int
+    why: str = ""
+
+
+def endpoint(fake: FakeOpenAIServer, **kw: object) -> EndpointConfig:
+    base = {
+        "base_url": fake.base_url,
+        "model": "m",
+        "timeout_s": 2.0,
+        "max_retries": 3,
+        "max_backoff_s": 0.5,
+    }
+    return EndpointConfig(**{**base, **kw})  # type: ignore[arg-type]
+
+
+async def test_chat_samples_logprobs_and_usage(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Reply(contents=["four", "4", "IV"]))
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake, price=Price(input_per_1m=1.0, output_per_1m=2.0)))
+        sampling = SamplingParams(temperature=0.8, n=3, seed=1, logprobs=True, top_logprobs=1)
+        result = await client.chat(USER, stage="cot", sampling=sampling)
+    assert result.texts == ["four", "4", "IV"]
+    assert result.choices[0].logprobs is not None
+    assert result.choices[0].logprobs[0].token == "four"
+    assert result.attempts == 1
+    body = fake.requests[0].body or {}
+    assert body["n"] == 3
+    assert body["temperature"] == 0.8
+    assert body["seed"] == 1
+    assert body["logprobs"] is True
+    assert body["top_logprobs"] == 1
+    assert result.usage.prompt_tokens == 3
+    assert result.usage.completion_tokens == 3
+    assert result.cost_usd == pytest.approx((3 * 1.0 + 3 * 2.0) / 1e6)
+    stage = pool.meter.stages()["cot"]
+    assert (stage.calls, stage.prompt_tokens, stage.completion_tokens) == (1, 3, 3)
+
+
+async def test_text_completions_with_logprobs_and_extra_body(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Reply("a b c"))
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake, extra_body={"top_k": 20}))
+        result = await client.complete(
+            "1+1=", sampling=SamplingParams(logprobs=True, top_logprobs=2), echo=False
+        )
+    assert result.text == "a b c"
+    assert [t.token for t in result.choices[0].logprobs or []] == ["a", "b", "c"]
+    body = fake.requests[0].body or {}
+    assert fake.requests[0].path == "/v1/completions"
+    assert body["logprobs"] == 2
+    assert body["top_k"] == 20
+    assert body["echo"] is False
+
+
+async def test_retry_after_is_honoured(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.status(429, retry_after=0.4), Fault.status(503, retry_after=0.2), Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat(USER)
+    assert result.text == "4"
+    assert result.attempts == 3
+    assert fake.outcomes() == ["status:429", "status:503", "ok"]
+    t = [r.received_at for r in fake.requests]
+    assert t[1] - t[0] >= 0.38
+    assert t[2] - t[1] >= 0.18
+    assert pool.meter.total().retries == 2
+
+
+async def test_retry_after_is_capped_by_max_backoff(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.status(429, retry_after=60), Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake, max_backoff_s=0.1)).chat(USER)
+    assert result.text == "4"
+    assert fake.requests[1].received_at - fake.requests[0].received_at < 5
+
+
+async def test_hang_times_out_then_retries(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.hang(10), Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake, timeout_s=0.3)).chat(USER)
+    assert result.text == "4"
+    assert fake.outcomes() == ["hang", "ok"]
+
+
+async def test_malformed_body_is_retried(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.malformed(), Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat(USER)
+    assert result.text == "4"
+    assert result.attempts == 2
+
+
+async def test_client_errors_are_not_retried(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.status(400), Reply("never"))
+    async with LLMPool() as pool:
+        with pytest.raises(EndpointError, match="HTTP 400 after 1 attempt") as info:
+            await pool.client(endpoint(fake)).chat(USER)
+    assert info.value.status == 400
+    assert fake.outcomes() == ["status:400"]
+
+
+async def test_exhausted_retries_raise_or_are_recorded(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(*[Fault.status(500)] * 3)
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake, max_retries=2))
+        with pytest.raises(EndpointError, match="HTTP 500 after 3 attempts"):
+            await client.chat(USER)
+        fake.enqueue(*[Fault.hang(5)] * 3)
+        impatient = pool.client(endpoint(fake, max_retries=2, timeout_s=0.2))
+        result = await impatient.chat(USER, stage="solve", raise_on_error=False)
+    assert not result.ok
+    assert result.text == ""
+    assert result.error is not None
+    assert result.error.kind == "timeout"
+    assert result.error.attempts == 3
+    assert result.error.stage == "solve"
+    assert pool.meter.stages()["solve"].errors == 1
+
+
+async def test_dead_endpoint_is_a_connection_error() -> None:
+    async with LLMPool() as pool:
+        client = pool.client(
+            EndpointConfig(
+                base_url="http://127.0.0.1:9/v1",
+                model="m",
+                max_retries=1,
+                max_backoff_s=0.1,
+                timeout_s=2,
+            )
+        )
+        with pytest.raises(EndpointError, match="cannot connect after 2 attempts") as info:
+            await client.chat(USER)
+    assert info.value.kind == "connection"
+    assert not isinstance(info.value, EndpointTimeout)
+
+
+async def test_concurrency_is_bounded_per_endpoint(fake: FakeOpenAIServer) -> None:
+    in_flight = 0
+    peak = 0
+    lock = asyncio.Lock()
+
+    fake.handler = lambda _r: Reply("4", delay_s=0.05)
+    original = fake._answer
+
+    async def counting(*args: object) -> None:
+        nonlocal in_flight, peak
+        async with lock:
+            in_flight += 1
+            peak = max(peak, in_flight)
+        try:
+            await original(*args)  # type: ignore[arg-type]
+        finally:
+            async with lock:
+                in_flight -= 1
+
+    fake._answer = counting  # type: ignore[method-assign]
+    async with LLMPool() as pool:
+        # Two roles on the same endpoint share one client and so one limit.
+        a = pool.client(endpoint(fake, max_concurrency=4))
+        b = pool.client(endpoint(fake, max_concurrency=4))
+        assert a is b
+        results = await asyncio.gather(*(a.chat(USER) for _ in range(40)))
+    assert all(r.ok for r in results)
+    assert 2 <= peak <= 4
+
+
+async def test_structured_json_schema_request(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Reply('{"answer": 4, "why": "2+2"}'))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).structured(USER, Answer)
+    assert result.value == Answer(answer=4, why="2+2")
+    assert not result.repaired
+    fmt = (fake.requests[0].body or {})["response_format"]
+    assert fmt["type"] == "json_schema"
+    assert fmt["json_schema"]["schema"]["required"] == ["answer"]
+
+
+async def test_structured_json_object_mode_sends_schema_and_tolerates_fences(
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue(Reply('Here you go:\n```json\n{"answer": 4, "why": "line one\nline two"}\n```'))
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake, structured_mode="json_object"))
+        result = await client.structured(USER, Answer)
+    assert result.value == Answer(answer=4, why="line one\nline two")
+    body = fake.requests[0].body or {}
+    assert body["response_format"]["type"] == "json_object"
+    assert body["response_format"]["schema"]["properties"]["answer"]["type"] == "integer"
+    assert "JSON schema" in body["messages"][0]["content"]
+
+
+async def test_structured_repairs_once(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.truncated('{"answer": 4, "wh'), Reply('{"answer": 4}'))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).structured(USER, Answer, stage="label")
+    assert result.value == Answer(answer=4)
+    assert result.repaired
+    repair = fake.requests[1].messages
+    assert repair[-2] == {"role": "assistant", "content": '{"answer": 4, "wh'}
+    assert "could not be used" in repair[-1]["content"]
+    assert pool.meter.stages()["label"].calls == 2
+    assert result.result.usage.completion_tokens > 0
+
+
+async def test_structured_failure_is_recorded_or_raised(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Reply("no json here"), Reply('{"answer": "four"}'))
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake))
+        result = await client.structured(USER, Answer, raise_on_error=False)
+        assert result.value is None
+        assert result.error is not None
+        assert result.error.kind == "invalid_json"
+        assert "answer" in result.error.message
+        assert result.raw == '{"answer": "four"}'
+        fake.enqueue(Reply("nope"), Reply("still nope"))
+        with pytest.raises(StructuredOutputError, match="after one repair"):
+            await client.structured(USER, Answer)
+
+
+async def test_api_key_is_sent_but_never_shown(
+    fake: FakeOpenAIServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    cfg = endpoint(fake, api_key=SecretStr("sk-very-secret"))
+    assert "sk-very-secret" not in repr(cfg)
+    assert "sk-very-secret" not in cfg.model_dump_json()
+    fake.enqueue(Fault.status(500), Reply("ok"))
+    async with LLMPool() as pool:
+        await pool.client(cfg).chat(USER)
+    assert fake.requests[0].headers["authorization"] == "Bearer sk-very-secret"
+    assert "sk-very-secret" not in caplog.text
+
+
+async def test_handler_sees_the_request(fake: FakeOpenAIServer) -> None:
+    def handler(request: RecordedRequest) -> Reply:
+        return Reply(request.messages[-1]["content"].upper())
+
+    fake.handler = handler
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat([{"role": "user", "content": "echo"}])
+    assert result.text == "ECHO"

@@ -1,0 +1,230 @@
+"""Records: identity, validation, and a lossless Parquet round trip of every type."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from mathmill.codec import arrow_schema, from_table, to_table
+from mathmill.records import (
+    RECORD_TYPES,
+    Attempt,
+    Critique,
+    ErrorInfo,
+    ExecutionResult,
+    Label,
+    Problem,
+    PromptRef,
+    Record,
+    SamplingParams,
+    TokenUsage,
+    Turn,
+    Verdict,
+)
+from mathmill.storage import RunStore
+
+WHEN = datetime(2026, 11, 22, 3, 4, 5, 123456, tzinfo=UTC)
+EXEC = ExecutionResult(
+    status="timeout",
+    stdout="partial\n",
+    stderr="Killed",
+    stdout_truncated=True,
+    exit_code=-9,
+    wall_ms=5000.5,
+    cpu_ms=4990.25,
+    peak_memory_kb=123456,
+    backend="local",
+)
+
+
+def full_examples() -> dict[str, Record]:
+    """One instance of every record type with every field set to a non-default value."""
+    prompt = PromptRef(template_id="long_cot", sha256="ab" * 32)
+    problem = Problem(
+        statement="Find $x$ if $2x+3=7$.\n\nGive x.",
+        answer="2",
+        solution="2x=4, so x=2",
+        source="unit",
+        source_id="u-1",
+        license="MIT",
+        topic="linear equations",
+        domain="algebra",
+        created_at=WHEN,
+        metadata={"nested": {"list": [1, 2.5, "x", None, True]}, "empty": {}, "unicode": "√π"},
+    )
+    attempt = Attempt(
+        problem_id=problem.id,
+        kind="tir",
+        model="smollm2",
+        sampling=SamplingParams(
+            temperature=0.7,
+            top_p=0.95,
+            max_tokens=512,
+            n=4,
+            seed=7,
+            stop=["</python>"],
+            logprobs=True,
+            top_logprobs=3,
+        ),
+        prompt=prompt,
+        sample_index=3,
+        round=2,
+        parent_id="parent-attempt",
+        text="Let me compute. \\boxed{2}",
+        final_answer="2",
+        code="print(2)",
+        execution=EXEC,
+        verdict=Verdict(status="verified", expected="2", predicted="2", rule="int", reason="same"),
+        critique=Critique(
+            summary="fine",
+            issues=["no edge case"],
+            scores={"rigor": 0.5, "alignment": 1.0},
+            passed=True,
+            model="critic",
+        ),
+        turns=[
+            Turn(role="system", content="sys"),
+            Turn(role="assistant", content="<python>print(2)</python>"),
+            Turn(role="tool", content="<repl>2</repl>", execution=EXEC),
+        ],
+        usage=TokenUsage(prompt_tokens=100, completion_tokens=50),
+        latency_ms=12.5,
+        error=ErrorInfo(kind="timeout", message="slow", stage="verify", attempts=3),
+        created_at=WHEN,
+        metadata={"k": [{"a": 1}]},
+    )
+    label = Label(
+        target_id=problem.id,
+        name="difficulty",
+        value="hard",
+        score=0.25,
+        source="ladder",
+        reason="2/8 solved",
+        created_at=WHEN,
+        metadata={"models": ["a", "b"]},
+    )
+    examples: dict[str, Record] = {
+        "Problem": problem,
+        "Attempt": attempt,
+        "Label": label,
+        "Verdict": attempt.verdict,  # type: ignore[dict-item]
+        "Critique": attempt.critique,  # type: ignore[dict-item]
+        "ExecutionResult": EXEC,
+        "Turn": attempt.turns[2],
+        "TokenUsage": attempt.usage,
+        "SamplingParams": attempt.sampling,
+        "PromptRef": prompt,
+        "ErrorInfo": attempt.error,  # type: ignore[dict-item]
+    }
+    assert set(examples) == set(RECORD_TYPES), "every record type needs an example"
+    return examples
+
+
+def minimal_examples() -> dict[str, Record]:
+    """The same types with only required fields (None / empty nested values)."""
+    return {
+        "Problem": Problem(statement="x"),
+        "Attempt": Attempt(problem_id="p", kind="code"),
+        "Label": Label(target_id="t", name="n", value="v"),
+        "Verdict": Verdict(status="failed"),
+        "Critique": Critique(summary=""),
+        "ExecutionResult": ExecutionResult(status="ok"),
+        "Turn": Turn(role="user", content=""),
+        "TokenUsage": TokenUsage(),
+        "SamplingParams": SamplingParams(),
+        "PromptRef": PromptRef(template_id="t", sha256="0" * 64),
+        "ErrorInfo": ErrorInfo(kind="k", message=""),
+    }
+
+
+def test_problem_id_is_stable_under_whitespace_and_unicode_forms() -> None:
+    a = Problem(statement="Find  x\u00a0if x+1=2.")
+    b = Problem(statement=" Find x if x+1=2.\n")
+    assert a.id == b.id
+    assert len(a.id) == 16
+    assert Problem(statement="Find X if X+1=2.").id != a.id
+
+
+def test_attempt_id_depends_on_sample_round_and_prompt() -> None:
+    base = {"problem_id": "p", "kind": "long_cot", "model": "m"}
+    ids = {
+        Attempt(**base).id,
+        Attempt(**base, sample_index=1).id,
+        Attempt(**base, round=1).id,
+        Attempt(**base, prompt=PromptRef(template_id="t", sha256="1" * 64)).id,
+    }
+    assert len(ids) == 4
+    assert Attempt(**base).id == Attempt(**base).id
+
+
+def test_records_reject_unknown_fields_and_bad_values() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        Problem(statement="x", answr="2")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="kind"):
+        Attempt(problem_id="p", kind="essay")  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="statement"):
+        Problem(statement="")
+    with pytest.raises(ValidationError, match="temperature"):
+        SamplingParams(temperature=-1)
+
+
+@pytest.mark.parametrize("examples", [full_examples, minimal_examples], ids=["full", "minimal"])
+def test_every_record_type_round_trips_through_parquet(examples: object, store: RunStore) -> None:
+    for name, record in examples().items():  # type: ignore[operator]
+        ref = store.dataset(name.lower()).write_chunk("00000", [record, record])
+        assert ref.record_type == name
+        back = store.dataset(name.lower()).read_chunk(ref)
+        assert back == [record, record], name
+        assert type(back[0]) is type(record)
+        assert back[0].model_dump() == record.model_dump()
+
+
+def test_nested_fields_are_real_columns_not_blobs() -> None:
+    schema = arrow_schema(Attempt)
+    assert str(schema.field("execution").type).startswith("struct<status: string")
+    assert str(schema.field("turns").type).startswith("list<item: struct<role")
+    assert str(schema.field("critique").type.field("scores").type) == "map<string, double>"
+    assert str(schema.field("created_at").type) == "timestamp[us, tz=UTC]"
+    # Free-form JSON is the only thing stored as a string.
+    assert str(schema.field("metadata").type) == "string"
+
+
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**53), 2**53)
+    | st.text(max_size=20)
+    | st.floats(allow_nan=False, allow_infinity=False),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    statement=st.text(min_size=1, max_size=200).filter(str.strip),
+    answer=st.none() | st.text(max_size=30),
+    metadata=st.dictionaries(st.text(max_size=10), json_values, max_size=5),
+    scores=st.dictionaries(
+        st.text(max_size=10), st.floats(allow_nan=False, allow_infinity=False), max_size=4
+    ),
+)
+def test_round_trip_of_arbitrary_values(
+    statement: str, answer: str | None, metadata: dict[str, object], scores: dict[str, float]
+) -> None:
+    problem = Problem(statement=statement, answer=answer, metadata=metadata)  # type: ignore[arg-type]
+    attempt = Attempt(
+        problem_id=problem.id,
+        kind="short_cot",
+        text=statement,
+        critique=Critique(summary=answer or "", scores=scores),
+        metadata=metadata,  # type: ignore[arg-type]
+    )
+    assert from_table(to_table([problem], Problem), Problem) == [problem]
+    assert from_table(to_table([attempt], Attempt), Attempt) == [attempt]
