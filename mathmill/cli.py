@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import Progress
 from rich.table import Table
 from typer.exceptions import TyperException
 
@@ -101,12 +103,20 @@ def demo(
     from mathmill.llm.embedded import resolve_endpoint
 
     key = os.environ.get(api_key_env) or None
-    with (
-        console.status("starting the model") as status,
-        resolve_endpoint(base_url, model, key) as endpoint,
-    ):
-        status.update(f"solving {limit} problems with {endpoint.label} ({endpoint.base_url})")
-        report = asyncio.run(run_demo_async(endpoint, out, limit=limit, max_tokens=max_tokens))
+    with contextlib.ExitStack() as stack:
+        with console.status("starting the model"):
+            endpoint = stack.enter_context(resolve_endpoint(base_url, model, key))
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"solving with {endpoint.label}", total=limit)
+            report = asyncio.run(
+                run_demo_async(
+                    endpoint,
+                    out,
+                    limit=limit,
+                    max_tokens=max_tokens,
+                    on_solved=lambda _attempt: bar.advance(task),
+                )
+            )
     table = Table(title=f"{len(report.rows)} attempts by {endpoint.label}")
     for column in ("problem", "model answer", "reference", "verdict", "tokens", "ms"):
         table.add_column(column)

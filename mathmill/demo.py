@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -109,9 +110,17 @@ async def _solve(client: LLMClient, problem: Problem, max_tokens: int) -> Attemp
 
 
 async def run_demo_async(
-    endpoint: EndpointConfig, out: str, *, limit: int = 5, max_tokens: int = 200
+    endpoint: EndpointConfig,
+    out: str,
+    *,
+    limit: int = 5,
+    max_tokens: int = 200,
+    on_solved: Callable[[Attempt], None] | None = None,
 ) -> DemoReport:
-    """Run the demo against ``endpoint`` and write its run directory under ``out``."""
+    """Run the demo against ``endpoint`` and write its run directory under ``out``.
+
+    ``on_solved`` is called as each problem's attempt finishes (for progress bars).
+    """
     start = time.perf_counter()
     source = resources.files("mathmill").joinpath("data/gsm8k_sample.jsonl")
     problems: list[Problem] = []
@@ -125,7 +134,14 @@ async def run_demo_async(
     problem_ref = store.dataset("problems").write_chunk("00000", problems)
     async with LLMPool() as pool:
         client = pool.client(endpoint)
-        attempts = await asyncio.gather(*(_solve(client, p, max_tokens) for p in problems))
+
+        async def solve(problem: Problem) -> Attempt:
+            attempt = await _solve(client, problem, max_tokens)
+            if on_solved is not None:
+                on_solved(attempt)
+            return attempt
+
+        attempts = await asyncio.gather(*(solve(p) for p in problems))
         meter = pool.meter
     attempt_ref = store.dataset("attempts").write_chunk("00000", list(attempts))
     store.write_bytes("usage.md", meter.to_markdown().encode())
