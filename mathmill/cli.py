@@ -143,14 +143,21 @@ def demo(
 
 def _usage_table(meter: UsageMeter) -> Table:
     table = Table(title="LLM usage by stage")
-    stages = [*meter.stages().items(), ("total", meter.total())]
-    columns = list(stages[-1][1].as_dict())
-    table.add_column("stage")
-    for column in columns:
-        table.add_column(column.replace("_", " "), justify="right")
-    for name, usage in stages:
-        values = usage.as_dict()
-        table.add_row(name, *(str(values[c]) for c in columns))
+    table.add_column("stage", no_wrap=True, min_width=12)
+    for column in ("calls", "errors", "retries", "in tok", "out tok", "mean ms"):
+        table.add_column(column, justify="right")
+    table.add_column("USD", justify="right")
+    for name, u in [*meter.stages().items(), ("total", meter.total())]:
+        table.add_row(
+            name,
+            str(u.calls),
+            str(u.errors),
+            str(u.retries),
+            str(u.prompt_tokens),
+            str(u.completion_tokens),
+            f"{u.mean_latency_ms:.0f}",
+            f"{u.cost_usd:.4f}",
+        )
     return table
 
 
