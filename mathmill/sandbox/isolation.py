@@ -1,0 +1,328 @@
+"""Linux isolation primitives for the sandbox, by raw syscalls (ctypes).
+
+Used only inside forked sandbox processes, never in the orchestrator. Each layer is
+optional: :func:`probe` reports which ones this kernel allows, and the sandbox
+refuses untrusted code when nothing beyond rlimits is available (unless the caller
+opts in to unsafe execution).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import resource
+import signal
+import struct
+from collections.abc import Iterable
+
+__all__ = [
+    "CLONE_ALL",
+    "drop_capabilities",
+    "enter_namespaces",
+    "landlock",
+    "landlock_abi",
+    "mount_private_proc_and_tmpfs",
+    "set_rlimits",
+]
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+CLONE_NEWNS = 0x00020000
+CLONE_NEWUTS = 0x04000000
+CLONE_NEWIPC = 0x08000000
+CLONE_NEWUSER = 0x10000000
+CLONE_NEWPID = 0x20000000
+CLONE_NEWNET = 0x40000000
+CLONE_ALL = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS
+
+MS_NOSUID, MS_NODEV, MS_NOEXEC = 2, 4, 8
+MS_REC, MS_PRIVATE = 16384, 1 << 18
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_SET_DUMPABLE = 4
+PR_CAPBSET_DROP = 24
+PR_SET_PDEATHSIG = 1
+
+_SYS_LANDLOCK_CREATE_RULESET = 444
+_SYS_LANDLOCK_ADD_RULE = 445
+_SYS_LANDLOCK_RESTRICT_SELF = 446
+_LANDLOCK_CREATE_RULESET_VERSION = 1
+_LANDLOCK_RULE_PATH_BENEATH = 1
+
+# Filesystem access rights by the ABI that introduced them.
+_FS_RIGHTS_ABI1 = (1 << 13) - 1  # execute .. make_sym
+_FS_REFER = 1 << 13  # ABI 2
+_FS_TRUNCATE = 1 << 14  # ABI 3
+_FS_IOCTL_DEV = 1 << 15  # ABI 5
+_FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read_file, read_dir
+_FS_FILE_RW = (1 << 1) | (1 << 2)  # write_file, read_file
+_NET_TCP = (1 << 0) | (1 << 1)  # bind, connect (ABI 4)
+_SCOPE_ALL = (1 << 0) | (1 << 1)  # abstract unix sockets, signals (ABI 6)
+
+
+class IsolationError(OSError):
+    """A layer that was expected to work failed."""
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise IsolationError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+def enter_namespaces(flags: int = CLONE_ALL) -> None:
+    """unshare() into new namespaces, mapping our uid/gid to 1000 inside a new user ns.
+
+    The calling process keeps its pid; its next child is PID 1 of the new pid ns.
+    """
+    uid, gid = os.geteuid(), os.getegid()
+    _check(_libc.unshare(flags), "unshare")
+    if flags & CLONE_NEWUSER:
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"1000 {uid} 1")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"1000 {gid} 1")
+
+
+def mount_private_proc_and_tmpfs(job_root: str, size_mb: int) -> dict[str, bool]:
+    """In a new mount + pid namespace (as its PID 1): make mounts private, mount a
+    fresh /proc (only this namespace's processes) and a size-capped tmpfs on job_root.
+    """
+    done = {"proc": False, "tmpfs": False}
+    _check(_libc.mount(None, b"/", None, MS_REC | MS_PRIVATE, None), "mount private /")
+    if _libc.mount(b"proc", b"/proc", b"proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None) == 0:
+        done["proc"] = True
+    options = f"size={size_mb}m,mode=0700".encode()
+    if _libc.mount(b"tmpfs", job_root.encode(), b"tmpfs", MS_NOSUID | MS_NODEV, options) == 0:
+        done["tmpfs"] = True
+    return done
+
+
+def landlock_abi() -> int:
+    """The Landlock ABI version (0 when unavailable)."""
+    result = _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, 0, _LANDLOCK_CREATE_RULESET_VERSION)
+    return max(0, int(result))
+
+
+def landlock(read_only: Iterable[str], read_write: Iterable[str], rw_files: Iterable[str]) -> int:
+    """Restrict this process and its children: read-only paths, read-write paths, and
+    no TCP bind/connect or signals/abstract sockets outside the domain (where the ABI
+    has them). Returns the ABI used (0 when Landlock is unavailable: nothing done).
+    """
+    abi = landlock_abi()
+    if abi == 0:
+        return 0
+    fs = _FS_RIGHTS_ABI1
+    if abi >= 2:
+        fs |= _FS_REFER
+    if abi >= 3:
+        fs |= _FS_TRUNCATE
+    if abi >= 5:
+        fs |= _FS_IOCTL_DEV
+    net = _NET_TCP if abi >= 4 else 0
+    scoped = _SCOPE_ALL if abi >= 6 else 0
+    if abi >= 6:
+        attr = struct.pack("QQQ", fs, net, scoped)
+    elif abi >= 4:
+        attr = struct.pack("QQ", fs, net)
+    else:
+        attr = struct.pack("Q", fs)
+    buf = ctypes.create_string_buffer(attr, len(attr))
+    ruleset = _check(
+        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, buf, ctypes.c_size_t(len(attr)), 0),
+        "landlock_create_ruleset",
+    )
+    try:
+        for paths, rights in ((read_only, _FS_READ), (read_write, fs), (rw_files, _FS_FILE_RW)):
+            for path in paths:
+                try:
+                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:
+                    allowed = rights & fs
+                    if not os.path.isdir(path):
+                        allowed &= _FS_FILE_RW | (1 << 0) | _FS_TRUNCATE | _FS_IOCTL_DEV
+                    rule = ctypes.create_string_buffer(struct.pack("=Qi", allowed, fd), 12)
+                    _check(
+                        _libc.syscall(
+                            _SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, rule, 0
+                        ),
+                        f"landlock_add_rule {path}",
+                    )
+                finally:
+                    os.close(fd)
+        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+    finally:
+        os.close(ruleset)
+    return abi
+
+
+class _CapHeader(ctypes.Structure):
+    _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+
+
+class _CapData(ctypes.Structure):
+    _fields_ = [
+        ("effective", ctypes.c_uint32),
+        ("permitted", ctypes.c_uint32),
+        ("inheritable", ctypes.c_uint32),
+    ]
+
+
+def drop_capabilities() -> None:
+    """Drop every capability (bounding set first), set no_new_privs, and not dumpable."""
+    for cap in range(64):
+        if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
+            break  # EINVAL: past the last capability
+    header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+    data = (_CapData * 2)()
+    _check(_libc.capset(ctypes.byref(header), data), "capset")
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+
+
+def set_dumpable(flag: bool) -> None:
+    """Not dumpable: /proc/<pid>/{mem,environ,fd} become unreadable to same-uid peers."""
+    _libc.prctl(PR_SET_DUMPABLE, int(flag), 0, 0, 0)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Ask the kernel to send ``sig`` to this process when its parent dies."""
+    _libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def set_rlimits(
+    *,
+    cpu_s: int,
+    address_space: int,
+    nproc: int,
+    fsize: int,
+    nofile: int,
+) -> None:
+    """Hard and soft limits: CPU seconds, address space, processes, file size,
+    open files, no core dumps. SIGXFSZ is ignored so an oversized write fails with
+    EFBIG instead of killing the process.
+    """
+    limits = {
+        resource.RLIMIT_CPU: (cpu_s, cpu_s + 1),
+        resource.RLIMIT_AS: (address_space, address_space),
+        resource.RLIMIT_NPROC: (nproc, nproc),
+        resource.RLIMIT_FSIZE: (fsize, fsize),
+        resource.RLIMIT_NOFILE: (nofile, nofile),
+        resource.RLIMIT_CORE: (0, 0),
+    }
+    for which, (soft, hard) in limits.items():
+        _, current_hard = resource.getrlimit(which)
+        if current_hard != resource.RLIM_INFINITY:
+            hard = min(hard, current_hard)
+            soft = min(soft, hard)
+        resource.setrlimit(which, (soft, hard))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def drop_root(uid: int = 65534, gid: int = 65534) -> bool:
+    """If running as root, become ``uid``/``gid`` for good (RLIMIT_NPROC does nothing for
+    root). Returns True when it dropped.
+    """
+    if os.geteuid() != 0:
+        return False
+    os.setgroups([])
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+    return True
+
+
+def _pids_cgroup_root() -> str | None:
+    """Where this process's cgroup lives in a hierarchy with the pids controller."""
+    mounts: list[tuple[str, str, str]] = []  # (mount point, fstype, super options)
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            fields, rfields = left.split(), right.split()
+            if rfields and rfields[0] in ("cgroup", "cgroup2"):
+                mounts.append((fields[4], rfields[0], rfields[-1]))
+    with open("/proc/self/cgroup") as f:
+        memberships = [line.strip().split(":", 2) for line in f if line.strip()]
+    for point, fstype, options in mounts:
+        if fstype == "cgroup" and "pids" in options.split(","):
+            for _, controllers, path in memberships:
+                if "pids" in controllers.split(","):
+                    return os.path.join(point, path.lstrip("/"))
+        if fstype == "cgroup2":
+            for hid, _, path in memberships:
+                candidate = os.path.join(point, path.lstrip("/"))
+                try:
+                    with open(os.path.join(candidate, "cgroup.controllers")) as c:
+                        if hid == "0" and "pids" in c.read().split():
+                            return candidate
+                except OSError:
+                    continue
+    return None
+
+
+class PidsCgroup:
+    """A pids cgroup per job: the process limit that works for root too (RLIMIT_NPROC
+    does not apply to uid 0). Needs write access to the cgroup hierarchy.
+    """
+
+    def __init__(self, parent: str) -> None:
+        self.parent = parent
+
+    @classmethod
+    def create_parent(cls, name: str) -> PidsCgroup | None:
+        """A parent cgroup for this server's jobs, or None when not possible."""
+        root = _pids_cgroup_root()
+        if root is None:
+            return None
+        parent = os.path.join(root, name)
+        try:
+            os.makedirs(parent, exist_ok=True)
+            probe = os.path.join(parent, "probe")
+            os.mkdir(probe)
+            os.rmdir(probe)
+        except OSError:
+            return None
+        return cls(parent)
+
+    def job(self, name: str, max_pids: int) -> str:
+        """Create the job's cgroup with ``pids.max``; returns its path."""
+        path = os.path.join(self.parent, name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "pids.max"), "w") as f:
+            f.write(str(max_pids))
+        return path
+
+    @staticmethod
+    def enter(path: str) -> None:
+        """Move the calling process into the job cgroup (children follow)."""
+        with open(os.path.join(path, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    @staticmethod
+    def remove(path: str) -> None:
+        """Remove a job cgroup (its processes must be gone)."""
+        import contextlib
+        import time
+
+        for _ in range(50):
+            try:
+                os.rmdir(path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)  # processes still exiting
+        with contextlib.suppress(OSError):
+            os.rmdir(path)
+
+    def close(self) -> None:
+        """Remove the parent cgroup (after all jobs)."""
+        try:
+            os.rmdir(self.parent)
+        except OSError:
+            pass

@@ -1,0 +1,297 @@
+"""The local backend: zygote server processes on this machine (the embedded default).
+
+Each zygote is a separate process started with a clean environment (none of the
+caller's variables: no API keys), one per core by default. Stateless jobs go to the
+least busy zygote; a session lives on the zygote that created it.
+
+>>> async with LocalSandbox() as sandbox:  # doctest: +SKIP
+...     result = await sandbox.execute("print(2**10)")
+...     result.stdout
+'1024\\n'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Any
+
+from mathmill.records import ExecutionResult
+from mathmill.sandbox.limits import Limits
+from mathmill.sandbox.protocol import (
+    SandboxError,
+    SandboxUnavailable,
+    SessionNotFound,
+    SessionResult,
+    SessionState,
+)
+from mathmill.sandbox.zygote import SANDBOX_ENV
+
+__all__ = ["LocalSandbox"]
+
+log = logging.getLogger("mathmill.sandbox")
+_HEADER = struct.Struct(">I")
+
+
+class _Worker:
+    def __init__(self, index: int, config: dict[str, Any]) -> None:
+        self.index = index
+        self.config = config
+        self.proc: asyncio.subprocess.Process | None = None
+        self.lock = asyncio.Lock()
+        self.pending = 0
+        self.hello: dict[str, Any] = {}
+        self.workdir = ""
+        self._log_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> dict[str, Any]:
+        self.workdir = tempfile.mkdtemp(prefix=f"mathmill-sandbox-{self.index}-")
+        env = dict(SANDBOX_ENV, HOME=self.workdir)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "mathmill.sandbox.zygote",
+            "--workdir",
+            self.workdir,
+            "--config",
+            json.dumps(self.config),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=env,
+            start_new_session=True,
+            limit=1 << 30,
+        )
+        self._log_task = asyncio.create_task(self._forward_logs())
+        hello = await asyncio.wait_for(self._read(), timeout=120)
+        if hello is None:
+            raise SandboxUnavailable(f"sandbox worker {self.index} exited while starting")
+        self.hello = hello["hello"]
+        return self.hello
+
+    async def _forward_logs(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        async for line in self.proc.stderr:
+            log.info("worker %d: %s", self.index, line.decode(errors="replace").rstrip())
+
+    async def _read(self) -> Any:
+        assert self.proc is not None and self.proc.stdout is not None
+        try:
+            header = await self.proc.stdout.readexactly(_HEADER.size)
+            (size,) = _HEADER.unpack(header)
+            return json.loads(await self.proc.stdout.readexactly(size))
+        except asyncio.IncompleteReadError:
+            return None
+
+    async def request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+        self.pending += 1
+        try:
+            async with self.lock:
+                if self.proc is None or self.proc.returncode is not None:
+                    raise SandboxError(f"sandbox worker {self.index} is not running")
+                assert self.proc.stdin is not None
+                data = json.dumps(msg).encode()
+                self.proc.stdin.write(_HEADER.pack(len(data)) + data)
+                await self.proc.stdin.drain()
+                try:
+                    reply = await asyncio.wait_for(self._read(), timeout)
+                except TimeoutError:
+                    reply = None
+                if reply is None:
+                    await self.stop()
+                    raise SandboxError(
+                        f"sandbox worker {self.index} did not answer {msg.get('op')!r}; restarted"
+                    )
+                return reply  # type: ignore[no-any-return]
+        finally:
+            self.pending -= 1
+
+    async def stop(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.terminate()
+            try:
+                await asyncio.wait_for(self.proc.wait(), 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, 9)
+                await self.proc.wait()
+        if self._log_task is not None:
+            self._log_task.cancel()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+class LocalSandbox:
+    """Run code in zygote processes on this machine.
+
+    Args:
+        workers: zygote processes (default: one per core).
+        limits: default limits of each execution and turn.
+        max_sessions_per_worker: sessions a worker keeps; the least recently used one
+            is evicted past it.
+        session_ttl_s: an idle session is deleted after this long.
+        max_turns: turns per session.
+        allow_unsafe: run code even where no isolation beyond rlimits is possible.
+    """
+
+    def __init__(
+        self,
+        *,
+        workers: int | None = None,
+        limits: Limits | None = None,
+        max_sessions_per_worker: int = 8,
+        session_ttl_s: float = 900.0,
+        max_turns: int = 200,
+        allow_unsafe: bool = False,
+    ) -> None:
+        self.limits = limits or Limits()
+        config = {
+            "limits": self.limits.model_dump(),
+            "max_sessions": max_sessions_per_worker,
+            "session_ttl_s": session_ttl_s,
+            "max_turns": max_turns,
+            "allow_unsafe": allow_unsafe,
+        }
+        self.allow_unsafe = allow_unsafe
+        self._workers = [_Worker(i, config) for i in range(workers or os.cpu_count() or 1)]
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> LocalSandbox:
+        """Start the workers; raises :class:`SandboxUnavailable` when unsafe."""
+        async with self._start_lock:
+            if self._started:
+                return self
+            hellos = await asyncio.gather(*(w.start() for w in self._workers))
+            self._started = True
+            layers = hellos[0]["layers"]
+            if layers.get("unsafe") and not self.allow_unsafe:
+                await self.close()
+                raise SandboxUnavailable(
+                    "no isolation beyond rlimits is available on this machine "
+                    f"(layers: {layers}); refusing untrusted code. Pass allow_unsafe=True "
+                    "(or --unsafe) to run it anyway."
+                )
+            log.info("sandbox: %d workers; isolation layers: %s", len(self._workers), layers)
+        return self
+
+    async def __aenter__(self) -> LocalSandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop every worker (their sessions end with them)."""
+        await asyncio.gather(*(w.stop() for w in self._workers))
+        self._started = False
+
+    async def _worker_for(self, session_id: str) -> _Worker:
+        await self.start()
+        index, _, _ = session_id.partition("-")
+        if not index.isdigit() or int(index) >= len(self._workers):
+            raise SessionNotFound(f"no session {session_id!r}")
+        return self._workers[int(index)]
+
+    async def _restart_if_dead(self, worker: _Worker) -> None:
+        if worker.proc is None or worker.proc.returncode is not None:
+            log.warning("sandbox: worker %d died; restarting it", worker.index)
+            await worker.start()
+
+    async def execute(self, code: str, limits: Limits | None = None) -> ExecutionResult:
+        """Run ``code`` once in a fresh sandboxed process."""
+        await self.start()
+        limits = limits or self.limits
+        worker = min(self._workers, key=lambda w: w.pending)
+        await self._restart_if_dead(worker)
+        reply = await worker.request(
+            {"op": "exec", "code": code, "limits": limits.model_dump()}, limits.timeout_s + 60
+        )
+        _raise_for(reply)
+        return ExecutionResult.model_validate(reply)
+
+    async def create_session(self) -> str:
+        """Start a session on the least loaded worker."""
+        await self.start()
+        worker = min(self._workers, key=lambda w: w.pending)
+        await self._restart_if_dead(worker)
+        sid = f"{worker.index}-{os.urandom(8).hex()}"
+        reply = await worker.request({"op": "session.create", "session_id": sid}, 60)
+        _raise_for(reply)
+        return sid
+
+    async def run_in_session(
+        self, session_id: str, code: str, timeout_s: float | None = None
+    ) -> SessionResult:
+        """Run one turn; a timed-out, crashed or out-of-memory turn leaves the state as
+        it was before the turn.
+        """
+        worker = await self._worker_for(session_id)
+        timeout = timeout_s or self.limits.timeout_s
+        reply = await worker.request(
+            {"op": "session.exec", "session_id": session_id, "code": code, "timeout_s": timeout},
+            timeout + 60,
+        )
+        _raise_for(reply, session_id)
+        state = reply.pop("state", None)
+        reply.pop("session_lost", None)
+        return SessionResult(
+            session_id=session_id,
+            state=SessionState.model_validate(state) if state else None,
+            **reply,
+        )
+
+    async def session_state(self, session_id: str) -> SessionState:
+        """The session's state (from the last successful turn; runs no user code)."""
+        worker = await self._worker_for(session_id)
+        reply = await worker.request({"op": "session.state", "session_id": session_id}, 30)
+        _raise_for(reply, session_id)
+        return SessionState.model_validate(reply["state"])
+
+    async def reset_session(self, session_id: str) -> None:
+        """Replace the session by an empty one with the same id."""
+        worker = await self._worker_for(session_id)
+        _raise_for(
+            await worker.request({"op": "session.reset", "session_id": session_id}, 60), session_id
+        )
+
+    async def delete_session(self, session_id: str) -> None:
+        """End the session: its processes are killed and its directory removed."""
+        worker = await self._worker_for(session_id)
+        _raise_for(
+            await worker.request({"op": "session.delete", "session_id": session_id}, 60),
+            session_id,
+        )
+
+    async def health(self) -> dict[str, Any]:
+        """Each worker's pid, sessions and isolation layers."""
+        await self.start()
+        replies = []
+        for worker in self._workers:
+            await self._restart_if_dead(worker)
+            replies.append(await worker.request({"op": "health"}, 30))
+        return {
+            "ok": all(r.get("ok") for r in replies),
+            "backend": "local",
+            "workers": len(replies),
+            "sessions": sum(int(r.get("sessions", 0)) for r in replies),
+            "layers": replies[0]["layers"],
+        }
+
+
+def _raise_for(reply: dict[str, Any], session_id: str | None = None) -> None:
+    if "error" not in reply:
+        return
+    code = reply.get("code")
+    if code in (404, 410):
+        raise SessionNotFound(str(reply["error"]))
+    if code == 503:
+        raise SandboxUnavailable(str(reply["error"]))
+    raise SandboxError(str(reply["error"]))

@@ -1,0 +1,143 @@
+"""What runs inside a sandboxed process: execute code, describe the session state.
+
+Everything here runs after isolation is in place (it may run user ``__repr__``s).
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import io
+import sys
+import traceback
+import types
+from typing import Any
+
+__all__ = ["describe_state", "new_namespace", "run_code"]
+
+_REPR_CHARS = 80
+
+
+def new_namespace() -> dict[str, Any]:
+    """A fresh ``__main__``-like namespace for user code."""
+    return {"__name__": "__main__", "__builtins__": __builtins__}
+
+
+def run_code(code: str, namespace: dict[str, Any]) -> dict[str, Any]:
+    """Execute ``code`` in ``namespace`` like a REPL cell (a final expression's repr is
+    printed). Returns ``{"status": ok|error|memory, "exit_code", "exception"}``;
+    tracebacks go to stderr.
+    """
+    sys.set_int_max_str_digits(0)
+    try:
+        tree = ast.parse(code, "<sandbox>", "exec")
+    except SyntaxError:
+        traceback.print_exc(limit=0)
+        return {"status": "error", "exit_code": 1, "exception": "SyntaxError"}
+    last: ast.Expression | None = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+        last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
+    try:
+        exec(compile(tree, "<sandbox>", "exec"), namespace)
+        if last is not None:
+            value = eval(compile(last, "<sandbox>", "eval"), namespace)
+            if value is not None:
+                print(repr(value))
+    except MemoryError:
+        _print_exc()
+        return {"status": "memory", "exit_code": 1, "exception": "MemoryError"}
+    except SystemExit as e:
+        code_ = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        return {"status": "ok" if code_ == 0 else "error", "exit_code": code_, "exception": None}
+    except BaseException as e:
+        _print_exc()
+        return {"status": "error", "exit_code": 1, "exception": type(e).__name__}
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+    return {"status": "ok", "exit_code": 0, "exception": None}
+
+
+def _print_exc() -> None:
+    etype, value, tb = sys.exc_info()
+    # Drop our own frame so the traceback starts at the user's code.
+    if tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    try:
+        traceback.print_exception(etype, value, tb)
+    except (OSError, MemoryError):
+        pass
+
+
+def _short_repr(value: Any) -> str:
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and not isinstance(value, type):
+        return f"{type(value).__name__}{list(shape)}"
+    if isinstance(value, list | tuple | set | frozenset | dict):
+        return f"{type(value).__name__}[{len(value)}]"
+    try:
+        text = repr(value)
+    except Exception as e:
+        text = f"<repr failed: {type(e).__name__}>"
+    text = " ".join(text.split())
+    return text if len(text) <= _REPR_CHARS else text[: _REPR_CHARS - 3] + "..."
+
+
+def describe_state(namespace: dict[str, Any], baseline: set[str] | None = None) -> dict[str, Any]:
+    """The session's state: imports, variables (type and short repr or shape),
+    functions with signatures, classes with methods, and a one-line summary.
+    """
+    skip = baseline or set()
+    imports: list[str] = []
+    variables: list[dict[str, str]] = []
+    functions: list[dict[str, str]] = []
+    classes: list[dict[str, Any]] = []
+    for name, value in list(namespace.items()):
+        if name.startswith("_") or name in skip:
+            continue
+        if isinstance(value, types.ModuleType):
+            imports.append(name if value.__name__ == name else f"{value.__name__} as {name}")
+        elif inspect.isclass(value):
+            methods = [m for m, v in vars(value).items() if callable(v) and not m.startswith("__")]
+            classes.append({"name": name, "methods": methods})
+        elif inspect.isfunction(value) or inspect.isbuiltin(value):
+            try:
+                signature = str(inspect.signature(value))
+            except (TypeError, ValueError):
+                signature = "(...)"
+            functions.append({"name": name, "signature": signature})
+        else:
+            variables.append(
+                {"name": name, "type": type(value).__name__, "repr": _short_repr(value)}
+            )
+    parts = []
+    if imports:
+        parts.append("imports: " + ", ".join(imports))
+    if variables:
+        parts.append("vars: " + ", ".join(f"{v['name']}={v['repr']}" for v in variables))
+    if functions:
+        parts.append("funcs: " + ", ".join(f"{f['name']}{f['signature']}" for f in functions))
+    if classes:
+        parts.append("classes: " + ", ".join(c["name"] for c in classes))
+    return {
+        "imports": imports,
+        "variables": variables,
+        "functions": functions,
+        "classes": classes,
+        "summary": " | ".join(parts) if parts else "(empty)",
+    }
+
+
+def capture_to(stdout_path: str, stderr_path: str) -> None:
+    """Point fds 1 and 2 (and sys.stdout/err) at files, line-buffered."""
+    import os
+
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(target, fd)
+        os.close(target)
+    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
+    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
