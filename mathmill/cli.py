@@ -27,6 +27,8 @@ app = typer.Typer(
 )
 endpoint_app = typer.Typer(help="Check OpenAI-compatible endpoints.", no_args_is_help=True)
 app.add_typer(endpoint_app, name="endpoint")
+sandbox_app = typer.Typer(help="Run the code sandbox.", no_args_is_help=True)
+app.add_typer(sandbox_app, name="sandbox")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -87,6 +89,34 @@ def endpoint_check(
         err.print("error: structured output does not work on this endpoint")
         raise typer.Exit(1)
     console.print("[green]OK[/green]")
+
+
+@sandbox_app.command("serve")
+def sandbox_serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8090,
+    uds: Annotated[str | None, typer.Option(help="Listen on this Unix socket instead.")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=1, max=256, help="Zygote processes (default: cores).")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Default timeout per execution, s.")] = 10.0,
+    memory_mb: Annotated[int, typer.Option(help="Memory per execution, MiB.")] = 1024,
+    unsafe: Annotated[
+        bool, typer.Option(help="Run code even where only rlimits can isolate it.")
+    ] = False,
+) -> None:
+    """Serve the sandbox over HTTP (the Pythonformer REPL API)."""
+    from mathmill.sandbox.limits import Limits
+    from mathmill.sandbox.server import serve
+
+    serve(
+        host=host,
+        port=port,
+        uds=uds,
+        workers=workers,
+        limits=Limits(timeout_s=timeout, memory_mb=memory_mb),
+        allow_unsafe=unsafe,
+    )
 
 
 @app.command()

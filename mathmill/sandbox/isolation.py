@@ -8,6 +8,7 @@ opts in to unsafe execution).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import resource
@@ -322,7 +323,5 @@ class PidsCgroup:
 
     def close(self) -> None:
         """Remove the parent cgroup (after all jobs)."""
-        try:
+        with contextlib.suppress(OSError):
             os.rmdir(self.parent)
-        except OSError:
-            pass

@@ -77,12 +77,14 @@ class _Worker:
         return self.hello
 
     async def _forward_logs(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
+        assert self.proc is not None
+        assert self.proc.stderr is not None
         async for line in self.proc.stderr:
             log.info("worker %d: %s", self.index, line.decode(errors="replace").rstrip())
 
     async def _read(self) -> Any:
-        assert self.proc is not None and self.proc.stdout is not None
+        assert self.proc is not None
+        assert self.proc.stdout is not None
         try:
             header = await self.proc.stdout.readexactly(_HEADER.size)
             (size,) = _HEADER.unpack(header)
@@ -90,7 +92,7 @@ class _Worker:
         except asyncio.IncompleteReadError:
             return None
 
-    async def request(self, msg: dict[str, Any], timeout: float) -> dict[str, Any]:
+    async def request(self, msg: dict[str, Any], wait_s: float) -> dict[str, Any]:
         self.pending += 1
         try:
             async with self.lock:
@@ -101,7 +103,7 @@ class _Worker:
                 self.proc.stdin.write(_HEADER.pack(len(data)) + data)
                 await self.proc.stdin.drain()
                 try:
-                    reply = await asyncio.wait_for(self._read(), timeout)
+                    reply = await asyncio.wait_for(self._read(), wait_s)
                 except TimeoutError:
                     reply = None
                 if reply is None:

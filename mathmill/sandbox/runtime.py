@@ -6,6 +6,7 @@ Everything here runs after isolation is in place (it may run user ``__repr__``s)
 from __future__ import annotations
 
 import ast
+import contextlib
 import inspect
 import io
 import sys
@@ -38,11 +39,11 @@ def run_code(code: str, namespace: dict[str, Any]) -> dict[str, Any]:
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)  # type: ignore[attr-defined]
     try:
-        exec(compile(tree, "<sandbox>", "exec"), namespace)
+        exec(compile(tree, "<sandbox>", "exec", dont_inherit=True), namespace)
         if last is not None:
-            value = eval(compile(last, "<sandbox>", "eval"), namespace)
+            value = eval(compile(last, "<sandbox>", "eval", dont_inherit=True), namespace)
             if value is not None:
-                print(repr(value))
+                sys.stdout.write(repr(value) + "\n")
     except MemoryError:
         _print_exc()
         return {"status": "memory", "exit_code": 1, "exception": "MemoryError"}
@@ -54,10 +55,8 @@ def run_code(code: str, namespace: dict[str, Any]) -> dict[str, Any]:
         return {"status": "error", "exit_code": 1, "exception": type(e).__name__}
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(OSError, ValueError):
                 stream.flush()
-            except (OSError, ValueError):
-                pass
     return {"status": "ok", "exit_code": 0, "exception": None}
 
 
@@ -66,10 +65,8 @@ def _print_exc() -> None:
     # Drop our own frame so the traceback starts at the user's code.
     if tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    try:
+    with contextlib.suppress(OSError, MemoryError):
         traceback.print_exception(etype, value, tb)
-    except (OSError, MemoryError):
-        pass
 
 
 def _short_repr(value: Any) -> str:

@@ -716,9 +716,11 @@ class Zygote:
 
 
 def _kill_group(pid: int) -> None:
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: os.kill(pid, signal.SIGKILL)):
-        with contextlib.suppress(OSError):
-            target()
+    """SIGKILL the process group of ``pid`` and ``pid`` itself (its namespace dies with it)."""
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _refused(layers: dict[str, Any]) -> dict[str, Any]:

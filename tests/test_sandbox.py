@@ -1,0 +1,158 @@
+"""The local sandbox: results, limits, sessions (state, timeouts, TTL, LRU, cleanup)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+import pytest_asyncio
+
+from mathmill.sandbox import Limits, LocalSandbox, SessionNotFound, session
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sandbox() -> AsyncIterator[LocalSandbox]:
+    async with LocalSandbox(workers=2, limits=Limits(timeout_s=3)) as sb:
+        yield sb
+
+
+async def test_execute_ok_with_measurements(sandbox: LocalSandbox) -> None:
+    r = await sandbox.execute("import sympy\nprint(sympy.factorint(2**64 + 1))")
+    assert r.status == "ok" and r.exit_code == 0
+    assert r.stdout == "{274177: 1, 67280421310721: 1}\n"
+    assert r.stderr == "" and not r.stdout_truncated
+    assert r.wall_ms > 0 and r.cpu_ms > 0 and (r.peak_memory_kb or 0) > 0
+    assert r.backend == "local"
+
+
+async def test_last_expression_is_echoed_like_a_repl(sandbox: LocalSandbox) -> None:
+    r = await sandbox.execute("x = 6\nx * 7")
+    assert r.stdout == "42\n"
+
+
+async def test_error_has_traceback_and_exit_code(sandbox: LocalSandbox) -> None:
+    r = await sandbox.execute("def f():\n    return 1 / 0\nf()")
+    assert r.status == "error" and r.exit_code == 1
+    assert "ZeroDivisionError" in r.stderr and "line 2" in r.stderr
+    syntax = await sandbox.execute("print(")
+    assert syntax.status == "error" and "SyntaxError" in syntax.stderr
+
+
+async def test_exit_codes(sandbox: LocalSandbox) -> None:
+    assert (await sandbox.execute("import sys; sys.exit(0)")).status == "ok"
+    r = await sandbox.execute("import sys; sys.exit(3)")
+    assert r.status == "error" and r.exit_code == 3
+
+
+async def test_health_names_the_isolation_layers(sandbox: LocalSandbox) -> None:
+    health = await sandbox.health()
+    layers = health["layers"]
+    assert health["ok"] and health["workers"] == 2
+    assert layers["isolated"] and layers["namespaces"] and layers["proc"] and layers["tmpfs"]
+    assert layers["landlock_abi"] >= 1 and layers["process_limit"]
+    assert set(layers["preimported"]) == {"numpy", "sympy", "scipy", "pandas"}
+
+
+async def test_per_call_limits(sandbox: LocalSandbox) -> None:
+    r = await sandbox.execute("import time; time.sleep(5)", Limits(timeout_s=0.5))
+    assert r.status == "timeout" and r.wall_ms < 3000
+    r = await sandbox.execute("print('x' * 5000)", Limits(max_output_bytes=1024))
+    assert r.status == "output_limit" and r.stdout_truncated and len(r.stdout) == 1024
+
+
+async def test_parallel_executions(sandbox: LocalSandbox) -> None:
+    results = await asyncio.gather(*(sandbox.execute(f"print({i} ** 2)") for i in range(12)))
+    assert [r.stdout for r in results] == [f"{i**2}\n" for i in range(12)]
+
+
+async def test_stateful_session_survives_a_timed_out_turn(sandbox: LocalSandbox) -> None:
+    async with session(sandbox) as sid:
+        r1 = await sandbox.run_in_session(sid, "import sympy\nx = sympy.Symbol('x')\nn = 10")
+        assert r1.status == "ok" and r1.kept
+        r2 = await sandbox.run_in_session(
+            sid, "def square(k: int) -> int:\n    return k * k\nclass A:\n    def m(self): pass"
+        )
+        assert r2.state is not None
+        assert r2.state.summary == (
+            "imports: sympy | vars: x=x, n=10 | funcs: square(k: int) -> int | classes: A"
+        )
+        assert [c.model_dump() for c in r2.state.classes] == [{"name": "A", "methods": ["m"]}]
+        r3 = await sandbox.run_in_session(sid, "n = 999\nwhile True: pass", timeout_s=1)
+        assert r3.status == "timeout" and not r3.kept
+        assert r3.state is not None and "n=10" in r3.state.summary
+        r4 = await sandbox.run_in_session(sid, "print(n, square(n), sympy.expand((x + 1)**2))")
+        assert r4.status == "ok" and r4.stdout == "10 100 x**2 + 2*x + 1\n"
+        # A crash and a memory error are discarded the same way.
+        crash = await sandbox.run_in_session(sid, "n = -1\nimport ctypes; ctypes.string_at(0)")
+        assert crash.status == "crashed" and not crash.kept
+        mem = await sandbox.run_in_session(sid, "n = -2\nx = bytearray(8 * 1024**3)")
+        assert mem.status == "memory" and not mem.kept
+        # An exception is a normal REPL turn: what ran before it is kept.
+        err = await sandbox.run_in_session(sid, "n = 11\nraise ValueError('boom')")
+        assert err.status == "error" and err.kept and "ValueError: boom" in err.stderr
+        state = await sandbox.session_state(sid)
+        assert "n=11" in state.summary and state.imports == ["sympy"]
+
+
+async def test_session_state_shapes_and_reset(sandbox: LocalSandbox) -> None:
+    async with session(sandbox) as sid:
+        r = await sandbox.run_in_session(
+            sid, "import numpy as np\nm = np.zeros((3, 4))\nresult = [1, 2]\ns = 'y' * 500"
+        )
+        assert r.state is not None
+        variables = {v.name: v for v in r.state.variables}
+        assert variables["m"].repr == "ndarray[3, 4]" and variables["result"].repr == "list[2]"
+        assert len(variables["s"].repr) <= 80 and r.state.imports == ["numpy as np"]
+        await sandbox.reset_session(sid)
+        assert (await sandbox.session_state(sid)).summary == "(empty)"
+        r = await sandbox.run_in_session(sid, "print(result)")
+        assert r.status == "error" and "NameError" in r.stderr
+
+
+async def test_sessions_are_isolated_from_each_other(sandbox: LocalSandbox) -> None:
+    async with session(sandbox) as a, session(sandbox) as b:
+        await sandbox.run_in_session(a, "secret_of_a = 'hunter2'")
+        r = await sandbox.run_in_session(
+            b,
+            "import gc, os\n"
+            "found = any('hunter2' in repr(o) for o in gc.get_objects() if isinstance(o, str))\n"
+            "print(found, sorted(p for p in os.listdir('/proc') if p.isdigit()))",
+        )
+        assert r.stdout.startswith("False ")
+        # Only session b's own processes are visible (init, holder, this turn).
+        assert len(eval(r.stdout.split(" ", 1)[1])) <= 3
+
+
+async def test_deleted_and_unknown_sessions() -> None:
+    async with LocalSandbox(workers=1, max_sessions_per_worker=2) as sb:
+        sid = await sb.create_session()
+        await sb.delete_session(sid)
+        with pytest.raises(SessionNotFound):
+            await sb.run_in_session(sid, "print(1)")
+        with pytest.raises(SessionNotFound):
+            await sb.session_state("0-nope")
+        # Least recently used eviction past max_sessions_per_worker.
+        first, second = await sb.create_session(), await sb.create_session()
+        await sb.run_in_session(first, "a = 1")
+        third = await sb.create_session()
+        with pytest.raises(SessionNotFound):
+            await sb.run_in_session(second, "print(1)")
+        assert (await sb.run_in_session(first, "print(a)")).stdout == "1\n"
+        assert (await sb.run_in_session(third, "print(2)")).stdout == "2\n"
+        assert (await sb.health())["sessions"] == 2
+
+
+async def test_idle_ttl_and_max_turns() -> None:
+    async with LocalSandbox(workers=1, session_ttl_s=1, max_turns=2) as sb:
+        sid = await sb.create_session()
+        await sb.run_in_session(sid, "a = 1")
+        await sb.run_in_session(sid, "a = 2")
+        with pytest.raises(Exception, match="reached its 2 turns"):
+            await sb.run_in_session(sid, "a = 3")
+        idle = await sb.create_session()
+        await asyncio.sleep(2.5)
+        with pytest.raises(SessionNotFound):
+            await sb.session_state(idle)
