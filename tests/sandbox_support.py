@@ -40,7 +40,18 @@ def unprivileged_command() -> tuple[list[str], dict[str, str]] | str:
     setpriv = shutil.which("setpriv")
     if setpriv is None:
         return "setpriv is not installed"
-    drop = [setpriv, f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    # setpriv keeps capabilities across the uid change unless told to drop them, and
+    # checks the program it execs with its own (root) credentials: exec through env so
+    # that the interpreter is reached as nobody would reach it.
+    drop = [
+        setpriv,
+        f"--reuid={NOBODY}",
+        f"--regid={NOBODY}",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+        "/usr/bin/env",
+    ]
     site = sysconfig.get_paths()["purelib"]
     for python, extra in (
         (sys.executable, {}),

@@ -54,6 +54,8 @@ class _Worker:
     async def start(self) -> dict[str, Any]:
         self.workdir = tempfile.mkdtemp(prefix=f"mathmill-sandbox-{self.index}-")
         env = dict(SANDBOX_ENV, HOME=self.workdir)
+        if "PYTHONPATH" in os.environ:  # where mathmill itself is found; not a secret
+            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
         self.proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
