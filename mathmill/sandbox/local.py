@@ -143,6 +143,8 @@ class LocalSandbox:
         session_ttl_s: an idle session is deleted after this long.
         max_turns: turns per session.
         allow_unsafe: run code even where no isolation beyond rlimits is possible.
+        use_namespaces: False forces the rlimits-only mode (for hosts where user
+            namespaces are disabled); it then needs ``allow_unsafe``.
     """
 
     def __init__(
@@ -154,6 +156,7 @@ class LocalSandbox:
         session_ttl_s: float = 900.0,
         max_turns: int = 200,
         allow_unsafe: bool = False,
+        use_namespaces: bool = True,
     ) -> None:
         self.limits = limits or Limits()
         config = {
@@ -162,6 +165,7 @@ class LocalSandbox:
             "session_ttl_s": session_ttl_s,
             "max_turns": max_turns,
             "allow_unsafe": allow_unsafe,
+            "use_namespaces": use_namespaces,
         }
         self.allow_unsafe = allow_unsafe
         self._workers = [_Worker(i, config) for i in range(workers or os.cpu_count() or 1)]

@@ -121,7 +121,10 @@ def serve(
     allow_unsafe: bool = False,
 ) -> None:
     """Run the server until interrupted (one process; ``workers`` zygotes)."""
+    import logging
+
     import uvicorn
 
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     sandbox = LocalSandbox(workers=workers, limits=limits, allow_unsafe=allow_unsafe)
     uvicorn.run(create_app(sandbox), host=host, port=port, uds=uds, log_level="info")

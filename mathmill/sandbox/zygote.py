@@ -5,8 +5,9 @@ length-prefixed JSON on stdin/stdout and logs to stderr.
 
 Process tree of a stateless job::
 
-    zygote ─ C (setsid, new user/pid/mount/net/ipc/uts namespaces) ─ G (PID 1 there:
-             private /proc, tmpfs job dir, rlimits, Landlock, no capabilities) runs code
+    zygote ─ G, cloned into new user/pid/mount/net/ipc/uts namespaces as their PID 1:
+             own session, pids cgroup, private /proc, tmpfs job dir, rlimits, Landlock,
+             no capabilities; runs the code
 
 When G exits or is killed, the kernel kills every process left in its pid namespace
 (double-forked escapees included). A session is the same tree with a long-lived
@@ -275,43 +276,35 @@ def _close_fds_except(keep: set[int]) -> None:
 
 
 def _spawn_namespaced(box: Box, keep_fds: set[int], body: Any) -> int:
-    """Fork C (own session, new namespaces) which forks PID 1 running ``body()``.
-    Returns C's pid; C exits with PID 1's status.
+    """Start a process running ``body()``: with namespaces, cloned straight into new
+    user/pid/mount/net/ipc/uts namespaces as their PID 1 (when it exits, the kernel
+    kills everything left in them). It first waits until the parent has put it in
+    its pids cgroup. Returns its pid.
     """
-    pid = os.fork()
-    if pid:
-        return pid
+    uid, gid = os.geteuid(), os.getegid()
+    sync_r, sync_w = os.pipe()
+    pid = iso.clone_process(iso.CLONE_ALL) if box.namespaces else os.fork()
+    if pid == 0:
+        try:
+            os.close(sync_w)
+            os.read(sync_r, 1)
+            os.close(sync_r)
+            iso.die_with_parent()
+            os.setsid()
+            _close_fds_except(keep_fds)
+            if box.namespaces:
+                iso.write_id_maps(uid, gid)
+            body()
+        finally:
+            os._exit(120)
+    os.close(sync_r)
     try:
-        os.setsid()
-        iso.die_with_parent()
-        _close_fds_except(keep_fds)
         if box.cgroup:
-            iso.PidsCgroup.enter(box.cgroup)
-        if box.namespaces:
-            iso.set_dumpable(True)  # the zygote is not dumpable; uid_map needs it
-            iso.enter_namespaces()
-        init = os.fork()
-        if init == 0:
-            try:
-                body()
-            finally:
-                os._exit(120)
-        for fd in keep_fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        _, status = os.waitpid(init, 0)
-        code = os.waitstatus_to_exitcode(status)
-        os._exit(code if code >= 0 else 128 - code)
+            iso.PidsCgroup.enter(box.cgroup, pid)
     finally:
-        os._exit(121)
-
-
-def _exit_signal(status: int) -> int | None:
-    """C's exit code 128+N means PID 1 died of signal N: return -N (or the code)."""
-    code = os.waitstatus_to_exitcode(status)
-    if code > 128:
-        return -(code - 128)
-    return code
+        os.write(sync_w, b"g")
+        os.close(sync_w)
+    return pid
 
 
 # -- sessions: the holder loop (inside the sandbox) -------------------------------------
@@ -429,6 +422,7 @@ class Zygote:
     session_ttl_s: float = 900.0
     max_turns: int = 200
     allow_unsafe: bool = False
+    use_namespaces: bool = True
     layers: dict[str, Any] = field(default_factory=dict)
     sessions: dict[str, Session] = field(default_factory=dict)
     cgroups: iso.PidsCgroup | None = None
@@ -458,6 +452,9 @@ class Zygote:
             "landlock_abi": iso.landlock_abi(),
             "preimported": _preimport(),
         }
+        if not self.use_namespaces:
+            layers.update(namespaces=False, proc=False, tmpfs=False, disabled="namespaces")
+            return self._finish_probe(layers)
         os.makedirs(os.path.join(self.workdir, "probe"), exist_ok=True)
         r, w = os.pipe()
         pid = os.fork()
@@ -486,6 +483,9 @@ class Zygote:
         os.waitpid(pid, 0)
         with contextlib.suppress(ValueError):
             layers.update(json.loads(data or b"{}"))
+        return self._finish_probe(layers)
+
+    def _finish_probe(self, layers: dict[str, Any]) -> dict[str, Any]:
         layers["process_limit"] = layers["nproc_rlimit"] or layers["pids_cgroup"]
         layers["isolated"] = (
             bool(layers.get("namespaces"))
@@ -531,12 +531,7 @@ class Zygote:
         reported = None
         with contextlib.suppress(ValueError):
             reported = json.loads(got.result) if got.result else None
-        exit_status = _exit_signal(status)
-        if (
-            exit_status == -signal.SIGKILL
-            and usage.ru_utime + usage.ru_stime >= limits.cpu_limit - 0.5
-        ):
-            exit_status = -signal.SIGXCPU  # the hard CPU limit, not a crash
+        exit_status = _cpu_aware_exit(status, usage, limits)
         return {
             "status": _status_from(got, reported, exit_status),
             "stdout": _decode(got.stdout),
@@ -751,6 +746,7 @@ def main(argv: list[str] | None = None) -> None:
         session_ttl_s=float(config.get("session_ttl_s", 900)),
         max_turns=int(config.get("max_turns", 200)),
         allow_unsafe=bool(config.get("allow_unsafe", False)),
+        use_namespaces=bool(config.get("use_namespaces", True)),
     )
     layers = zygote.probe()
     iso.set_dumpable(False)
