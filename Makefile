@@ -48,6 +48,7 @@ typecheck: setup
 
 bench: setup
 	$(BIN)/python bench/llm_pool.py
+	$(BIN)/python bench/sandbox.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
