@@ -156,3 +156,25 @@ async def test_idle_ttl_and_max_turns() -> None:
         await asyncio.sleep(2.5)
         with pytest.raises(SessionNotFound):
             await sb.session_state(idle)
+
+
+async def test_worker_crash_is_reported_and_recovered() -> None:
+    import os
+    import signal
+
+    from mathmill.sandbox import SandboxError
+
+    async with LocalSandbox(workers=1) as sb:
+        sid = await sb.create_session()
+        worker = sb._workers[0]
+        assert worker.proc is not None
+        job = asyncio.create_task(sb.execute("import time; time.sleep(3); print('done')"))
+        await asyncio.sleep(0.5)
+        os.kill(worker.proc.pid, signal.SIGKILL)
+        with pytest.raises(SandboxError, match="died or hung during 'exec'"):
+            await job
+        await asyncio.sleep(0.2)
+        again = await sb.execute("print(2)")
+        assert again.status == "ok" and again.stdout == "2\n"
+        with pytest.raises(SessionNotFound):
+            await sb.run_in_session(sid, "print(3)")

@@ -18,12 +18,13 @@ from collections.abc import Iterable
 
 __all__ = [
     "CLONE_ALL",
+    "clone_process",
     "drop_capabilities",
-    "enter_namespaces",
     "landlock",
     "landlock_abi",
     "mount_private_proc_and_tmpfs",
     "set_rlimits",
+    "write_id_maps",
 ]
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -71,22 +72,6 @@ def _check(result: int, what: str) -> int:
         err = ctypes.get_errno()
         raise IsolationError(err, f"{what}: {os.strerror(err)}")
     return result
-
-
-def enter_namespaces(flags: int = CLONE_ALL) -> None:
-    """unshare() into new namespaces, mapping our uid/gid to 1000 inside a new user ns.
-
-    The calling process keeps its pid; its next child is PID 1 of the new pid ns.
-    """
-    uid, gid = os.geteuid(), os.getegid()
-    _check(_libc.unshare(flags), "unshare")
-    if flags & CLONE_NEWUSER:
-        with open("/proc/self/setgroups", "w") as f:
-            f.write("deny")
-        with open("/proc/self/uid_map", "w") as f:
-            f.write(f"1000 {uid} 1")
-        with open("/proc/self/gid_map", "w") as f:
-            f.write(f"1000 {gid} 1")
 
 
 def mount_private_proc_and_tmpfs(job_root: str, size_mb: int) -> dict[str, bool]:

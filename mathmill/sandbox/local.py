@@ -111,7 +111,8 @@ class _Worker:
                 if reply is None:
                     await self.stop()
                     raise SandboxError(
-                        f"sandbox worker {self.index} did not answer {msg.get('op')!r}; restarted"
+                        f"sandbox worker {self.index} died or hung during {msg.get('op')!r}; "
+                        "it is restarted on the next request (its sessions are lost)"
                     )
                 return reply  # type: ignore[no-any-return]
         finally:

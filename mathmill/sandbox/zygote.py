@@ -24,6 +24,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import select
 import shutil
 import signal
@@ -189,6 +190,29 @@ def _cpu_aware_exit(status: int, usage: Any, limits: Limits) -> int:
     return code
 
 
+def _result(
+    got: Supervised, exit_status: int | None, wall_ms: float, usage: Any = None
+) -> dict[str, Any]:
+    """The ExecutionResult fields from what the supervisor saw and the job reported."""
+    reported: dict[str, Any] | None = None
+    with contextlib.suppress(ValueError):
+        reported = json.loads(got.result) if got.result else None
+    own = reported or {}
+    return {
+        "status": _status_from(got, reported, exit_status),
+        "stdout": _decode(got.stdout),
+        "stderr": _decode(got.stderr),
+        "stdout_truncated": got.stdout_truncated,
+        "stderr_truncated": got.stderr_truncated,
+        "exit_code": own.get("exit_code", exit_status),
+        "wall_ms": wall_ms,
+        "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1000 if usage else own.get("cpu_ms", 0.0),
+        "peak_memory_kb": usage.ru_maxrss if usage else own.get("peak_memory_kb"),
+        "backend": "local",
+        "reported": reported,
+    }
+
+
 def _decode(data: bytes) -> str:
     return data.decode("utf-8", errors="replace")
 
@@ -345,6 +369,9 @@ def _holder_loop(sock: int, box: Box, namespace: dict[str, Any], state: dict[str
                 nofile=box.limits.max_open_files,
             )
             report = run_code(msg["code"], namespace)
+            own = resource.getrusage(resource.RUSAGE_SELF)
+            report["cpu_ms"] = (own.ru_utime + own.ru_stime) * 1000
+            report["peak_memory_kb"] = own.ru_maxrss
             try:
                 report["state"] = describe_state(namespace, baseline)
             except BaseException as e:  # a hostile __repr__ must not break the session
@@ -373,25 +400,15 @@ def _holder_loop(sock: int, box: Box, namespace: dict[str, Any], state: dict[str
             with contextlib.suppress(BlockingIOError):
                 kept = os.read(keep_r, 1) == b"K"
         os.close(keep_r)
-        reported = None
-        exit_status = None
+        exit_status, usage = None, None
         if not kept:
             _, status, usage = os.wait4(child, 0)
             exit_status = _cpu_aware_exit(status, usage, box.limits)
             box.kill_others({1, os.getpid()})
-        with contextlib.suppress(ValueError):
-            reported = json.loads(got.result) if got.result else None
-        reply = {
-            "status": _status_from(got, reported, exit_status),
-            "stdout": _decode(got.stdout),
-            "stderr": _decode(got.stderr),
-            "stdout_truncated": got.stdout_truncated,
-            "stderr_truncated": got.stderr_truncated,
-            "exit_code": (reported or {}).get("exit_code", exit_status),
-            "wall_ms": (time.monotonic() - start) * 1000,
-            "state": reported["state"] if kept and reported else state,
-            "kept": kept,
-        }
+        reply = _result(got, exit_status, (time.monotonic() - start) * 1000, usage)
+        reported = reply.pop("reported")
+        reply["state"] = reported["state"] if kept and reported else state
+        reply["kept"] = kept
         send_msg(sock, reply)
         if kept:
             os._exit(0)  # the turn's process serves the session from now on
@@ -455,34 +472,31 @@ class Zygote:
         if not self.use_namespaces:
             layers.update(namespaces=False, proc=False, tmpfs=False, disabled="namespaces")
             return self._finish_probe(layers)
-        os.makedirs(os.path.join(self.workdir, "probe"), exist_ok=True)
+        probe_dir = os.path.join(self.workdir, "probe")
+        os.makedirs(probe_dir, exist_ok=True)
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            os.close(r)
-            found: dict[str, Any] = {"namespaces": False, "proc": False, "tmpfs": False}
-            try:
-                probe_dir = os.path.join(self.workdir, "probe")
-                iso.enter_namespaces()
-                init = os.fork()
-                if init == 0:
-                    found["namespaces"] = True
-                    found.update(iso.mount_private_proc_and_tmpfs(probe_dir, 1))
-                    os.write(w, json.dumps(found).encode())
-                    os._exit(0)
-                os.waitpid(init, 0)
-            except OSError as e:
-                found["error"] = str(e)
-                os.write(w, json.dumps(found).encode())
+
+        def body() -> None:
+            found = {"namespaces": True, **iso.mount_private_proc_and_tmpfs(probe_dir, 1)}
+            os.write(w, json.dumps(found).encode())
             os._exit(0)
+
+        box = Box(probe_dir, self.limits, namespaces=True, landlock=False, baseline_as=0)
+        try:
+            pid = _spawn_namespaced(box, {w}, body)
+        except OSError as e:
+            pid, layers["error"] = 0, str(e)
         os.close(w)
         data = b""
         while chunk := os.read(r, 4096):
             data += chunk
         os.close(r)
-        os.waitpid(pid, 0)
+        if pid:
+            os.waitpid(pid, 0)
+        found = {"namespaces": False, "proc": False, "tmpfs": False}
         with contextlib.suppress(ValueError):
-            layers.update(json.loads(data or b"{}"))
+            found.update(json.loads(data or b"{}"))
+        layers.update(found)
         return self._finish_probe(layers)
 
     def _finish_probe(self, layers: dict[str, Any]) -> dict[str, Any]:
@@ -528,22 +542,9 @@ class Zygote:
         shutil.rmtree(job_root, ignore_errors=True)
         if box.cgroup:
             iso.PidsCgroup.remove(box.cgroup)
-        reported = None
-        with contextlib.suppress(ValueError):
-            reported = json.loads(got.result) if got.result else None
-        exit_status = _cpu_aware_exit(status, usage, limits)
-        return {
-            "status": _status_from(got, reported, exit_status),
-            "stdout": _decode(got.stdout),
-            "stderr": _decode(got.stderr),
-            "stdout_truncated": got.stdout_truncated,
-            "stderr_truncated": got.stderr_truncated,
-            "exit_code": (reported or {}).get("exit_code", exit_status),
-            "wall_ms": wall_ms,
-            "cpu_ms": (usage.ru_utime + usage.ru_stime) * 1000,
-            "peak_memory_kb": usage.ru_maxrss,
-            "backend": "local",
-        }
+        result = _result(got, _cpu_aware_exit(status, usage, limits), wall_ms, usage)
+        result.pop("reported")
+        return result
 
     # -- sessions
     def create_session(self, sid: str | None = None) -> dict[str, Any]:
