@@ -24,6 +24,7 @@ import tempfile
 from typing import Any
 
 from mathmill.records import ExecutionResult
+from mathmill.sandbox.box import SANDBOX_ENV
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.protocol import (
     SandboxError,
@@ -32,7 +33,6 @@ from mathmill.sandbox.protocol import (
     SessionResult,
     SessionState,
 )
-from mathmill.sandbox.zygote import SANDBOX_ENV
 
 __all__ = ["LocalSandbox"]
 
