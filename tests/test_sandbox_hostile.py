@@ -27,7 +27,20 @@ SECRET = "sk-hostile-test-secret-0123456789"
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module", params=["local", "http-unprivileged"])
 async def box(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
-    os.environ["OPENAI_API_KEY"] = SECRET  # the orchestrator has a secret; jobs must not see it
+    # The orchestrator has a secret in its environment; jobs must not see it.
+    previous = os.environ.get("OPENAI_API_KEY")
+    os.environ["OPENAI_API_KEY"] = SECRET
+    try:
+        async for sandbox in _backend(request):
+            yield sandbox
+    finally:
+        if previous is None:
+            os.environ.pop("OPENAI_API_KEY", None)
+        else:
+            os.environ["OPENAI_API_KEY"] = previous
+
+
+async def _backend(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     if request.param == "local":
         async with LocalSandbox(workers=2, limits=LIMITS) as sandbox:
             yield sandbox
