@@ -248,7 +248,7 @@ class LocalSandbox:
             {"op": "session.exec", "session_id": session_id, "code": code, "timeout_s": timeout},
             timeout + 60,
         )
-        _raise_for(reply, session_id)
+        _raise_for(reply)
         state = reply.pop("state", None)
         reply.pop("session_lost", None)
         return SessionResult(
@@ -261,23 +261,18 @@ class LocalSandbox:
         """The session's state (from the last successful turn; runs no user code)."""
         worker = await self._worker_for(session_id)
         reply = await worker.request({"op": "session.state", "session_id": session_id}, 30)
-        _raise_for(reply, session_id)
+        _raise_for(reply)
         return SessionState.model_validate(reply["state"])
 
     async def reset_session(self, session_id: str) -> None:
         """Replace the session by an empty one with the same id."""
         worker = await self._worker_for(session_id)
-        _raise_for(
-            await worker.request({"op": "session.reset", "session_id": session_id}, 60), session_id
-        )
+        _raise_for(await worker.request({"op": "session.reset", "session_id": session_id}, 60))
 
     async def delete_session(self, session_id: str) -> None:
         """End the session: its processes are killed and its directory removed."""
         worker = await self._worker_for(session_id)
-        _raise_for(
-            await worker.request({"op": "session.delete", "session_id": session_id}, 60),
-            session_id,
-        )
+        _raise_for(await worker.request({"op": "session.delete", "session_id": session_id}, 60))
 
     async def health(self) -> dict[str, Any]:
         """Each worker's pid, sessions and isolation layers."""
@@ -295,7 +290,8 @@ class LocalSandbox:
         }
 
 
-def _raise_for(reply: dict[str, Any], session_id: str | None = None) -> None:
+def _raise_for(reply: dict[str, Any]) -> None:
+    """Turn a zygote's error reply into the matching exception."""
     if "error" not in reply:
         return
     code = reply.get("code")
