@@ -120,6 +120,36 @@ def sandbox_serve(
 
 
 @app.command()
+def grade(
+    gold: Annotated[str | None, typer.Argument(help="Reference answer.")] = None,
+    pred: Annotated[str | None, typer.Argument(help="Predicted answer or model text.")] = None,
+    file: Annotated[
+        str | None,
+        typer.Option("--file", help="JSONL with 'gold' and 'pred' per row ('-' for stdin)."),
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Seconds per comparison.")] = 5.0,
+) -> None:
+    """Grade one pair (prints the verdict and the rule) or a JSONL file of pairs (one JSON
+    object per row on stdout: the row plus 'equivalent', 'status', 'rule', 'reason').
+    """
+    from mathmill.grading.cli import grade_file, grade_pair
+
+    if file is not None:
+        raise typer.Exit(grade_file(file, timeout_s=timeout))
+    if gold is None or pred is None:
+        err.print("error: give GOLD and PRED, or --file pairs.jsonl")
+        raise typer.Exit(2)
+    result = grade_pair(gold, pred, timeout_s=timeout)
+    console.print(
+        f"{'equivalent' if result.equivalent else 'not equivalent'} "
+        f"({result.status}; rule: {result.rule}): {result.reason}",
+        markup=False,
+        highlight=False,
+    )
+    raise typer.Exit(0 if result.equivalent else 1)
+
+
+@app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Directory (or s3:// URL) for the run.")] = "runs",
     limit: Annotated[int, typer.Option(min=1, max=5, help="Problems to solve.")] = 3,

@@ -1,0 +1,79 @@
+"""Final-answer extraction from model text.
+
+>>> extract_answer(r"so the area is \\boxed{\\frac{3}{4}}.")
+ExtractedAnswer(text='\\\\frac{3}{4}', how='boxed')
+>>> extract_answer("<final_answer>42</final_answer>").text
+'42'
+>>> extract_answer("The answer is (C).").text
+'C'
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["ExtractedAnswer", "extract_answer", "last_boxed"]
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_TAG = re.compile(r"<final_answer>(.*?)</final_answer>", re.DOTALL | re.IGNORECASE)
+_PHRASE = re.compile(
+    r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*(?:\$)?(.+?)(?:\$)?\s*(?:\.\s|\.$|\n|$)",
+    re.IGNORECASE,
+)
+_CHOICE = re.compile(
+    r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\)?(?![a-z])", re.IGNORECASE
+)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+
+
+@dataclass(frozen=True)
+class ExtractedAnswer:
+    """The answer text and how it was found."""
+
+    text: str
+    how: str
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last ``\\boxed{...}``/``\\fbox{...}``, nested braces included."""
+    result = None
+    for match in _BOXED.finditer(text):
+        depth, start = 1, match.end()
+        i = start
+        while i < len(text) and depth:
+            if text[i] == "{":
+                depth += 1
+            elif text[i] == "}":
+                depth -= 1
+            i += 1
+        if depth == 0:
+            result = text[start : i - 1]
+    return result
+
+
+def extract_answer(text: str | None, *, number_fallback: bool = True) -> ExtractedAnswer | None:
+    """The final answer in ``text``: the last boxed expression, a ``<final_answer>``
+    tag, a "final answer is" phrase, a multiple-choice letter, or (optionally) the
+    last number. None when there is none.
+    """
+    if not text or not text.strip():
+        return None
+    boxed = last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return ExtractedAnswer(boxed.strip(), "boxed")
+    tags = _TAG.findall(text)
+    if tags and tags[-1].strip():
+        inner = tags[-1].strip()
+        return ExtractedAnswer(last_boxed(inner) or inner, "tag")
+    choice = _CHOICE.findall(text)
+    if choice:
+        return ExtractedAnswer(choice[-1].upper(), "choice")
+    phrases = _PHRASE.findall(text)
+    if phrases and phrases[-1].strip():
+        return ExtractedAnswer(phrases[-1].strip().rstrip("."), "phrase")
+    if number_fallback:
+        numbers = _NUMBER.findall(text)
+        if numbers:
+            return ExtractedAnswer(numbers[-1], "last_number")
+    return None
