@@ -84,8 +84,16 @@ def _close(a: Fraction, b: Fraction, rel_tol: float) -> bool:
 _DELIMITED = re.compile(r"\$|\\\(|\\\[|\\boxed")
 
 
+_PY_POW_GROUP = re.compile(r"\*\*\s*\(([^()]*)\)")
+_PY_POW = re.compile(r"\*\*\s*(-?[\w.]+)")
+
+
 def _latex(s: str) -> str:
-    return s if _DELIMITED.search(s) else f"${s}$"
+    if _DELIMITED.search(s):
+        return s
+    if "**" in s and "\\" not in s:  # Python/sympy syntax, as code prints it
+        s = _PY_POW.sub(r"^{\1}", _PY_POW_GROUP.sub(r"^{(\1)}", s))
+    return f"${s}$"
 
 
 @functools.lru_cache(maxsize=4096)
