@@ -7,7 +7,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -149,21 +148,27 @@ def test_unfinished_s3_upload_is_not_a_chunk(s3_store: RunStore) -> None:
     assert len(ds.read_all()) == 1
 
 
+@pytest.mark.slow
 def test_storage_survives_a_fresh_process(tmp_path: Path) -> None:
-    """What one process wrote, another reads (as a resumed run does)."""
+    """What one process wrote, another reads (as a resumed run does), and exits cleanly.
+
+    Regression: reading with pq.read_table() on an in-memory buffer made about one
+    process in three abort at exit (pyarrow 26.0.1, "terminate called without an
+    active exception"), so several processes are run.
+    """
     RunStore(str(tmp_path)).dataset("p").write_chunk("00000", problems(2))
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from mathmill.storage import RunStore;"
-            "print(len(RunStore(sys.argv[1]).dataset('p').read_all()))",
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    assert out.stdout.strip() == "2"
-    assert time.time() > 0
+    for _ in range(8):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "import sys; from mathmill.storage import RunStore;"
+                "print(len(RunStore(sys.argv[1]).dataset('p').read_all()))",
+                str(tmp_path),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "2"
