@@ -49,6 +49,8 @@ typecheck: setup
 bench: setup
 	$(BIN)/python bench/llm_pool.py
 	$(BIN)/python bench/sandbox.py
+	$(BIN)/python bench/grading.py
+	$(BIN)/python bench/leaks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
