@@ -71,38 +71,26 @@ async def check_code(
 ) -> CodeCheck:
     """Run ``code`` in ``sandbox`` and compare its result with ``expected``."""
     execution = await sandbox.execute(code + "\n" + _EPILOGUE, limits)
-    if execution.status == "timeout":
+
+    def failed(status: CodeCheckStatus, reason: str) -> CodeCheck:
         return CodeCheck(
-            status="timeout",
+            status=status,
             expected=expected,
             computed=None,
             source="none",
             rule="sandbox",
-            reason="the code ran past its time limit",
+            reason=reason,
             execution=execution,
         )
+
+    if execution.status == "timeout":
+        return failed("timeout", "the code ran past its time limit")
     if execution.status != "ok":
         last = execution.stderr.strip().splitlines()[-1:] or [execution.status]
-        return CodeCheck(
-            status="error",
-            expected=expected,
-            computed=None,
-            source="none",
-            rule="sandbox",
-            reason=f"{execution.status}: {last[0][:200]}",
-            execution=execution,
-        )
+        return failed("error", f"{execution.status}: {last[0][:200]}")
     computed, source = _computed(execution.stdout)
     if computed is None:
-        return CodeCheck(
-            status="no_output",
-            expected=expected,
-            computed=None,
-            source="none",
-            rule="sandbox",
-            reason="the code printed nothing and assigned no answer",
-            execution=execution,
-        )
+        return failed("no_output", "the code printed nothing and assigned no answer")
     result = grade(expected, computed)
     return CodeCheck(
         status="verified" if result.equivalent else "wrong_answer",
