@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from mathmill.grading import grade
 from mathmill.llm.client import LLMClient, LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.llm.usage import UsageMeter
@@ -47,10 +48,6 @@ class DemoReport:
     meter: UsageMeter
     seconds: float
     skipped: list[ErrorInfo]
-
-
-def _normalize(answer: str | None) -> str:
-    return (answer or "").strip().strip("$").replace(",", "").rstrip(".").strip()
 
 
 async def _solve(client: LLMClient, problem: Problem, max_tokens: int) -> Attempt:
@@ -98,13 +95,13 @@ async def _solve(client: LLMClient, problem: Problem, max_tokens: int) -> Attemp
         if parsed.error:
             attempt.error = parsed.error
     attempt.final_answer = answer
-    same = _normalize(answer) == _normalize(problem.answer)
+    graded = grade(problem.answer, answer)
     attempt.verdict = Verdict(
-        status="correct" if same else "incorrect",
+        status="correct" if graded.equivalent else "incorrect",
         expected=problem.answer,
         predicted=answer,
-        rule=f"exact_string({rule})",
-        reason="normalized strings compared; the grading toolkit replaces this check",
+        rule=f"{graded.rule} (answer found by {rule})",
+        reason=graded.reason,
     )
     return attempt
 
