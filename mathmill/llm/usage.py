@@ -37,19 +37,6 @@ class StageUsage:
         """Average latency of a call, retries and waits included."""
         return self.latency_ms / self.calls if self.calls else 0.0
 
-    def as_dict(self) -> dict[str, float | int | str]:
-        """Plain values for tables, artifacts and JSON reports."""
-        return {
-            "calls": self.calls,
-            "errors": self.errors,
-            "retries": self.retries,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "mean_latency_ms": round(self.mean_latency_ms, 1),
-            "cost_usd": round(self.cost_usd, 6),
-            "models": ",".join(sorted(self.models)),
-        }
-
 
 class UsageMeter:
     """Thread-safe usage totals keyed by stage name.

@@ -91,19 +91,23 @@ class Box:
         if self.private_proc:
             kill_namespace_except(keep)
 
-    def harden(self, *, cpu: bool) -> None:
-        """Environment, working directory, rlimits, Landlock, no capabilities."""
-        os.environ.clear()
-        os.environ.update(SANDBOX_ENV, HOME=self.job_root, TMPDIR=self.job_root)
-        os.chdir(self.job_root)
+    def apply_rlimits(self, cpu_s: int) -> None:
+        """The limits' rlimits, with ``cpu_s`` CPU seconds (a session turn sets its own)."""
         limits = self.limits
         iso.set_rlimits(
-            cpu_s=limits.cpu_limit if cpu else 24 * 3600,
+            cpu_s=cpu_s,
             address_space=self.baseline_as + limits.memory_mb * (1 << 20),
             nproc=limits.max_processes,
             fsize=limits.max_file_mb * (1 << 20),
             nofile=limits.max_open_files,
         )
+
+    def harden(self, *, cpu: bool) -> None:
+        """Environment, working directory, rlimits, Landlock, no capabilities."""
+        os.environ.clear()
+        os.environ.update(SANDBOX_ENV, HOME=self.job_root, TMPDIR=self.job_root)
+        os.chdir(self.job_root)
+        self.apply_rlimits(self.limits.cpu_limit if cpu else 24 * 3600)
         if self.landlock:
             iso.landlock(_read_only_paths(), [self.job_root], ["/dev/null"])
         if self.namespaces:

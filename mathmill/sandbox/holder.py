@@ -14,7 +14,6 @@ import signal
 import time
 from typing import Any
 
-from mathmill.sandbox import isolation as iso
 from mathmill.sandbox.box import Box, detach_output, redirect
 from mathmill.sandbox.runtime import describe_state, run_code
 from mathmill.sandbox.supervise import cpu_aware_exit, result_fields, supervise
@@ -50,13 +49,8 @@ def holder_loop(sock: int, box: Box, namespace: dict[str, Any], state: dict[str,
             redirect(out_w, err_w)
             os.close(out_w)
             os.close(err_w)
-            iso.set_rlimits(
-                cpu_s=box.limits.cpu_limit if timeout >= box.limits.timeout_s else int(timeout) + 1,
-                address_space=box.baseline_as + box.limits.memory_mb * (1 << 20),
-                nproc=box.limits.max_processes,
-                fsize=box.limits.max_file_mb * (1 << 20),
-                nofile=box.limits.max_open_files,
-            )
+            limits = box.limits
+            box.apply_rlimits(limits.cpu_limit if timeout >= limits.timeout_s else int(timeout) + 1)
             report = run_code(msg["code"], namespace)
             own = resource.getrusage(resource.RUSAGE_SELF)
             report["cpu_ms"] = (own.ru_utime + own.ru_stime) * 1000

@@ -211,18 +211,6 @@ def set_rlimits(
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 
 
-def drop_root(uid: int = 65534, gid: int = 65534) -> bool:
-    """If running as root, become ``uid``/``gid`` for good (RLIMIT_NPROC does nothing for
-    root). Returns True when it dropped.
-    """
-    if os.geteuid() != 0:
-        return False
-    os.setgroups([])
-    os.setresgid(gid, gid, gid)
-    os.setresuid(uid, uid, uid)
-    return True
-
-
 def _pids_cgroup_root() -> str | None:
     """Where this process's cgroup lives in a hierarchy with the pids controller."""
     mounts: list[tuple[str, str, str]] = []  # (mount point, fstype, super options)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
-import io
 import sys
 import traceback
 import types
@@ -126,15 +125,3 @@ def describe_state(namespace: dict[str, Any], baseline: set[str] | None = None) 
         "classes": classes,
         "summary": " | ".join(parts) if parts else "(empty)",
     }
-
-
-def capture_to(stdout_path: str, stderr_path: str) -> None:
-    """Point fds 1 and 2 (and sys.stdout/err) at files, line-buffered."""
-    import os
-
-    for fd, path in ((1, stdout_path), (2, stderr_path)):
-        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(target, fd)
-        os.close(target)
-    sys.stdout = io.TextIOWrapper(open(1, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
-    sys.stderr = io.TextIOWrapper(open(2, "wb", closefd=False), line_buffering=True)  # noqa: SIM115
