@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -32,7 +33,8 @@ def unprivileged_command() -> tuple[list[str], dict[str, str]] | str:
 
     As root, the server is started as ``nobody`` with ``setpriv``. The interpreter must
     be readable by nobody: pyenv's under /root is not, so Debian's python3.11 runs
-    with this checkout and the venv's site-packages on PYTHONPATH (same CPython ABI).
+    with this checkout and the venv's site-packages on PYTHONPATH (same CPython ABI),
+    the checkout bind-mounted at a public path when its own path is private.
     """
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/tmp", "LANG": "C.UTF-8"}
     if os.geteuid() != 0:
@@ -53,17 +55,39 @@ def unprivileged_command() -> tuple[list[str], dict[str, str]] | str:
         "/usr/bin/env",
     ]
     site = sysconfig.get_paths()["purelib"]
-    for python, extra in (
-        (sys.executable, {}),
-        ("/usr/bin/python3.11", {"PYTHONPATH": f"{REPO}:{site}"}),
-    ):
-        if not os.path.exists(python):
+    candidates: list[tuple[list[str], dict[str, str]]] = [
+        ([*drop, sys.executable], {}),
+        ([*drop, "/usr/bin/python3.11"], {"PYTHONPATH": f"{REPO}:{site}"}),
+    ]
+    # A checkout under a private directory (mktemp makes them 0700) is out of nobody's
+    # reach: bind-mount it at a public path in a private mount namespace first.
+    unshare = shutil.which("unshare")
+    if unshare and Path(site).is_relative_to(REPO):
+        public = Path(tempfile.gettempdir()) / f"mathmill-checkout-{os.getuid()}"
+        public.mkdir(exist_ok=True)
+        public.chmod(0o755)
+        bind = [
+            unshare,
+            "--mount",
+            "--propagation",
+            "private",
+            "sh",
+            "-c",
+            f'mount --bind "$0" {public} && exec "$@"',
+            str(REPO),
+        ]
+        site_there = public / Path(site).relative_to(REPO)
+        candidates.append(
+            ([*bind, *drop, "/usr/bin/python3.11"], {"PYTHONPATH": f"{public}:{site_there}"})
+        )
+    for command, extra in candidates:
+        if not os.path.exists(command[-1]):
             continue
         probe = subprocess.run(
-            [*drop, python, "-c", _IMPORTS], env={**env, **extra}, capture_output=True, timeout=120
+            [*command, "-c", _IMPORTS], env={**env, **extra}, capture_output=True, timeout=120
         )
         if probe.returncode == 0:
-            return [*drop, python], {**env, **extra}
+            return command, {**env, **extra}
     return "no Python interpreter with mathmill is readable by an unprivileged user here"
 
 
