@@ -237,3 +237,14 @@ def test_cli_grades_a_pair_and_a_file(tmp_path: Path) -> None:
         ("d", False, "math_verify"),
     ]
     assert rows[1]["reason"].startswith("line 2 is not JSON")
+    missing = subprocess.run(
+        [sys.executable, "-m", "mathmill", "grade", "--file", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1
+    assert (
+        missing.stderr.strip().startswith("error: cannot read")
+        and "Traceback" not in missing.stderr
+    )

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Iterator
 from typing import Any, TextIO
 
+from mathmill.errors import ConfigError
 from mathmill.grading.equivalence import GradeResult, grade
 
 __all__ = ["grade_file", "grade_pair", "grade_rows"]
@@ -61,7 +62,10 @@ def grade_rows(lines: TextIO, *, timeout_s: float = 5.0) -> Iterator[dict[str, A
 def grade_file(path: str, *, timeout_s: float = 5.0, out: TextIO | None = None) -> int:
     """Grade a JSONL file (``-`` for stdin) to ``out`` (stdout); returns the exit code."""
     out = out or sys.stdout
-    stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    try:
+        stream = sys.stdin if path == "-" else open(path, encoding="utf-8")  # noqa: SIM115
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from e
     try:
         for obj in grade_rows(stream, timeout_s=timeout_s):
             out.write(json.dumps(obj, ensure_ascii=False) + "\n")
