@@ -2,22 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import sys
 from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 from typer.exceptions import TyperException
 
 from mathmill import __version__
 from mathmill.errors import MathmillError
+from mathmill.flows.cli import run_app
 from mathmill.llm.config import EndpointConfig, endpoint_from_env
-from mathmill.llm.usage import UsageMeter
 
 app = typer.Typer(
     help="mathmill: verified math reasoning data for LLMs, as Prefect flows.",
@@ -29,6 +26,7 @@ endpoint_app = typer.Typer(help="Check OpenAI-compatible endpoints.", no_args_is
 app.add_typer(endpoint_app, name="endpoint")
 sandbox_app = typer.Typer(help="Run the code sandbox.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
+app.add_typer(run_app, name="run")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -151,74 +149,43 @@ def grade(
 
 @app.command()
 def demo(
-    out: Annotated[str, typer.Option(help="Directory (or s3:// URL) for the run.")] = "runs",
-    limit: Annotated[int, typer.Option(min=1, max=5, help="Problems to solve.")] = 3,
-    max_tokens: Annotated[int, typer.Option(min=16, max=4096)] = 200,
+    out: Annotated[str, typer.Option(help="Run directory (re-run to resume).")] = "runs/demo",
+    topics: Annotated[int, typer.Option(min=1, max=20, help="Topics to generate.")] = 2,
+    problems_per_topic: Annotated[int, typer.Option(min=1, max=5)] = 1,
+    short_cots: Annotated[int, typer.Option(min=0, max=4, help="Short CoTs per problem.")] = 1,
+    rounds: Annotated[int, typer.Option(min=0, max=3, help="Rewrite rounds.")] = 1,
+    max_tokens: Annotated[int, typer.Option(min=16, max=4096, help="Tokens per reply.")] = 320,
     base_url: BaseUrl = None,
     model: Model = None,
     api_key_env: ApiKeyEnv = "MATHMILL_API_KEY",
 ) -> None:
-    """Solve a few GSM8K problems with the embedded model and write them as Parquet."""
-    from mathmill.demo import run_demo_async
-    from mathmill.llm.embedded import resolve_endpoint
+    """Run the synthesize flow with small numbers on the embedded model (no keys, no GPU):
+    topics, problems, chains of thought, code verification in the sandbox, rewrites.
+    """
+    from mathmill.flows.cli import print_result, run_synthesize_config
+    from mathmill.flows.synthesize import SynthesizeConfig
 
-    key = os.environ.get(api_key_env) or None
-    with contextlib.ExitStack() as stack:
-        with console.status("starting the model"):
-            endpoint = stack.enter_context(resolve_endpoint(base_url, model, key))
-        with Progress(console=console, transient=True) as bar:
-            task = bar.add_task(f"solving with {endpoint.label}", total=limit)
-            report = asyncio.run(
-                run_demo_async(
-                    endpoint,
-                    out,
-                    limit=limit,
-                    max_tokens=max_tokens,
-                    on_solved=lambda _attempt: bar.advance(task),
-                )
-            )
-    table = Table(title=f"{len(report.rows)} attempts by {endpoint.label}")
-    for column in ("problem", "model answer", "reference", "verdict", "tokens", "ms"):
-        table.add_column(column)
-    for row in report.rows:
-        verdict = row.verdict.status if row.verdict else (row.error.kind if row.error else "-")
-        table.add_row(
-            row.problem_id[:8],
-            str(row.final_answer)[:30],
-            str(row.verdict.expected if row.verdict else "")[:20],
-            verdict,
-            str(row.usage.total_tokens),
-            f"{row.latency_ms or 0:.0f}",
-        )
-    console.print(table)
-    console.print(_usage_table(report.meter))
-    console.print(f"run directory: {report.run_dir}")
-    console.print(f"  problems: {report.problems.path} ({report.problems.rows} rows)")
-    console.print(f"  attempts: {report.attempts.path} ({report.attempts.rows} rows)")
-    console.print(f"  usage:    {report.run_dir}/usage.md")
-    for skipped in report.skipped:
-        err.print(f"skipped: {skipped.message}")
-    console.print(f"done in {report.seconds:.1f}s")
-
-
-def _usage_table(meter: UsageMeter) -> Table:
-    table = Table(title="LLM usage by stage")
-    table.add_column("stage", no_wrap=True, min_width=12)
-    for column in ("calls", "errors", "retries", "in tok", "out tok", "mean ms"):
-        table.add_column(column, justify="right")
-    table.add_column("USD", justify="right")
-    for name, u in [*meter.stages().items(), ("total", meter.total())]:
-        table.add_row(
-            name,
-            str(u.calls),
-            str(u.errors),
-            str(u.retries),
-            str(u.prompt_tokens),
-            str(u.completion_tokens),
-            f"{u.mean_latency_ms:.0f}",
-            f"{u.cost_usd:.4f}",
-        )
-    return table
+    default: dict[str, object] = {"max_tokens": max_tokens}
+    endpoint = _endpoint(base_url, model, api_key_env)
+    if endpoint is not None:
+        default |= {"base_url": endpoint.base_url, "model": endpoint.model}
+        if os.environ.get(api_key_env):
+            default["api_key_env"] = api_key_env
+    cfg = SynthesizeConfig(
+        out=out,
+        topics=topics,
+        problems_per_topic=problems_per_topic,
+        short_cots=short_cots,
+        rounds=rounds,
+        short_cot_max_tokens=max_tokens,
+        models={"default": default},
+    )
+    console.print(
+        f"synthesize on {endpoint.label if endpoint else 'the embedded model'}: "
+        f"{topics} topics x {problems_per_topic} problems, 1 long + {short_cots} short CoTs, "
+        f"{rounds} rewrite round(s); writing to {out}"
+    )
+    print_result(run_synthesize_config(cfg))
 
 
 def main() -> None:

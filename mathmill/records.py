@@ -23,6 +23,7 @@ __all__ = [
     "Attempt",
     "AttemptKind",
     "Critique",
+    "Dropped",
     "ErrorInfo",
     "ExecStatus",
     "ExecutionResult",
@@ -31,7 +32,9 @@ __all__ = [
     "PromptRef",
     "Record",
     "SamplingParams",
+    "SolutionRow",
     "TokenUsage",
+    "Topic",
     "Turn",
     "Verdict",
     "VerdictStatus",
@@ -51,6 +54,10 @@ VerdictStatus = Literal[
     "incorrect",
     "unvalidated",
     "failed",
+    "no_answer",
+    "no_code",
+    "leak",
+    "llm_error",
 ]
 
 _WS = re.compile(r"\s+")
@@ -134,6 +141,18 @@ class ErrorInfo(Record):
     message: str
     stage: str | None = None
     attempts: int = Field(1, ge=0)
+    status: int | None = Field(None, description="HTTP status, when there was one.")
+
+    @property
+    def transient(self) -> bool:
+        """Whether trying again later may succeed: timeouts, connection errors, 408, 409,
+        429 and 5xx. A 400 (e.g. context too long) or an invalid reply is permanent.
+        """
+        if self.kind in ("timeout", "connection", "bad_response", "sandbox"):
+            return True
+        if self.kind == "status" and self.status is not None:
+            return self.status in (408, 409, 429) or self.status >= 500
+        return False
 
 
 class ExecutionResult(Record):
@@ -169,6 +188,7 @@ class Critique(Record):
     scores: dict[str, float] = Field(default_factory=dict)
     passed: bool | None = None
     model: str | None = None
+    error: ErrorInfo | None = Field(None, description="Why no critique could be had.")
 
 
 class Turn(Record):
@@ -195,6 +215,9 @@ class Problem(Record):
     license: str | None = None
     topic: str | None = None
     domain: str | None = None
+    model: str | None = Field(None, description="The model that wrote it, if generated.")
+    prompt: PromptRef | None = None
+    usage: TokenUsage = Field(default_factory=TokenUsage)
     created_at: UTCDateTime = Field(default_factory=_now)
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
@@ -223,7 +246,20 @@ class Attempt(Record):
     parent_id: str | None = Field(None, description="The attempt this one revises.")
     text: str | None = None
     final_answer: str | None = None
+    draft_code: str | None = Field(
+        None, description="The coder's first code, before the critique (``code`` is final)."
+    )
     code: str | None = None
+    leak_score: float | None = Field(
+        None, ge=0.0, le=1.0, description="How much the code looks hard-coded (0 = computed)."
+    )
+    step_prompts: dict[str, str] = Field(
+        default_factory=dict,
+        description="Template id -> SHA-256 of the prompts of later steps (code, critique).",
+    )
+    step_models: dict[str, str] = Field(
+        default_factory=dict, description="Role -> model of later steps (coder, critic)."
+    )
     execution: ExecutionResult | None = None
     verdict: Verdict | None = None
     critique: Critique | None = None
@@ -268,10 +304,73 @@ class Label(Record):
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
 
 
+class Topic(Record):
+    """A generated topic to write problems about."""
+
+    id: str = ""
+    text: str = Field(min_length=1)
+    domain: str | None = None
+    model: str | None = None
+    prompt: PromptRef | None = None
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id") and data.get("text"):
+            data = {**data, "id": stable_id("topic", normalize_statement(str(data["text"])))}
+        return data
+
+
+class Dropped(Record):
+    """A row a stage did not pass on, kept with its reason (the side output)."""
+
+    stage: str
+    reason: str = Field(description="Short reason, e.g. 'duplicate', 'contains_solution'.")
+    detail: str = ""
+    target_id: str = Field(description="Id of the dropped topic, problem or attempt.")
+    record_type: str
+    record: JsonValue = Field(description="The dropped row itself, as JSON.")
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+
+class SolutionRow(Record):
+    """One row of a synthesized dataset: a problem with one solution, flat, for training.
+
+    Verified rows have ``status == "verified"``; the unverified side output uses the
+    same shape with the failure ``status`` and ``reason`` of the last round.
+    """
+
+    id: str = Field(description="The final attempt's id.")
+    problem_id: str
+    problem: str
+    topic: str | None = None
+    domain: str | None = None
+    cot_type: AttemptKind
+    solution: str
+    final_answer: str | None = None
+    code: str | None = None
+    computed_answer: str | None = None
+    status: VerdictStatus
+    reason: str = ""
+    rounds: int = Field(ge=0, description="Rewrite rounds it took (0 = verified at once).")
+    lineage: list[str] = Field(description="Attempt ids from the first round to this one.")
+    model: str | None = None
+    prompts: dict[str, str] = Field(
+        default_factory=dict, description="Prompt template id -> SHA-256, per step."
+    )
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
         Problem,
+        Topic,
+        Dropped,
+        SolutionRow,
         Attempt,
         Label,
         Verdict,

@@ -20,12 +20,13 @@ under a chunk's name, and hidden temporaries are never listed.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
 import re
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import fsspec
@@ -150,6 +151,27 @@ class RunStore:
         _atomic_write(self, path, data)
         return self._public(path)
 
+    def write_stream(self, relpath: str, parts: Iterable[bytes]) -> str:
+        """Write a large file under the run directory from an iterable of byte strings,
+        without holding it in memory. Readers see the whole file or none of it (a local
+        temporary renamed into place; an S3 multipart upload completed on close).
+        """
+        path = f"{self.root}/{relpath}"
+        if not self.is_local:
+            try:
+                with self.fs.open(path, "wb") as f:
+                    for part in parts:
+                        f.write(part)
+            except Exception as e:  # botocore/aiohttp errors have no common base
+                raise StorageError(f"writing {self._public(path)} failed: {e}") from e
+            return self._public(path)
+        _atomic_write(self, path, parts)
+        return path
+
+    def exists(self, relpath: str) -> bool:
+        """Whether a file exists under the run directory."""
+        return bool(self.fs.exists(f"{self.root}/{relpath}"))
+
     def read_bytes(self, relpath: str) -> bytes:
         """Read a file written with :meth:`write_bytes`."""
         path = f"{self.root}/{relpath}"
@@ -229,6 +251,12 @@ class Dataset:
             nbytes=len(data),
             record_type=_record_type_name(table, self._chunk_path(key)),
         )
+
+    def delete_chunk(self, key: str) -> None:
+        """Remove chunk ``key`` (no error when it does not exist)."""
+        path = self._chunk_path(_check_key(key, "chunk key"))
+        with contextlib.suppress(FileNotFoundError):
+            self.store.fs.rm_file(path)
 
     def refs(self) -> list[ChunkRef]:
         """References of all complete chunks, sorted by key."""
@@ -310,11 +338,11 @@ def _to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _atomic_write(store: RunStore, path: str, data: bytes) -> None:
+def _atomic_write(store: RunStore, path: str, data: bytes | Iterable[bytes]) -> None:
     if not store.is_local:
         # One PUT: S3 makes the object visible only once it is complete.
         try:
-            store.fs.pipe_file(path, data)
+            store.fs.pipe_file(path, data if isinstance(data, bytes) else b"".join(data))
         except Exception as e:  # botocore/aiohttp errors have no common base
             raise StorageError(f"writing {store._public(path)} failed: {e}") from e
         return
@@ -323,7 +351,8 @@ def _atomic_write(store: RunStore, path: str, data: bytes) -> None:
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
         with open(tmp, "wb") as f:
-            f.write(data)
+            for part in [data] if isinstance(data, bytes) else data:
+                f.write(part)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -14,6 +14,7 @@ from mathmill.records import (
     RECORD_TYPES,
     Attempt,
     Critique,
+    Dropped,
     ErrorInfo,
     ExecutionResult,
     Label,
@@ -21,7 +22,9 @@ from mathmill.records import (
     PromptRef,
     Record,
     SamplingParams,
+    SolutionRow,
     TokenUsage,
+    Topic,
     Turn,
     Verdict,
 )
@@ -53,6 +56,9 @@ def full_examples() -> dict[str, Record]:
         license="MIT",
         topic="linear equations",
         domain="algebra",
+        model="generator",
+        prompt=prompt,
+        usage=TokenUsage(prompt_tokens=3, completion_tokens=4),
         created_at=WHEN,
         metadata={"nested": {"list": [1, 2.5, "x", None, True]}, "empty": {}, "unicode": "√π"},
     )
@@ -76,7 +82,11 @@ def full_examples() -> dict[str, Record]:
         parent_id="parent-attempt",
         text="Let me compute. \\boxed{2}",
         final_answer="2",
+        draft_code="print(1+1)",
         code="print(2)",
+        leak_score=0.25,
+        step_prompts={"synth_code": "cd" * 32},
+        step_models={"coder": "c"},
         execution=EXEC,
         verdict=Verdict(status="verified", expected="2", predicted="2", rule="int", reason="same"),
         critique=Critique(
@@ -85,6 +95,7 @@ def full_examples() -> dict[str, Record]:
             scores={"rigor": 0.5, "alignment": 1.0},
             passed=True,
             model="critic",
+            error=ErrorInfo(kind="invalid_json", message="bad", stage="critique", status=None),
         ),
         turns=[
             Turn(role="system", content="sys"),
@@ -93,7 +104,7 @@ def full_examples() -> dict[str, Record]:
         ],
         usage=TokenUsage(prompt_tokens=100, completion_tokens=50),
         latency_ms=12.5,
-        error=ErrorInfo(kind="timeout", message="slow", stage="verify", attempts=3),
+        error=ErrorInfo(kind="status", message="slow", stage="verify", attempts=3, status=503),
         created_at=WHEN,
         metadata={"k": [{"a": 1}]},
     )
@@ -107,8 +118,42 @@ def full_examples() -> dict[str, Record]:
         created_at=WHEN,
         metadata={"models": ["a", "b"]},
     )
+    topic = Topic(text="Modular arithmetic", domain="number theory", model="g", prompt=prompt)
+    dropped = Dropped(
+        stage="problems",
+        reason="duplicate",
+        detail="same as 0123",
+        target_id=problem.id,
+        record_type="Problem",
+        record=problem.model_dump(mode="json"),
+        created_at=WHEN,
+    )
+    row = SolutionRow(
+        id=attempt.id,
+        problem_id=problem.id,
+        problem=problem.statement,
+        topic="t",
+        domain="d",
+        cot_type="long_cot",
+        solution="x=2 \\boxed{2}",
+        final_answer="2",
+        code="print(2)",
+        computed_answer="2",
+        status="verified",
+        reason="same",
+        rounds=1,
+        lineage=["a", "b"],
+        model="m",
+        prompts={"synth_long_cot": "ab" * 32},
+        prompt_tokens=5,
+        completion_tokens=6,
+        created_at=WHEN,
+    )
     examples: dict[str, Record] = {
         "Problem": problem,
+        "Topic": topic,
+        "Dropped": dropped,
+        "SolutionRow": row,
         "Attempt": attempt,
         "Label": label,
         "Verdict": attempt.verdict,  # type: ignore[dict-item]

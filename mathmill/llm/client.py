@@ -31,6 +31,7 @@ from tenacity import (
 )
 
 from mathmill.errors import EndpointError, EndpointTimeout, StructuredOutputError
+from mathmill.llm.cache import CallCache
 from mathmill.llm.config import EndpointConfig, Price
 from mathmill.llm.structured import parse_reply, repair_message, response_format, schema_hint
 from mathmill.llm.usage import UsageMeter
@@ -83,6 +84,7 @@ class ChatResult:
     cost_usd: float = 0.0
     error: ErrorInfo | None = None
     raw: dict[str, Any] | None = None
+    cached: bool = False
 
     @property
     def ok(self) -> bool:
@@ -185,10 +187,15 @@ class LLMClient:
     """
 
     def __init__(
-        self, endpoint: EndpointConfig, meter: UsageMeter, price: Price | None = None
+        self,
+        endpoint: EndpointConfig,
+        meter: UsageMeter,
+        price: Price | None = None,
+        cache: CallCache | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.meter = meter
+        self.cache = cache
         self.price = endpoint.price or price
         # httpcore scans its whole connection pool on every request (a poll syscall
         # per idle connection), so one pool of 256 connections costs far more CPU per
@@ -319,7 +326,9 @@ class LLMClient:
         )
         if raise_on_error:
             raise err
-        info = ErrorInfo(kind=err.kind, message=str(err), stage=stage, attempts=err.attempts)
+        info = ErrorInfo(
+            kind=err.kind, message=str(err), stage=stage, attempts=err.attempts, status=err.status
+        )
         return ChatResult(self.endpoint.model, [], TokenUsage(), latency, err.attempts, error=info)
 
     async def chat(
@@ -330,32 +339,21 @@ class LLMClient:
         sampling: SamplingParams | None = None,
         raise_on_error: bool = True,
         keep_raw: bool = False,
+        cache_salt: str = "",
         **extra: Any,
     ) -> ChatResult:
-        """One chat completion (``sampling.n`` samples). ``extra`` goes into the body."""
+        """One chat completion (``sampling.n`` samples). ``extra`` goes into the body.
+
+        With a call cache on the pool, a request already answered (same body and
+        ``cache_salt``) is replayed from the cache instead of being sent.
+        """
         body = self._body(sampling, extra)
         if sampling is not None and sampling.logprobs:
             body["logprobs"] = True
             if sampling.top_logprobs is not None:
                 body["top_logprobs"] = sampling.top_logprobs
         body["messages"] = list(messages)
-        start = time.perf_counter()
-        try:
-            response, attempts = await self._request("chat", body)
-        except EndpointError as e:
-            return self._failed(stage, start, e, raise_on_error)
-        choices = []
-        for c in response.choices:
-            logprobs = None
-            if c.logprobs is not None and c.logprobs.content is not None:
-                logprobs = [
-                    TokenLogprob(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
-                    for t in c.logprobs.content
-                ]
-            choices.append(Choice(c.index, c.message.content or "", c.finish_reason, logprobs))
-        usage = _usage(response)
-        raw = response.model_dump() if keep_raw else None
-        return self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+        return await self._call("chat", body, stage, raise_on_error, keep_raw, cache_salt)
 
     async def complete(
         self,
@@ -365,6 +363,7 @@ class LLMClient:
         sampling: SamplingParams | None = None,
         raise_on_error: bool = True,
         keep_raw: bool = False,
+        cache_salt: str = "",
         **extra: Any,
     ) -> ChatResult:
         """One text completion (``/v1/completions``); ``sampling.top_logprobs`` sets
@@ -375,25 +374,53 @@ class LLMClient:
         if sampling is not None and sampling.logprobs:
             body["logprobs"] = sampling.top_logprobs or 1
         body["prompt"] = prompt
+        return await self._call("completions", body, stage, raise_on_error, keep_raw, cache_salt)
+
+    async def _call(
+        self,
+        kind: str,
+        body: dict[str, Any],
+        stage: str,
+        raise_on_error: bool,
+        keep_raw: bool,
+        cache_salt: str,
+    ) -> ChatResult:
         start = time.perf_counter()
+        key = None
+        if self.cache is not None and not keep_raw:
+            where = self.endpoint.cache_id or self.endpoint.base_url
+            key = self.cache.key(kind, where, body, salt=cache_salt)
+            if (hit := self.cache.get(key)) is not None:
+                return self._replay(stage, start, hit)
+        body["extra_headers"] = {"X-Mathmill-Stage": stage}
         try:
-            response, attempts = await self._request("completions", body)
+            response, attempts = await self._request(kind, body)
         except EndpointError as e:
             return self._failed(stage, start, e, raise_on_error)
-        choices = []
-        for c in response.choices:
-            logprobs = None
-            lp = c.logprobs
-            if lp is not None and lp.tokens is not None and lp.token_logprobs is not None:
-                tops = lp.top_logprobs or [{} for _ in lp.tokens]
-                logprobs = [
-                    TokenLogprob(tok, val if val is not None else float("nan"), dict(top or {}))
-                    for tok, val, top in zip(lp.tokens, lp.token_logprobs, tops, strict=False)
-                ]
-            choices.append(Choice(c.index, c.text, c.finish_reason, logprobs))
+        choices = _chat_choices(response) if kind == "chat" else _completion_choices(response)
         usage = _usage(response)
         raw = response.model_dump() if keep_raw else None
-        return self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+        result = self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+        if key is not None and self.cache is not None:
+            self.cache.put(key, _to_cached(result))
+        return result
+
+    def _replay(self, stage: str, start: float, hit: dict[str, Any]) -> ChatResult:
+        choices = [
+            Choice(
+                c["index"],
+                c["text"],
+                c["finish_reason"],
+                None
+                if c["logprobs"] is None
+                else [TokenLogprob(t, lp, top) for t, lp, top in c["logprobs"]],
+            )
+            for c in hit["choices"]
+        ]
+        usage = TokenUsage(**hit["usage"])
+        self.meter.record(stage, model=hit["model"], cached=True)
+        latency = (time.perf_counter() - start) * 1000.0
+        return ChatResult(hit["model"], choices, usage, latency, 0, cached=True)
 
     async def structured(
         self,
@@ -463,6 +490,52 @@ def _merge_into(second: ChatResult, first: ChatResult) -> None:
     second.attempts += first.attempts
 
 
+def _chat_choices(response: Any) -> list[Choice]:
+    choices = []
+    for c in response.choices:
+        logprobs = None
+        if c.logprobs is not None and c.logprobs.content is not None:
+            logprobs = [
+                TokenLogprob(t.token, t.logprob, {a.token: a.logprob for a in t.top_logprobs})
+                for t in c.logprobs.content
+            ]
+        choices.append(Choice(c.index, c.message.content or "", c.finish_reason, logprobs))
+    return choices
+
+
+def _completion_choices(response: Any) -> list[Choice]:
+    choices = []
+    for c in response.choices:
+        logprobs = None
+        lp = c.logprobs
+        if lp is not None and lp.tokens is not None and lp.token_logprobs is not None:
+            tops = lp.top_logprobs or [{} for _ in lp.tokens]
+            logprobs = [
+                TokenLogprob(tok, val if val is not None else float("nan"), dict(top or {}))
+                for tok, val, top in zip(lp.tokens, lp.token_logprobs, tops, strict=False)
+            ]
+        choices.append(Choice(c.index, c.text, c.finish_reason, logprobs))
+    return choices
+
+
+def _to_cached(result: ChatResult) -> dict[str, Any]:
+    return {
+        "model": result.model,
+        "usage": result.usage.model_dump(),
+        "choices": [
+            {
+                "index": c.index,
+                "text": c.text,
+                "finish_reason": c.finish_reason,
+                "logprobs": None
+                if c.logprobs is None
+                else [[t.token, t.logprob, t.top] for t in c.logprobs],
+            }
+            for c in result.choices
+        ],
+    }
+
+
 def _usage(response: Any) -> TokenUsage:
     u = getattr(response, "usage", None)
     if u is None:
@@ -476,18 +549,20 @@ class LLMPool:
     """Clients by endpoint, sharing one :class:`UsageMeter` for the run.
 
     Roles that point at the same endpoint (same base URL and key) share one client
-    and so one concurrency limit.
+    and so one concurrency limit. With a :class:`~mathmill.llm.cache.CallCache`,
+    finished calls are stored and replayed instead of being paid for again.
     """
 
-    def __init__(self, meter: UsageMeter | None = None) -> None:
+    def __init__(self, meter: UsageMeter | None = None, cache: CallCache | None = None) -> None:
         self.meter = meter or UsageMeter()
+        self.cache = cache
         self._clients: dict[str, LLMClient] = {}
 
     def client(self, endpoint: EndpointConfig) -> LLMClient:
         """The client for ``endpoint`` (created on first use)."""
         key = f"{endpoint.pool_key()}|{endpoint.model}|{endpoint.max_concurrency}"
         if key not in self._clients:
-            self._clients[key] = LLMClient(endpoint, self.meter)
+            self._clients[key] = LLMClient(endpoint, self.meter, cache=self.cache)
         return self._clients[key]
 
     async def aclose(self) -> None:

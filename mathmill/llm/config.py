@@ -63,11 +63,23 @@ class EndpointConfig(BaseModel):
         description="Extra JSON fields sent with every request (e.g. vLLM's top_k).",
     )
     name: str | None = Field(None, description="Label shown in reports; defaults to the model.")
+    cache_id: str | None = Field(
+        None,
+        description="Identity of the server in the LLM call cache; defaults to the base URL "
+        "(set it when the same server comes back on another address).",
+    )
 
     @property
     def label(self) -> str:
         """A short name for reports."""
         return self.name or self.model
+
+    @property
+    def identity(self) -> str:
+        """Which server and model answer: ``cache_id`` (or the base URL) and the model.
+        Part of cache keys; holds no secret.
+        """
+        return f"{self.cache_id or self.base_url.rstrip('/')}|{self.model}"
 
     def pool_key(self) -> str:
         """Identity of the endpoint for sharing one concurrency limit (key hashed)."""

@@ -139,6 +139,8 @@ class EmbeddedModel:
             structured_mode="json_object",
             price=Price(),
             name="embedded",
+            # the port changes per start; the call cache keys on the model file instead
+            cache_id=f"embedded:{gguf.name}:ctx{self.n_ctx}",
         )
         return self.endpoint
 

@@ -13,6 +13,7 @@ class StageUsage:
     """Totals for one stage (or for the whole run)."""
 
     calls: int = 0
+    cached: int = 0
     errors: int = 0
     retries: int = 0
     prompt_tokens: int = 0
@@ -24,6 +25,7 @@ class StageUsage:
     def add(self, other: StageUsage) -> None:
         """Add another stage's totals into this one."""
         self.calls += other.calls
+        self.cached += other.cached
         self.errors += other.errors
         self.retries += other.retries
         self.prompt_tokens += other.prompt_tokens
@@ -62,10 +64,17 @@ class UsageMeter:
         cost_usd: float = 0.0,
         retries: int = 0,
         error: bool = False,
+        cached: bool = False,
     ) -> None:
-        """Add one call's figures to ``stage``."""
+        """Add one call's figures to ``stage``. A ``cached`` call (replayed from the call
+        cache, not sent) counts only as cached: its tokens and cost were paid before.
+        """
         with self._lock:
             s = self._stages.setdefault(stage, StageUsage())
+            if cached:
+                s.cached += 1
+                s.models.add(model)
+                return
             s.calls += 1
             s.errors += int(error)
             s.retries += retries
@@ -93,17 +102,36 @@ class UsageMeter:
             with self._lock:
                 self._stages.setdefault(name, StageUsage()).add(s)
 
+    def summary(self) -> dict[str, dict[str, float]]:
+        """Per-stage figures and ``total`` as plain numbers (for results and JSON)."""
+        rows = [*self.stages().items(), ("total", self.total())]
+        return {
+            name: {
+                "calls": s.calls,
+                "cached": s.cached,
+                "errors": s.errors,
+                "retries": s.retries,
+                "prompt_tokens": s.prompt_tokens,
+                "completion_tokens": s.completion_tokens,
+                "mean_latency_ms": round(s.mean_latency_ms, 1),
+                "cost_usd": s.cost_usd,
+            }
+            for name, s in rows
+        }
+
     def to_markdown(self) -> str:
         """A markdown table of the stages and the total (for Prefect artifacts)."""
         header = (
-            "| stage | calls | errors | retries | prompt tok | completion tok | mean ms | USD |"
+            "| stage | calls | cached | errors | retries | prompt tok | completion tok "
+            "| mean ms | USD |"
         )
-        lines = [header, "|" + "---|" * 8]
+        lines = [header, "|" + "---|" * 9]
         rows = [*self.stages().items(), ("**total**", self.total())]
         for name, s in rows:
             lines.append(
-                f"| {name} | {s.calls} | {s.errors} | {s.retries} | {s.prompt_tokens} | "
-                f"{s.completion_tokens} | {s.mean_latency_ms:.0f} | {s.cost_usd:.4f} |"
+                f"| {name} | {s.calls} | {s.cached} | {s.errors} | {s.retries} | "
+                f"{s.prompt_tokens} | {s.completion_tokens} | "
+                f"{s.mean_latency_ms:.0f} | {s.cost_usd:.4f} |"
             )
         return "\n".join(lines)
 

@@ -4,9 +4,9 @@ A template's id is its file name without extension; its SHA-256 is recorded on
 every row it produced (:class:`~mathmill.records.PromptRef`), so a changed prompt
 is visible in the data and invalidates cached results.
 
->>> p = load_prompt("demo_solve")
+>>> p = load_prompt("synth_long_cot")
 >>> p.ref.template_id, len(p.ref.sha256)
-('demo_solve', 64)
+('synth_long_cot', 64)
 """
 
 from __future__ import annotations

@@ -1,0 +1,173 @@
+"""``mathmill run ...``: run a pipeline flow from the command line, then print where
+its dataset and report are and a summary table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from mathmill.errors import ConfigError
+from mathmill.tasks.export import count_rows
+
+__all__ = ["load_config_file", "run_app", "run_synthesize_config", "validation_message"]
+
+run_app = typer.Typer(help="Run a pipeline (a Prefect flow).", no_args_is_help=True)
+console = Console(soft_wrap=True)
+if not console.is_terminal:  # piped or in CI: 80 columns would cut the tables
+    console.width = 120
+
+
+def validation_message(error: ValidationError, what: str) -> str:
+    """One line naming each bad field: ``topics: Input should be ...``."""
+    parts = []
+    for e in error.errors():
+        where = ".".join(str(p) for p in e["loc"]) or "(config)"
+        parts.append(f"{where}: {e['msg']}")
+    return f"invalid {what}: " + "; ".join(parts)
+
+
+def load_config_file(path: Path | None) -> dict[str, Any]:
+    """A JSON or YAML file of flow parameters (empty when no file)."""
+    if path is None:
+        return {}
+    try:
+        text = path.read_text("utf-8")
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            import yaml
+
+            data = yaml.safe_load(text)
+        else:
+            data = json.loads(text)
+    except Exception as e:  # json and yaml raise different errors
+        raise ConfigError(f"config file {path} does not parse: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of parameters")
+    return data
+
+
+def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
+    if value is None:
+        return
+    *parents, leaf = dotted.split(".")
+    node = data
+    for p in parents:
+        node = node.setdefault(p, {})
+    node[leaf] = value
+
+
+def run_synthesize_config(cfg: Any) -> Any:
+    """Run the synthesize flow for a validated config; returns its result."""
+    from mathmill.flows.synthesize import synthesize
+
+    return asyncio.run(synthesize(config=cfg))
+
+
+def print_result(result: Any) -> None:
+    """The counts table, the outputs and the verified/unverified totals."""
+    table = Table(title="rows by stage and outcome")
+    for column in ("stage", "outcome", "rows"):
+        table.add_column(column, justify="right" if column == "rows" else "left")
+    for row in count_rows(result.counts):
+        table.add_row(str(row["stage"]), str(row["outcome"]), str(row["rows"]))
+    console.print(table)
+    console.print(usage_table(result.usage))
+    console.print(f"run directory: {result.out}")
+    for name, path in result.outputs.items():
+        console.print(f"  {name:16} {path}", markup=False, highlight=False)
+    console.print(
+        f"{result.verified} verified and {result.unverified} unverified rows "
+        f"in {result.wall_s:.1f}s"
+    )
+
+
+def usage_table(usage: dict[str, dict[str, float]]) -> Table:
+    """LLM usage by stage as a rich table (cached = replayed from the call cache)."""
+    table = Table(title="LLM usage by stage")
+    table.add_column("stage", no_wrap=True)
+    columns = ("calls", "cached", "errors", "retries", "prompt_tokens", "completion_tokens")
+    for title in ("calls", "cached", "err", "retry", "in tok", "out tok", "ms", "USD"):
+        table.add_column(title, justify="right", no_wrap=True)
+    for name, u in usage.items():
+        cells = [str(int(u[c])) for c in columns]
+        table.add_row(name, *cells, f"{u['mean_latency_ms']:.0f}", f"{u['cost_usd']:.4f}")
+    return table
+
+
+Opt = typer.Option
+
+
+@run_app.command("synthesize")
+def synthesize_command(
+    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
+    topics: Annotated[int | None, Opt(help="Unique topics to generate.")] = None,
+    problems_per_topic: Annotated[int | None, Opt(help="Problems per topic.")] = None,
+    short_cots: Annotated[int | None, Opt(help="Short CoTs per problem.")] = None,
+    rounds: Annotated[int | None, Opt(help="Feedback-rewrite rounds.")] = None,
+    domains: Annotated[str | None, Opt(help="Comma-separated domains.")] = None,
+    chunk_size: Annotated[int | None, Opt(help="Problems per chunk (task).")] = None,
+    concurrency: Annotated[int | None, Opt(help="Rows in flight per chunk.")] = None,
+    limit: Annotated[int | None, Opt(help="Solve at most this many problems.")] = None,
+    seed: Annotated[int | None, Opt(help="Base seed.")] = None,
+    base_url: Annotated[str | None, Opt(help="Default endpoint for every role.")] = None,
+    model: Annotated[str | None, Opt(help="Default model for every role.")] = None,
+    api_key_env: Annotated[
+        str | None, Opt(help="Env var holding the API key (never the key itself).")
+    ] = None,
+    max_tokens: Annotated[int | None, Opt(help="Max tokens per reply, every role.")] = None,
+    max_concurrency: Annotated[int | None, Opt(help="Requests in flight per endpoint.")] = None,
+    sandbox_url: Annotated[str | None, Opt(help="Use a sandbox server at this URL.")] = None,
+    sandbox_timeout: Annotated[float | None, Opt(help="Seconds per code run.")] = None,
+    storage_endpoint_url: Annotated[str | None, Opt(help="S3-compatible endpoint.")] = None,
+    config: Annotated[
+        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
+    ] = None,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Validate and print the plan.")] = False,
+) -> None:
+    """Generate problems and chains of thought, verify them by code, write the dataset."""
+    from mathmill.flows.synthesize import SynthesizeConfig, plan
+
+    data = load_config_file(config)
+    values = {
+        "out": out,
+        "topics": topics,
+        "problems_per_topic": problems_per_topic,
+        "short_cots": short_cots,
+        "rounds": rounds,
+        "domains": [d.strip() for d in domains.split(",") if d.strip()] if domains else None,
+        "chunk_size": chunk_size,
+        "concurrency": concurrency,
+        "limit": limit,
+        "seed": seed,
+        "storage_endpoint_url": storage_endpoint_url,
+        "models.default.base_url": base_url,
+        "models.default.model": model,
+        "models.default.api_key_env": api_key_env,
+        "models.default.max_tokens": max_tokens,
+        "models.default.max_concurrency": max_concurrency,
+        "sandbox.url": sandbox_url,
+        "sandbox.backend": "http" if sandbox_url else None,
+        "sandbox.timeout_s": sandbox_timeout,
+        "dry_run": dry_run or None,
+    }
+    for key, value in values.items():
+        _set(data, key, value)
+    try:
+        cfg = SynthesizeConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "synthesize parameters")) from None
+    if cfg.dry_run:
+        console.print_json(plan(cfg).model_dump_json())
+        console.print("dry run: nothing was called")
+        return
+    print_result(run_synthesize_config(cfg))

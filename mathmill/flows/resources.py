@@ -1,0 +1,85 @@
+"""Opening a flow run's resources: run directory, call cache, LLM endpoints per role
+(the embedded model when a role has no endpoint), and the sandbox.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
+
+from mathmill.errors import ConfigError
+from mathmill.flows.options import ModelRole, SandboxOptions, resolve_role
+from mathmill.llm.cache import CallCache
+from mathmill.llm.client import LLMPool
+from mathmill.llm.config import EndpointConfig
+from mathmill.sandbox.http import HTTPSandbox
+from mathmill.sandbox.local import LocalSandbox
+from mathmill.sandbox.protocol import Sandbox
+from mathmill.storage import RunStore, StorageConfig
+from mathmill.tasks.runtime import Runtime
+
+__all__ = ["call_cache_path", "open_runtime"]
+
+log = logging.getLogger("mathmill.flows")
+
+
+def call_cache_path(store: RunStore) -> str:
+    """Where a run's LLM call cache lives: inside a local run directory; for object
+    storage, under ``$MATHMILL_CACHE_DIR`` (default ``~/.cache/mathmill``) by run URL.
+    """
+    if store.is_local:
+        return os.path.join(store.root, ".cache", "llm-calls.sqlite")
+    base = os.environ.get("MATHMILL_CACHE_DIR") or os.path.join(Path.home(), ".cache", "mathmill")
+    digest = hashlib.sha256(store.url.encode()).hexdigest()[:16]
+    return os.path.join(base, "calls", f"{digest}.sqlite")
+
+
+def _sandbox(options: SandboxOptions) -> Sandbox:
+    if options.backend == "http":
+        if not options.url:
+            raise ConfigError("sandbox.url: required with backend 'http'")
+        return HTTPSandbox(options.url, timeout_s=options.timeout_s)
+    return LocalSandbox(workers=options.workers, limits=options.limits)
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    storage: StorageConfig,
+    roles: Mapping[str, ModelRole],
+    *,
+    sandbox: SandboxOptions | None,
+    row_concurrency: int,
+) -> AsyncIterator[Runtime]:
+    """Everything a run needs, closed (embedded model stopped, sandbox shut down) on exit.
+
+    ``roles`` are already merged with the default role; those without a base URL share
+    one embedded model, started only if needed.
+    """
+    from mathmill.llm.embedded import EmbeddedModel
+
+    store = RunStore(storage)
+    cache = CallCache(call_cache_path(store))
+    async with contextlib.AsyncExitStack() as stack:
+        stack.callback(cache.close)
+        embedded: EndpointConfig | None = None
+        if any(role.base_url is None for role in roles.values()):
+            log.info("starting the embedded model (no endpoint configured)")
+            embedded = stack.enter_context(EmbeddedModel())
+        endpoints = {name: resolve_role(role, name, embedded) for name, role in roles.items()}
+        pool = LLMPool(cache=cache)
+        stack.push_async_callback(pool.aclose)
+        box: Sandbox | None = None
+        if sandbox is not None:
+            box = _sandbox(sandbox)
+            stack.push_async_callback(box.close)
+        yield Runtime(
+            store=store,
+            pool=pool,
+            endpoints=endpoints,
+            sandbox=box,
+            row_concurrency=row_concurrency,
+        )

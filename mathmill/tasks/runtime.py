@@ -1,0 +1,256 @@
+"""The machinery every chunked stage shares: the run's resources, chunk specs with
+their cache keys, idempotent chunk output, bounded row concurrency, drop records.
+
+A stage is a plain async function over a chunk of rows. :func:`run_chunk` wraps it:
+it skips a chunk whose output is already complete in the run directory, writes the
+output datasets, then a small completion manifest (last, so a chunk is done only
+once everything it wrote is there), and returns a :class:`StageOutput` reference.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import hashlib
+import json
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mathmill import __version__
+from mathmill.errors import ConfigError, MathmillError
+from mathmill.llm.client import LLMClient, LLMPool
+from mathmill.llm.config import EndpointConfig
+from mathmill.prompts import load_prompt
+from mathmill.records import Dropped, ErrorInfo, Record
+from mathmill.sandbox.protocol import Sandbox
+from mathmill.storage import ChunkRef, RunStore
+
+__all__ = [
+    "ChunkSpec",
+    "IncompleteChunk",
+    "Runtime",
+    "StageOutput",
+    "chunk_cache_key",
+    "code_version",
+    "current_runtime",
+    "drop",
+    "fingerprint",
+    "map_rows",
+    "prompt_hashes",
+    "raise_if_transient",
+    "run_chunk",
+    "use_runtime",
+]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class IncompleteChunk(MathmillError):
+    """Some rows of a chunk hit a transient failure (endpoint down, timeout, sandbox
+    gone). The chunk is not marked done; its finished LLM calls are in the call
+    cache, so a re-run redoes only what failed.
+    """
+
+
+@dataclass
+class Runtime:
+    """What a run's stages share: the run directory, LLM clients by role, the sandbox."""
+
+    store: RunStore
+    pool: LLMPool
+    endpoints: dict[str, EndpointConfig]
+    sandbox: Sandbox | None = None
+    row_concurrency: int = 64
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def client(self, role: str) -> LLMClient:
+        """The LLM client of ``role`` (generator, reasoner, coder, critic, rewriter)."""
+        try:
+            return self.pool.client(self.endpoints[role])
+        except KeyError as e:
+            raise ConfigError(f"no endpoint configured for role {role!r}") from e
+
+    def require_sandbox(self) -> Sandbox:
+        """The sandbox; a stage that runs code cannot go on without one."""
+        if self.sandbox is None:
+            raise ConfigError("this stage runs code but the run has no sandbox")
+        return self.sandbox
+
+
+_RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("mathmill_runtime")
+
+
+def current_runtime() -> Runtime:
+    """The runtime of the flow run this task belongs to."""
+    try:
+        return _RUNTIME.get()
+    except LookupError as e:
+        raise MathmillError("no mathmill runtime: call stage tasks inside a mathmill flow") from e
+
+
+@contextlib.contextmanager
+def use_runtime(runtime: Runtime) -> Iterator[Runtime]:
+    """Make ``runtime`` current for this flow run (and the tasks it awaits)."""
+    token = _RUNTIME.set(runtime)
+    try:
+        yield runtime
+    finally:
+        _RUNTIME.reset(token)
+
+
+def fingerprint(value: Any) -> str:
+    """SHA-256 of a canonical JSON form of ``value`` (pydantic models included)."""
+    if isinstance(value, BaseModel):
+        value = value.model_dump(mode="json")
+    text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def code_version(*modules: str) -> str:
+    """SHA-256 over the source files of ``modules`` and the mathmill version: a stage's
+    cache key changes when its code does.
+    """
+    digest = hashlib.sha256(__version__.encode())
+    for name in modules:
+        file = getattr(import_module(name), "__file__", None)
+        if file:
+            digest.update(Path(file).read_bytes())
+    return digest.hexdigest()
+
+
+def prompt_hashes(*template_ids: str) -> dict[str, str]:
+    """Template id -> SHA-256 of its file."""
+    return {t: load_prompt(t).ref.sha256 for t in template_ids}
+
+
+class ChunkSpec(BaseModel):
+    """Everything that determines one chunk's output; its hash is the cache key."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: str
+    index: int = Field(ge=0)
+    inputs: list[ChunkRef] = Field(default_factory=list)
+    config: dict[str, Any] = Field(default_factory=dict)
+    prompts: dict[str, str] = Field(default_factory=dict)
+    code: str = ""
+    store_url: str
+
+    def cache_key(self) -> str:
+        """Input chunks' content hashes, stage config, prompt hashes, stage code, run dir."""
+        return fingerprint(
+            {
+                "stage": self.stage,
+                "index": self.index,
+                "inputs": [ref.sha256 for ref in self.inputs],
+                "config": self.config,
+                "prompts": self.prompts,
+                "code": self.code,
+                "store": self.store_url,
+            }
+        )
+
+    @property
+    def key(self) -> str:
+        """The output chunk key: the index (for order) and a short cache key."""
+        return f"{self.index:05d}-{self.cache_key()[:16]}"
+
+
+class StageOutput(BaseModel):
+    """A finished chunk: the chunks it wrote, by dataset, and its counts by outcome."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    key: str
+    refs: dict[str, ChunkRef] = Field(default_factory=dict)
+    counts: dict[str, int] = Field(default_factory=dict)
+    reused: bool = Field(False, description="Found complete in the run directory.")
+
+
+def _manifest_path(spec: ChunkSpec) -> str:
+    return f".stages/{spec.stage}/{spec.key}.json"
+
+
+def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn`` for tasks whose first parameter is ``spec``."""
+    spec = parameters["spec"]
+    assert isinstance(spec, ChunkSpec)
+    return f"mathmill-{spec.stage}-{spec.cache_key()}"
+
+
+async def run_chunk(
+    spec: ChunkSpec,
+    compute: Callable[[], Awaitable[tuple[dict[str, Sequence[Record]], Counter[str]]]],
+) -> StageOutput:
+    """Run one chunk of a stage once: reuse its output if complete, else compute,
+    write every output dataset (``dropped`` included) and the completion manifest.
+    """
+    store = current_runtime().store
+    manifest = _manifest_path(spec)
+    if store.exists(manifest):
+        done = StageOutput.model_validate_json(store.read_bytes(manifest))
+        return done.model_copy(update={"reused": True})
+    outputs, counts = await compute()
+    refs = {}
+    for name, rows in outputs.items():
+        # "problems/00003": the 4th chunk of dataset "problems" written by this chunk
+        dataset, _, part = name.partition("/")
+        if rows:
+            key = f"{spec.stage}-{spec.key}" + (f"-{part}" if part else "")
+            refs[name] = store.dataset(dataset).write_chunk(key, rows)
+    out = StageOutput(stage=spec.stage, key=spec.key, refs=refs, counts=dict(counts))
+    store.write_bytes(manifest, out.model_dump_json(indent=1).encode())
+    return out
+
+
+async def map_rows(
+    items: Iterable[T], fn: Callable[[T], Awaitable[R]], concurrency: int
+) -> list[R]:
+    """``fn`` over ``items`` with at most ``concurrency`` in flight; results in order.
+
+    Every row runs to its end even when another fails: the first exception is raised
+    only after all rows are done, so finished work reaches the call cache.
+    """
+    sem = asyncio.Semaphore(concurrency)
+
+    async def one(item: T) -> R:
+        async with sem:
+            return await fn(item)
+
+    results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
+    for r in results:
+        if isinstance(r, BaseException):
+            raise r
+    return results  # type: ignore[return-value]
+
+
+def drop(stage: str, reason: str, row: Record, target_id: str, detail: str = "") -> Dropped:
+    """A side-output record for ``row``, which ``stage`` did not pass on."""
+    return Dropped(
+        stage=stage,
+        reason=reason,
+        detail=detail,
+        target_id=target_id,
+        record_type=type(row).__name__,
+        record=row.model_dump(mode="json"),
+    )
+
+
+def raise_if_transient(stage: str, key: str, errors: Sequence[ErrorInfo], total: int) -> None:
+    """Raise :class:`IncompleteChunk` when any row failed for a reason worth retrying."""
+    transient = [e for e in errors if e.transient]
+    if transient:
+        first = transient[0]
+        raise IncompleteChunk(
+            f"stage {stage}, chunk {key}: {len(transient)} of {total} rows failed "
+            f"({first.kind}: {first.message}); finished calls are cached, re-run to resume"
+        )
