@@ -1,9 +1,12 @@
-"""Shared fixtures: a fake OpenAI-compatible server and a loopback S3 server (moto)."""
+"""Shared fixtures: a fake OpenAI-compatible server, a loopback S3 server (moto) and a
+real Prefect server."""
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from pydantic import SecretStr
@@ -64,3 +67,31 @@ def store(request: pytest.FixtureRequest, tmp_path: object) -> RunStore:
     if request.param == "local":
         return RunStore(str(tmp_path))
     return request.getfixturevalue("s3_store")  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A real Prefect server for the session (the test harness: a temporary SQLite
+    database), with task results in a temporary directory. Yields the environment a
+    subprocess needs to use the same server.
+    """
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_RESULTS_LOCAL_STORAGE_PATH,
+        PREFECT_SERVER_ANALYTICS_ENABLED,
+        temporary_settings,
+    )
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = tmp_path_factory.mktemp("prefect-results")
+    with (
+        temporary_settings({PREFECT_SERVER_ANALYTICS_ENABLED: False}),
+        prefect_test_harness(server_startup_timeout=90),
+        temporary_settings({PREFECT_RESULTS_LOCAL_STORAGE_PATH: Path(results)}),
+    ):
+        yield {
+            "PREFECT_API_URL": str(PREFECT_API_URL.value()),
+            "PREFECT_RESULTS_LOCAL_STORAGE_PATH": str(results),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PATH": os.environ.get("PATH", ""),
+        }

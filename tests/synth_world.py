@@ -52,6 +52,7 @@ class SynthWorld:
     kinds: tuple[str, ...] = KINDS
     served: Counter[str] = field(default_factory=Counter)
     paused: threading.Event = field(default_factory=threading.Event)
+    failing: set[str] = field(default_factory=set)
     answered: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -59,6 +60,8 @@ class SynthWorld:
         if self.paused.is_set():
             return Fault.hang(120.0)  # in flight when the test kills the client
         stage = request.headers.get("x-mathmill-stage", "")
+        if stage in self.failing:
+            return Fault.status(503)  # the endpoint is down for this stage
         body = request.body or {}
         text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         response = self._answer(stage, text, int(body.get("seed") or 0))

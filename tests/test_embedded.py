@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,20 +14,22 @@ import pytest
 from mathmill.errors import EmbeddedModelError
 from mathmill.llm import LLMPool
 from mathmill.llm.embedded import EMBEDDED_MODEL, EmbeddedModel, find_gguf, resolve_endpoint
-from mathmill.records import SamplingParams
+from mathmill.records import Attempt, Problem, SamplingParams, SolutionRow
 from mathmill.storage import RunStore
 
 pytestmark = pytest.mark.slow
 
 
-def cli(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MATHMILL_", "OPENAI_"))}
+def cli(
+    *args: str, timeout: float = 900, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MATHMILL_", "OPENAI_"))}
     return subprocess.run(
         [sys.executable, "-m", "mathmill", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=env,
+        env=clean | (env or {}),
     )
 
 
@@ -83,22 +86,44 @@ def test_endpoint_check_against_embedded_model() -> None:
     assert "structured output  yes: json_object" in out.stdout
 
 
-def test_demo_on_embedded_model_writes_a_readable_run(tmp_path: Path) -> None:
-    out = cli("demo", "--out", str(tmp_path), "--limit", "2", "--max-tokens", "96")
-    assert out.returncode == 0, out.stderr
-    (run_dir,) = list(tmp_path.iterdir())
+def test_demo_runs_synthesize_on_the_embedded_model(
+    tmp_path: Path, prefect_api: dict[str, str]
+) -> None:
+    """The tiny model's solutions mostly fail; each must fail for the reason it has."""
+    run_dir = tmp_path / "demo"
+    out = cli("demo", "--out", str(run_dir), "--max-tokens", "160", env=prefect_api)
+    assert out.returncode == 0, out.stderr[-3000:]
     store = RunStore(str(run_dir))
-    assert store.datasets() == ["attempts", "problems"]
-    attempts = store.dataset("attempts").read_all()
-    problems = {p.id: p for p in store.dataset("problems").read_all()}
-    assert len(attempts) == 2
-    assert len(problems) == 2
-    for attempt in attempts:
-        assert attempt.problem_id in problems
-        assert attempt.model == EMBEDDED_MODEL
-        assert attempt.text
-        assert attempt.usage.completion_tokens > 0
-        assert attempt.prompt is not None
-        assert attempt.verdict is not None or attempt.error is not None
-    assert "LLM usage" in out.stdout
-    assert str(run_dir) in out.stdout
+    problems = store.dataset("problems").read_all(Problem)
+    attempts = store.dataset("attempts").read_all(Attempt)
+    rows = [
+        *store.dataset("verified").read_all(SolutionRow),
+        *store.dataset("unverified").read_all(SolutionRow),
+    ]
+    assert problems, "the embedded model wrote no problem"
+    assert len(rows) == 2 * len(problems)  # one long and one short CoT each
+    by_id = {a.id: a for a in attempts}
+    for row in rows:
+        last = by_id[row.lineage[-1]]
+        assert last.model == EMBEDDED_MODEL
+        assert last.verdict is not None and last.verdict.status == row.status
+        if row.status == "no_answer":
+            assert last.final_answer is None and "\\boxed" not in (last.text or "")
+        elif row.status == "no_code":
+            assert last.code is None and last.draft_code is None
+        elif row.status in ("wrong_answer", "verified", "leak"):
+            assert last.execution is not None and last.execution.status == "ok"
+            assert row.computed_answer is not None
+        elif row.status in ("error", "timeout", "no_output"):
+            assert last.execution is not None and last.code
+        else:
+            assert row.status == "llm_error" and last.error is not None
+    report = (run_dir / "report.md").read_text()
+    assert "## Rows by stage and outcome" in report
+    assert f"run directory: {run_dir}" in out.stdout
+    assert "report.md" in out.stdout
+    again = cli("demo", "--out", str(run_dir), "--max-tokens", "160", env=prefect_api)
+    assert again.returncode == 0, again.stderr[-3000:]
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    stages = manifest["result"]["stages"]
+    assert all(s["reused"] == s["chunks"] for s in stages.values())  # resumed, not redone

@@ -14,12 +14,12 @@ LLM calls are kept in a call cache. Re-running the same command resumes.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
-from collections import Counter
 from collections.abc import Awaitable
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, get_run_logger
 from prefect.artifacts import (
     acreate_markdown_artifact,
     acreate_progress_artifact,
@@ -30,8 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions
+from mathmill.flows.progress import Tracker
 from mathmill.flows.resources import open_runtime
-from mathmill.records import Attempt, Problem, SamplingParams, Topic
+from mathmill.records import SamplingParams
 from mathmill.storage import ChunkRef, StorageConfig
 from mathmill.tasks.export import (
     count_rows,
@@ -40,30 +41,33 @@ from mathmill.tasks.export import (
     remove_stale_chunks,
     report_markdown,
 )
-from mathmill.tasks.generate import (
-    CotConfig,
-    ProblemsConfig,
-    TopicsConfig,
-    dedup_problems,
-    generate_cots,
-    generate_problems,
-    generate_topics,
-)
+from mathmill.tasks.generate import CotConfig, ProblemsConfig, TopicsConfig
 from mathmill.tasks.runtime import (
     ChunkSpec,
     Runtime,
     StageOutput,
-    chunk_cache_key,
     code_version,
-    current_runtime,
     prompt_hashes,
-    raise_if_transient,
-    run_chunk,
     use_runtime,
 )
-from mathmill.tasks.verify import VerifyConfig, verify_chunk
+from mathmill.tasks.synthesize import (
+    cots_task,
+    dedup_task,
+    problems_task,
+    topics_task,
+    verify_task,
+)
+from mathmill.tasks.verify import VerifyConfig
 
-__all__ = ["Models", "SynthesizeConfig", "SynthesizeResult", "plan", "synthesize"]
+__all__ = [
+    "IncompleteRun",
+    "Models",
+    "SynthesizeConfig",
+    "SynthesizeResult",
+    "plan",
+    "run_synthesize",
+    "synthesize",
+]
 
 DEFAULT_DOMAINS = ["algebra", "number theory", "combinatorics", "geometry", "probability"]
 ROLES = ("generator", "reasoner", "coder", "critic", "rewriter")
@@ -167,6 +171,9 @@ class SynthesizeResult(BaseModel):
         default_factory=dict, description="LLM calls, cached calls, tokens, cost by stage."
     )
     outputs: dict[str, str] = Field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per stage: chunks, chunks reused, busy seconds."
+    )
     wall_s: float = 0.0
 
 
@@ -247,6 +254,20 @@ _VERIFY = (
 )
 
 
+_STAGE_DEPS: dict[str, tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]] = {
+    # stage: (roles it calls, prompt templates, modules whose code it runs)
+    "topics": (("generator",), ("synth_topics",), _GENERATE),
+    "problems": (("generator",), ("synth_problem",), _GENERATE),
+    "dedup": ((), (), _GENERATE),
+    "cots": (("reasoner",), ("synth_long_cot", "synth_short_cot"), _GENERATE),
+    "verify": (
+        ("coder", "critic", "rewriter"),
+        ("synth_code", "synth_critique", "synth_regen_code", "synth_rewrite"),
+        _VERIFY,
+    ),
+}
+
+
 def _spec(
     rt: Runtime,
     stage: str,
@@ -270,151 +291,21 @@ def _spec(
     )
 
 
-def _read(ref: ChunkRef, model: type[Any]) -> list[Any]:
-    return current_runtime().store.dataset(ref.dataset).read_chunk(ref, model)
-
-
-@task(
-    name="topics",
-    task_run_name="topics",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def topics_task(spec: ChunkSpec, cfg: TopicsConfig) -> StageOutput:
-    """Generate the run's unique topics."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        got = await generate_topics(rt, cfg)
-        raise_if_transient(spec.stage, spec.key, got.errors, got.counts["topics.calls"])
-        return {"topics": got.rows, "dropped": got.dropped}, got.counts
-
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="problems",
-    task_run_name="problems-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def problems_task(spec: ChunkSpec, cfg: ProblemsConfig) -> StageOutput:
-    """Write problems for a slice of the topics."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        start, end = spec.config["slice"]
-        topics: list[Topic] = _read(spec.inputs[0], Topic)[start:end]
-        got = await generate_problems(rt, cfg, topics)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(topics) * cfg.per_topic)
-        return {"problems_raw": got.rows, "dropped": got.dropped}, got.counts
-
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="dedup",
-    task_run_name="dedup",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def dedup_task(spec: ChunkSpec, chunk_size: int, limit: int | None) -> StageOutput:
-    """Drop duplicate problems across chunks, apply ``limit``, rechunk for solving."""
-
-    async def compute() -> Any:
-        problems = [p for ref in spec.inputs for p in _read(ref, Problem)]
-        got = dedup_problems(problems, limit)
-        kept: list[Problem] = got.rows  # type: ignore[assignment]
-        outputs: dict[str, Any] = {"dropped": got.dropped}
-        for i in range(0, len(kept), chunk_size):
-            outputs[f"problems/{i // chunk_size:05d}"] = kept[i : i + chunk_size]
-        return outputs, got.counts
-
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="cots",
-    task_run_name="cots-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def cots_task(spec: ChunkSpec, cfg: CotConfig) -> StageOutput:
-    """Long and short chains of thought for a chunk of problems."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        problems: list[Problem] = _read(spec.inputs[0], Problem)
-        got = await generate_cots(rt, cfg, problems)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(got.rows))
-        return {"cots": got.rows}, got.counts
-
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="verify",
-    task_run_name="verify-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def verify_task(spec: ChunkSpec, cfg: VerifyConfig) -> StageOutput:
-    """Verify a chunk of chains of thought by code, with rewrite rounds."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        problems: list[Problem] = _read(spec.inputs[0], Problem)
-        cots: list[Attempt] = _read(spec.inputs[1], Attempt)
-        got = await verify_chunk(rt, cfg, problems, cots)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(cots))
-        got.counts["verify.cots"] = len(cots)
-        outputs = {
-            "attempts": got.attempts,
-            "verified": got.verified,
-            "unverified": got.unverified,
-        }
-        return outputs, got.counts
-
-    return await run_chunk(spec, compute)
-
-
 class IncompleteRun(MathmillError):
     """Some chunks failed; what finished is kept and a re-run resumes."""
-
-
-class _Tracker:
-    """Counts, per-stage timings and the progress artifact of a run."""
-
-    def __init__(self, total_chunks: int) -> None:
-        self.counts: Counter[str] = Counter()
-        self.timings: dict[str, list[float]] = {}
-        self.total = max(1, total_chunks)
-        self.done = 0
-        self.progress_id: Any = None
-
-    async def run(self, stage: str, call: Awaitable[StageOutput]) -> StageOutput:
-        start = time.perf_counter()
-        out = await call
-        n, reused, busy = self.timings.setdefault(stage, [0, 0, 0.0])
-        self.timings[stage] = [n + 1, reused + int(out.reused), busy + time.perf_counter() - start]
-        self.counts.update(out.counts)
-        return out
-
-    async def step(self, weight: float, message: str) -> None:
-        self.done += 1
-        if self.progress_id is not None:
-            progress = min(100.0, 10.0 + 90.0 * self.done * weight)
-            await aupdate_progress_artifact(self.progress_id, progress, description=message)
-
-    def timing_table(self) -> dict[str, tuple[int, int, float]]:
-        return {k: (int(v[0]), int(v[1]), v[2]) for k, v in self.timings.items()}
 
 
 @flow(name="synthesize", validate_parameters=True, log_prints=False)
 async def synthesize(config: SynthesizeConfig) -> SynthesizeResult:
     """Generate problems and solutions and keep those whose answer code reproduces."""
-    logger = get_run_logger()
-    cfg = config
+    return await run_synthesize(config, prefect=True)
+
+
+async def run_synthesize(cfg: SynthesizeConfig, *, prefect: bool) -> SynthesizeResult:
+    """The pipeline. With ``prefect=False`` the same stages run as plain functions
+    (no task runs, no artifacts): what ``bench/synthesize.py`` compares against.
+    """
+    logger = _logger(prefect)
     the_plan = plan(cfg)
     stages = _stages(cfg)  # validates every stage config before any call
     if cfg.dry_run:
@@ -426,77 +317,69 @@ async def synthesize(config: SynthesizeConfig) -> SynthesizeResult:
         storage, cfg.models.merged(), sandbox=cfg.sandbox, row_concurrency=cfg.concurrency
     ) as rt:
         with use_runtime(rt):
-            return await _run(cfg, stages, the_plan, rt, started)
+            tracker = Tracker(the_plan.chunks, artifacts=prefect)
+            if prefect:
+                tracker.progress_id = await acreate_progress_artifact(
+                    0.0, key="synthesize-progress", description="synthesize: starting"
+                )
+            refs, failures = await _stages_run(cfg, stages, rt, tracker, prefect, logger)
+            return await _finish(cfg, the_plan, rt, tracker, refs, failures, started, prefect)
 
 
-async def _run(
-    cfg: SynthesizeConfig, stages: _Stages, the_plan: Plan, rt: Runtime, started: float
-) -> SynthesizeResult:
-    logger = get_run_logger()
-    tracker = _Tracker(the_plan.chunks)
-    tracker.progress_id = await acreate_progress_artifact(
-        0.0, key="synthesize-progress", description="synthesize: starting"
-    )
-    gen_prompts = ("synth_topics", "synth_problem")
+def _logger(prefect: bool) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    return get_run_logger() if prefect else logging.getLogger("mathmill.synthesize")
+
+
+def _call(task_: Any, prefect: bool, *args: Any) -> Awaitable[StageOutput]:
+    """A stage task as a Prefect task run, or its plain function."""
+    result: Awaitable[StageOutput] = task_(*args) if prefect else task_.fn(*args)
+    return result
+
+
+async def _stages_run(
+    cfg: SynthesizeConfig,
+    stages: _Stages,
+    rt: Runtime,
+    tracker: Tracker,
+    prefect: bool,
+    logger: Any,
+) -> tuple[list[ChunkRef], list[BaseException]]:
+    """topics → problems (chunks) → dedup → per chunk: cots → verify."""
+
+    def spec(stage: str, index: int, inputs: list[ChunkRef], config: BaseModel, **kw: Any) -> Any:
+        roles, prompts, modules = _STAGE_DEPS[stage]
+        return _spec(rt, stage, index, inputs, config, roles, prompts, modules, **kw)
+
     topics = await tracker.run(
-        "topics",
-        topics_task(
-            _spec(rt, "topics", 0, [], stages.topics, ("generator",), gen_prompts[:1], _GENERATE),
-            stages.topics,
-        ),
+        "topics", _call(topics_task, prefect, spec("topics", 0, [], stages.topics), stages.topics)
     )
     topics_ref = topics.refs["topics"]
     per_chunk = max(1, cfg.chunk_size // cfg.problems_per_topic)
     slices = [
-        (s, min(s + per_chunk, topics_ref.rows)) for s in range(0, topics_ref.rows, per_chunk)
+        [s, min(s + per_chunk, topics_ref.rows)] for s in range(0, topics_ref.rows, per_chunk)
     ]
     problem_outs = await asyncio.gather(
         *(
             tracker.run(
                 "problems",
-                problems_task(
-                    _spec(
-                        rt,
-                        "problems",
-                        i,
-                        [topics_ref],
-                        stages.problems,
-                        ("generator",),
-                        gen_prompts[1:],
-                        _GENERATE,
-                        slice=list(sl),
-                    ),
+                _call(
+                    problems_task,
+                    prefect,
+                    spec("problems", i, [topics_ref], stages.problems, slice=sl),
                     stages.problems,
                 ),
             )
             for i, sl in enumerate(slices)
         )
     )
-    raw_refs = [o.refs["problems_raw"] for o in problem_outs if "problems_raw" in o.refs]
+    raw = [o.refs["problems_raw"] for o in problem_outs if "problems_raw" in o.refs]
+    dedup_spec = spec("dedup", 0, raw, stages.problems, chunk_size=cfg.chunk_size, limit=cfg.limit)
     dedup = await tracker.run(
-        "dedup",
-        dedup_task(
-            _spec(
-                rt,
-                "dedup",
-                0,
-                raw_refs,
-                stages.problems,
-                (),
-                (),
-                _GENERATE,
-                chunk_size=cfg.chunk_size,
-                limit=cfg.limit,
-            ),
-            cfg.chunk_size,
-            cfg.limit,
-        ),
+        "dedup", _call(dedup_task, prefect, dedup_spec, cfg.chunk_size, cfg.limit)
     )
     problem_refs = [ref for name, ref in sorted(dedup.refs.items()) if name.startswith("problems")]
     tracker.total = max(1, len(problem_refs))
-    await aupdate_progress_artifact(
-        tracker.progress_id, 10.0, description=f"{len(problem_refs)} chunks of problems"
-    )
+    await tracker.step(f"{len(problem_refs)} chunks of problems", chunk_done=False)
     logger.info(
         "%d unique problems in %d chunks", dedup.counts.get("dedup.kept", 0), len(problem_refs)
     )
@@ -504,56 +387,40 @@ async def _run(
 
     async def solve(i: int, ref: ChunkRef) -> list[StageOutput]:
         async with gate:
-            cot_prompts = ("synth_long_cot", "synth_short_cot")
-            cots = await tracker.run(
-                "cots",
-                cots_task(
-                    _spec(rt, "cots", i, [ref], stages.cots, ("reasoner",), cot_prompts, _GENERATE),
-                    stages.cots,
-                ),
-            )
-            verify_prompts = ("synth_code", "synth_critique", "synth_regen_code", "synth_rewrite")
+            cot_spec = spec("cots", i, [ref], stages.cots)
+            cots = await tracker.run("cots", _call(cots_task, prefect, cot_spec, stages.cots))
+            verify_spec = spec("verify", i, [ref, cots.refs["cots"]], stages.verify)
             verified = await tracker.run(
-                "verify",
-                verify_task(
-                    _spec(
-                        rt,
-                        "verify",
-                        i,
-                        [ref, cots.refs["cots"]],
-                        stages.verify,
-                        ("coder", "critic", "rewriter"),
-                        verify_prompts,
-                        _VERIFY,
-                    ),
-                    stages.verify,
-                ),
+                "verify", _call(verify_task, prefect, verify_spec, stages.verify)
             )
-            await tracker.step(1 / tracker.total, f"chunk {i + 1} of {tracker.total} verified")
+            await tracker.step(f"chunk {i + 1} of {tracker.total} verified")
             return [cots, verified]
 
     results = await asyncio.gather(
         *(solve(i, ref) for i, ref in enumerate(problem_refs)), return_exceptions=True
     )
-    failures = [r for r in results if isinstance(r, BaseException)]
     outs = [topics, *problem_outs, dedup]
+    failures: list[BaseException] = []
     for r in results:
-        if not isinstance(r, BaseException):
+        if isinstance(r, BaseException):
+            failures.append(r)
+        else:
             outs.extend(r)
-    refs = [ref for o in outs for ref in o.refs.values()]
-    return await _finish(cfg, the_plan, rt, tracker, refs, failures, started)
+    return [ref for o in outs for ref in o.refs.values()], failures
 
 
 async def _finish(
     cfg: SynthesizeConfig,
     the_plan: Plan,
     rt: Runtime,
-    tracker: _Tracker,
+    tracker: Tracker,
     refs: list[ChunkRef],
     failures: list[BaseException],
     started: float,
+    prefect: bool,
 ) -> SynthesizeResult:
-    logger = get_run_logger()
+    """Export the JSONL files, write the report and manifest, publish the artifacts."""
+    logger = _logger(prefect)
     store = rt.store
     by_dataset: dict[str, list[ChunkRef]] = {}
     for ref in sorted(refs, key=lambda r: (r.dataset, r.key)):
@@ -570,13 +437,9 @@ async def _finish(
     wall = time.perf_counter() - started
     outputs["report"] = f"{store.url}/report.md"
     status = "complete" if not failures else f"INCOMPLETE ({len(failures)} chunks failed)"
+    timings = tracker.timing_table()
     report = report_markdown(
-        f"synthesize run: {status}",
-        tracker.counts,
-        rt.pool.meter,
-        tracker.timing_table(),
-        outputs,
-        wall,
+        f"synthesize run: {status}", tracker.counts, rt.pool.meter, timings, outputs, wall
     )
     store.write_bytes("report.md", report.encode())
     verified = sum(r.rows for r in by_dataset.get("verified", []))
@@ -589,6 +452,10 @@ async def _finish(
         counts=dict(tracker.counts),
         usage=rt.pool.meter.summary(),
         outputs=outputs,
+        stages={
+            name: {"chunks": n, "reused": r, "busy_s": round(t, 3)}
+            for name, (n, r, t) in timings.items()
+        },
         wall_s=wall,
     )
     manifest = {
@@ -598,12 +465,13 @@ async def _finish(
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
     store.write_bytes("manifest.json", dump_json(manifest))
-    await acreate_table_artifact(
-        count_rows(tracker.counts),
-        key="synthesize-counts",
-        description=f"Rows by stage and outcome ({status})",
-    )
-    await acreate_markdown_artifact(report, key="synthesize-report", description="Run report")
+    if prefect:
+        await acreate_table_artifact(
+            count_rows(tracker.counts),
+            key="synthesize-counts",
+            description=f"Rows by stage and outcome ({status})",
+        )
+        await acreate_markdown_artifact(report, key="synthesize-report", description="Run report")
     if failures:
         first = failures[0]
         raise IncompleteRun(
@@ -611,6 +479,7 @@ async def _finish(
             f"{verified + unverified} rows are kept in {store.url}; re-run the same command "
             "to resume"
         ) from first
-    await aupdate_progress_artifact(tracker.progress_id, 100.0, description="done")
+    if prefect:
+        await aupdate_progress_artifact(tracker.progress_id, 100.0, description="done")
     logger.info("%d verified and %d unverified rows in %s", verified, unverified, store.url)
     return result

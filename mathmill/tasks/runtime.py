@@ -180,10 +180,16 @@ def _manifest_path(spec: ChunkSpec) -> str:
     return f".stages/{spec.stage}/{spec.key}.json"
 
 
-def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str:
-    """Prefect ``cache_key_fn`` for tasks whose first parameter is ``spec``."""
+def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str | None:
+    """Prefect ``cache_key_fn`` for tasks whose first parameter is ``spec``.
+
+    None (no Prefect caching this time) while the chunk's output is not complete in
+    the run directory: a cached result must never point at chunks that were deleted.
+    """
     spec = parameters["spec"]
     assert isinstance(spec, ChunkSpec)
+    if not current_runtime().store.exists(_manifest_path(spec)):
+        return None
     return f"mathmill-{spec.stage}-{spec.cache_key()}"
 
 
