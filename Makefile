@@ -51,6 +51,7 @@ bench: setup
 	$(BIN)/python bench/sandbox.py
 	$(BIN)/python bench/grading.py
 	$(BIN)/python bench/leaks.py
+	$(BIN)/python bench/synthesize.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info
