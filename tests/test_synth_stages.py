@@ -165,3 +165,18 @@ def test_config_is_strict_and_roles_fall_back_to_the_default() -> None:
     assert roles["critic"].temperature == 0.5 and roles["critic"].max_tokens == 300
     assert roles["generator"].temperature == 1.0  # the role's built-in default
     assert plan(cfg).roles["critic"] == "http://d/v1 judge"
+
+
+def test_embedded_model_says_why_it_died(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from mathmill.llm.embedded import EmbeddedModel
+
+    model = EmbeddedModel()
+    assert model.died() is None  # never started
+    model.log_path = tmp_path / "server.log"
+    model.log_path.write_text("loading model\nGGML_ASSERT: out of memory\n")
+    model.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    model.process.wait()
+    assert model.died() == "exit code 3: loading model | GGML_ASSERT: out of memory"

@@ -11,7 +11,7 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
-from mathmill.errors import ConfigError
+from mathmill.errors import ConfigError, EmbeddedModelError, MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions, resolve_role
 from mathmill.llm.cache import CallCache
 from mathmill.llm.client import LLMPool
@@ -66,9 +66,11 @@ async def open_runtime(
     async with contextlib.AsyncExitStack() as stack:
         stack.callback(cache.close)
         embedded: EndpointConfig | None = None
+        model: EmbeddedModel | None = None
         if any(role.base_url is None for role in roles.values()):
             log.info("starting the embedded model (no endpoint configured)")
-            embedded = stack.enter_context(EmbeddedModel())
+            model = EmbeddedModel()
+            embedded = stack.enter_context(model)
         endpoints = {name: resolve_role(role, name, embedded) for name, role in roles.items()}
         pool = LLMPool(cache=cache)
         stack.push_async_callback(pool.aclose)
@@ -76,10 +78,20 @@ async def open_runtime(
         if sandbox is not None:
             box = _sandbox(sandbox)
             stack.push_async_callback(box.close)
-        yield Runtime(
+        runtime = Runtime(
             store=store,
             pool=pool,
             endpoints=endpoints,
             sandbox=box,
             row_concurrency=row_concurrency,
         )
+        try:
+            yield runtime
+        except MathmillError as e:
+            # "cannot connect" says little when the local server crashed: say so.
+            if model is not None and (why := model.died()):
+                raise EmbeddedModelError(
+                    f"the embedded model server died during the run ({why}); finished work "
+                    "is kept, re-run to resume"
+                ) from e
+            raise

@@ -144,6 +144,12 @@ class EmbeddedModel:
         )
         return self.endpoint
 
+    def died(self) -> str | None:
+        """Why the server is gone (exit code and the end of its log), or None if alive."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        return f"exit code {self.process.returncode}: {self._log_tail()}"
+
     def _log_tail(self, lines: int = 5) -> str:
         if self.log_path is None or not self.log_path.exists():
             return "(no log)"
