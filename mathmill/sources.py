@@ -1,17 +1,24 @@
-"""Reading problems from files: one bad row is reported with its line, never fatal."""
+"""Reading problems from JSONL, Parquet or Hugging Face datasets: one bad row is
+reported with where it was, never fatal.
+
+>>> FieldMap().statement
+'problem'
+"""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
+from mathmill.errors import ConfigError
 from mathmill.records import ErrorInfo, Problem
 
-__all__ = ["FieldMap", "read_problems_jsonl"]
+__all__ = ["FieldMap", "read_problems", "read_problems_jsonl"]
 
 
 @dataclass(frozen=True)
@@ -22,6 +29,46 @@ class FieldMap:
     answer: str | None = "answer"
     solution: str | None = "solution"
     source_id: str | None = "id"
+
+
+def read_problems(
+    source: str,
+    fields: FieldMap | None = None,
+    *,
+    split: str = "test",
+    limit: int | None = None,
+) -> Iterator[Problem | ErrorInfo]:
+    """Problems from ``source``: a ``.jsonl`` or ``.parquet`` file, a local dataset
+    directory, or ``hf:NAME`` (a Hugging Face dataset, streamed; ``hf:NAME:CONFIG``
+    picks a config). At most ``limit`` valid problems; bad rows come as
+    :class:`ErrorInfo` naming where they were.
+    """
+    fields = fields or FieldMap()
+    items = _rows(source, fields, split)
+    valid = 0
+    for item in items:
+        if limit is not None and valid >= limit:
+            return
+        valid += isinstance(item, Problem)
+        yield item
+
+
+def _rows(source: str, fields: FieldMap, split: str) -> Iterator[Problem | ErrorInfo]:
+    if source.startswith("hf:"):
+        name, _, config = source[3:].partition(":")
+        return _read_hf(name, config or None, split, fields, source)
+    path = Path(source)
+    if path.is_dir():
+        return _read_hf(str(path), None, split, fields, source)
+    if not path.is_file():
+        raise ConfigError(
+            f"input {source!r} does not exist (a file, a dataset directory or hf:NAME)"
+        )
+    if path.suffix in (".jsonl", ".json"):
+        return read_problems_jsonl(path, fields)
+    if path.suffix == ".parquet":
+        return _read_parquet(path, fields)
+    raise ConfigError(f"input {source}: expected .jsonl, .parquet, a dataset directory or hf:NAME")
 
 
 def read_problems_jsonl(
@@ -44,29 +91,64 @@ def read_problems_jsonl(
             except json.JSONDecodeError as e:
                 yield ErrorInfo(kind="malformed_row", message=f"{where}: not JSON: {e.msg}")
                 continue
-            if not isinstance(row, dict) or not str(row.get(fields.statement) or "").strip():
-                yield ErrorInfo(
-                    kind="malformed_row", message=f"{where}: no {fields.statement!r} field"
-                )
-                continue
-            extras = {
-                k: v
-                for k, v in row.items()
-                if k not in {fields.statement, fields.answer, fields.solution, fields.source_id}
-                and k not in {"source", "license"}
-            }
-            try:
-                yield Problem(
-                    statement=str(row[fields.statement]),
-                    answer=_opt(row, fields.answer),
-                    solution=_opt(row, fields.solution),
-                    source_id=_opt(row, fields.source_id),
-                    source=_opt(row, "source") or str(path.name),
-                    license=_opt(row, "license"),
-                    metadata=extras,
-                )
-            except ValidationError as e:
-                yield ErrorInfo(kind="malformed_row", message=f"{where}: {e.errors()[0]['msg']}")
+            yield problem_from_row(row, fields, where, path.name)
+
+
+def _read_parquet(path: Path, fields: FieldMap) -> Iterator[Problem | ErrorInfo]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        file = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise ConfigError(f"input {path} is not valid Parquet: {e}") from e
+    index = 0
+    for batch in file.iter_batches(batch_size=1024):
+        for row in batch.to_pylist():
+            index += 1
+            yield problem_from_row(row, fields, f"{path}#row{index}", path.name)
+
+
+def _read_hf(
+    name: str, config: str | None, split: str, fields: FieldMap, source: str
+) -> Iterator[Problem | ErrorInfo]:
+    import datasets
+
+    try:
+        stream: Iterable[dict[str, Any]] = datasets.load_dataset(
+            name, config, split=split, streaming=True
+        )
+    except Exception as e:  # datasets raises many kinds (not found, offline, bad split)
+        raise ConfigError(f"cannot open dataset {source} (split {split!r}): {e}") from e
+    for index, row in enumerate(stream):
+        yield problem_from_row(row, fields, f"{source}[{split}]#{index}", source)
+
+
+def problem_from_row(row: Any, fields: FieldMap, where: str, source: str) -> Problem | ErrorInfo:
+    """A :class:`Problem` from one input row, or the reason it is not one."""
+    if not isinstance(row, dict) or not str(row.get(fields.statement) or "").strip():
+        return ErrorInfo(kind="malformed_row", message=f"{where}: no {fields.statement!r} field")
+    known = {
+        fields.statement,
+        fields.answer,
+        fields.solution,
+        fields.source_id,
+        "source",
+        "license",
+    }
+    extras = {k: v for k, v in row.items() if k not in known}
+    try:
+        return Problem(
+            statement=str(row[fields.statement]),
+            answer=_opt(row, fields.answer),
+            solution=_opt(row, fields.solution),
+            source_id=_opt(row, fields.source_id),
+            source=_opt(row, "source") or source,
+            license=_opt(row, "license"),
+            metadata=json.loads(json.dumps(extras, default=str)),
+        )
+    except ValidationError as e:
+        return ErrorInfo(kind="malformed_row", message=f"{where}: {e.errors()[0]['msg']}")
 
 
 def _opt(row: dict[str, object], name: str | None) -> str | None:
