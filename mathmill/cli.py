@@ -190,6 +190,8 @@ def demo(
 
 def main() -> None:
     """Entry point: run the app; errors end in one line on stderr, never a traceback."""
+    # A local Prefect server must not try to phone home (offline machines log errors).
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         code = app(standalone_mode=False)
     except typer.Abort:
