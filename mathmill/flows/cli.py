@@ -171,3 +171,108 @@ def synthesize_command(
         console.print("dry run: nothing was called")
         return
     print_result(run_synthesize_config(cfg))
+
+
+_ROLE_STYLE = {"user": "yellow", "assistant": "cyan", "tool": "green", "final": "bold magenta"}
+
+
+def print_turn(event: Any) -> None:
+    """``--debug``: one turn of a trajectory, coloured by role."""
+    style = _ROLE_STYLE.get(event.role, "white")
+    if event.role == "tool" and event.note not in ("", "ok"):
+        style = "red"
+    head = f"[{event.problem_id[:8]} #{event.sample}] {event.role}"
+    note = f" ({event.note})" if event.note else ""
+    console.rule(f"[{style}]{head}{note}[/{style}]", align="left", style=style)
+    console.print(event.content, style=style, markup=False, highlight=False)
+
+
+def print_tir_result(result: Any) -> None:
+    """The statistics, the LLM usage and where the exports are."""
+    table = Table(title="tir statistics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, value in result.stats.items():
+        table.add_row(metric, str(value))
+    console.print(table)
+    console.print(usage_table(result.usage))
+    console.print(f"run directory: {result.out}")
+    for name, path in result.outputs.items():
+        console.print(f"  {name:16} {path}", markup=False, highlight=False)
+    console.print(f"{result.problems} problems in {result.wall_s:.1f}s")
+
+
+@run_app.command("tir")
+def tir_command(
+    input: Annotated[
+        str | None, Opt("--input", help="JSONL/Parquet file, dataset directory or hf:NAME.")
+    ] = None,
+    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
+    limit: Annotated[int | None, Opt(help="At most this many problems.")] = None,
+    split: Annotated[str | None, Opt(help="Dataset split (directories, hf:).")] = None,
+    id_field: Annotated[str | None, Opt(help="Input field with the id.")] = None,
+    prompt_field: Annotated[str | None, Opt(help="Input field with the problem.")] = None,
+    answer_field: Annotated[str | None, Opt(help="Input field with the answer.")] = None,
+    samples: Annotated[int | None, Opt(help="Trajectories per problem.")] = None,
+    max_turns: Annotated[int | None, Opt(help="Model replies per trajectory.")] = None,
+    max_output_chars: Annotated[int | None, Opt(help="<repl> output cap.")] = None,
+    concurrency: Annotated[int | None, Opt(help="Trajectories in flight.")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
+    model: Annotated[str | None, Opt(help="Model name.")] = None,
+    api_key_env: Annotated[str | None, Opt(help="Env var holding the API key.")] = None,
+    max_tokens: Annotated[int | None, Opt(help="Max tokens per reply.")] = None,
+    temperature: Annotated[float | None, Opt(help="Sampling temperature.")] = None,
+    sandbox_url: Annotated[str | None, Opt(help="Use a sandbox server at this URL.")] = None,
+    sandbox_timeout: Annotated[float | None, Opt(help="Seconds per code block.")] = None,
+    config: Annotated[
+        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
+    ] = None,
+    debug: Annotated[bool, Opt("--debug", help="Print every turn in colour.")] = False,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Validate and count; call nothing.")] = False,
+) -> None:
+    """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
+    from mathmill.flows.tir import TirParams, tir, turn_hook
+
+    data = load_config_file(config)
+    values = {
+        "input": input,
+        "out": out,
+        "limit": limit,
+        "split": split,
+        "id_field": id_field,
+        "prompt_field": prompt_field,
+        "answer_field": answer_field,
+        "samples": samples,
+        "max_turns": max_turns,
+        "max_output_chars": max_output_chars,
+        "concurrency": 1 if debug else concurrency,
+        "solver.base_url": base_url,
+        "solver.model": model,
+        "solver.api_key_env": api_key_env,
+        "solver.max_tokens": max_tokens,
+        "solver.temperature": temperature,
+        "sandbox.url": sandbox_url,
+        "sandbox.backend": "http" if sandbox_url else None,
+        "sandbox.timeout_s": sandbox_timeout,
+        "dry_run": dry_run or None,
+    }
+    for key, value in values.items():
+        _set(data, key, value)
+    try:
+        params = TirParams.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, "tir parameters")) from None
+    if params.dry_run:
+        from mathmill.sources import FieldMap, read_problems
+
+        fields = FieldMap(params.prompt_field, params.answer_field, None, params.id_field)
+        items = list(read_problems(params.input, fields, split=params.split, limit=params.limit))
+        bad = [i for i in items if not hasattr(i, "statement")]
+        console.print(
+            f"{len(items) - len(bad)} problems, {len(bad)} malformed rows in {params.input}"
+        )
+        console.print("dry run: nothing was called")
+        return
+    if debug:
+        turn_hook.set(print_turn)
+    print_tir_result(asyncio.run(tir(params=params)))

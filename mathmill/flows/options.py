@@ -108,6 +108,13 @@ class SandboxOptions(BaseModel):
     )
     timeout_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run.")
     memory_mb: int = Field(1024, ge=64, le=65536, description="Memory per run, MiB.")
+    max_sessions: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Stateful sessions open at once (tir trajectories in flight); each "
+        "holds a process of about 20 MiB.",
+    )
 
     @property
     def limits(self) -> Limits:

@@ -43,7 +43,12 @@ def _sandbox(options: SandboxOptions) -> Sandbox:
         if not options.url:
             raise ConfigError("sandbox.url: required with backend 'http'")
         return HTTPSandbox(options.url, timeout_s=options.timeout_s)
-    return LocalSandbox(workers=options.workers, limits=options.limits)
+    # Any worker may get every session: no LRU eviction below max_sessions.
+    return LocalSandbox(
+        workers=options.workers,
+        limits=options.limits,
+        max_sessions_per_worker=options.max_sessions,
+    )
 
 
 @contextlib.asynccontextmanager
