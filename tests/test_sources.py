@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
+
+from mathmill.errors import ConfigError
 from mathmill.records import ErrorInfo, Problem
-from mathmill.sources import FieldMap, read_problems_jsonl
+from mathmill.sources import FieldMap, read_problems, read_problems_jsonl
 
 DATA = Path(__file__).parent / "data"
 
@@ -50,3 +54,46 @@ def test_malformed_rows_are_reported_not_fatal(tmp_path: Path) -> None:
         if isinstance(r, Problem)
     ]
     assert [(p.statement, p.answer, p.metadata) for p in mapped] == [("2+2?", "4", {"extra": [1]})]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "gsm8k_5.jsonl",
+        "problems/aime_1983_2024_5.jsonl",
+        "problems/amc23_5.jsonl",
+        "problems/math500_5.jsonl",
+    ],
+)
+def test_the_shared_problem_sets_read_as_inputs(name: str) -> None:
+    items = list(read_problems(str(DATA / name)))
+    assert len(items) == 5 and all(isinstance(p, Problem) for p in items)
+    for p in items:
+        assert isinstance(p, Problem) and p.answer and p.source_id and p.license and p.source
+
+
+def test_parquet_and_dataset_directory_and_hf_inputs(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [json.loads(line) for line in (DATA / "gsm8k_5.jsonl").read_text().splitlines()]
+    table = pa.Table.from_pylist(
+        [{"q": r["problem"], "a": r["answer"], "key": r["id"]} for r in rows]
+    )
+    pq.write_table(table, tmp_path / "in.parquet")
+    fields = FieldMap(statement="q", answer="a", solution=None, source_id="key")
+    from_parquet = list(read_problems(str(tmp_path / "in.parquet"), fields, limit=3))
+    assert [p.source_id for p in from_parquet] == ["gsm8k-test-0", "gsm8k-test-1", "gsm8k-test-2"]  # type: ignore[union-attr]
+    # a local dataset directory in the Hub layout (one file per split), streamed by `datasets`
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    pq.write_table(table, repo / "test.parquet")
+    pq.write_table(table.slice(0, 2), repo / "train.parquet")
+    from_dir = list(read_problems(str(repo), fields, split="train"))
+    assert [p.answer for p in from_dir] == ["18", "3"]  # type: ignore[union-attr]
+    via_hf = list(read_problems(f"hf:{repo}", fields, split="test", limit=4))
+    assert len(via_hf) == 4 and all(isinstance(p, Problem) for p in via_hf)
+    with pytest.raises(ConfigError, match=r"cannot open dataset hf:.*nope"):
+        list(read_problems(f"hf:{tmp_path / 'nope'}", fields))
+    with pytest.raises(ConfigError, match="does not exist"):
+        list(read_problems(str(tmp_path / "missing.jsonl")))
