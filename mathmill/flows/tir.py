@@ -33,15 +33,8 @@ from mathmill.tasks.runtime import (
     prompt_hashes,
     use_runtime,
 )
-from mathmill.tasks.tir import (
-    TirConfig,
-    TurnHook,
-    chat_messages,
-    load_task,
-    sharegpt,
-    tir_stats,
-    tir_task,
-)
+from mathmill.tasks.tir import TirConfig, TurnHook, load_task, tir_task
+from mathmill.tasks.tir_export import chat_messages, sharegpt, tir_stats
 
 __all__ = ["TirParams", "TirResult", "run_tir", "tir", "turn_hook"]
 
