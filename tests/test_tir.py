@@ -100,8 +100,9 @@ def params(base_url: str, tmp: Path, **extra: Any) -> TirParams:
 def run(prefect_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("tir")
     with FakeOpenAIServer(handler) as fake:
-        result: TirResult = asyncio.run(tir(params=params(fake.base_url, tmp)))
-        yield tmp / "run", result, fake
+        state = asyncio.run(tir(params=params(fake.base_url, tmp), return_state=True))
+        result: TirResult = state.result()
+        yield tmp / "run", result, fake, state.state_details.flow_run_id
 
 
 def conversations(out: Path, name: str) -> dict[str, Any]:
@@ -118,7 +119,7 @@ def head(problem: str) -> list[dict[str, str]]:
 
 
 def test_code_then_output_then_final_answer(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     row = conversations(out, "sharegpt.jsonl")["t0"]
     problem = "Janet has 16 eggs, eats 3 and bakes 4, and sells the rest at $2. Dollars?"
     assert row["conversations"] == [
@@ -135,7 +136,7 @@ def test_code_then_output_then_final_answer(run: Any) -> None:
 
 
 def test_answer_without_code_gets_a_nudge(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     row = conversations(out, "sharegpt.jsonl")["t1"]
     assert row["conversations"] == [
         *head("What is 6 times 7?"),
@@ -149,7 +150,7 @@ def test_answer_without_code_gets_a_nudge(run: Any) -> None:
 
 
 def test_hallucinated_tool_output_is_stripped_and_counted(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     row = conversations(out, "sharegpt.jsonl")["t2"]
     assert row["conversations"] == [
         *head("What is 2 + 2?"),
@@ -161,7 +162,7 @@ def test_hallucinated_tool_output_is_stripped_and_counted(run: Any) -> None:
 
 
 def test_max_turns_without_an_answer_fails(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     assert "t3" not in conversations(out, "sharegpt.jsonl")
     row = conversations(out, "failed.jsonl")["t3"]
     assert row["conversations"] == [
@@ -179,7 +180,7 @@ def test_max_turns_without_an_answer_fails(run: Any) -> None:
 
 
 def test_sandbox_timeout_mid_trajectory_keeps_the_session(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     row = conversations(out, "sharegpt.jsonl")["t4"]
     timeout = "[timeout: the code ran past 1s; the session is as before]"
     assert row["conversations"] == [
@@ -201,7 +202,7 @@ def test_sandbox_timeout_mid_trajectory_keeps_the_session(run: Any) -> None:
 
 
 def test_state_is_carried_across_turns_and_graded_by_the_grader(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     row = conversations(out, "sharegpt.jsonl")["t5"]
     assert row["conversations"][2:6] == [
         {"from": "gpt", "value": "<python>\ny = 21\n</python>"},
@@ -220,7 +221,7 @@ def test_state_is_carried_across_turns_and_graded_by_the_grader(run: Any) -> Non
 
 
 def test_messages_form_and_stats(run: Any) -> None:
-    out, result, _fake = run
+    out, result, _fake, _id = run
     messages = conversations(out, "messages.jsonl")["t0"]["messages"]
     assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool", "assistant"]
     assert messages[3]["content"].startswith("<repl>\n18\n</repl>")
@@ -244,7 +245,7 @@ def test_messages_form_and_stats(run: Any) -> None:
 
 
 def test_sessions_are_deleted_and_trajectories_kept_as_attempts(run: Any) -> None:
-    out, _result, _fake = run
+    out, _result, _fake, _id = run
     attempts = RunStore(str(out)).dataset("trajectories").read_all(Attempt)
     assert len(attempts) == 7 and {a.kind for a in attempts} == {"tir"}
     tools = [t for a in attempts for t in a.turns if t.role == "tool"]
@@ -254,21 +255,28 @@ def test_sessions_are_deleted_and_trajectories_kept_as_attempts(run: Any) -> Non
 
 def test_stats_artifact_is_on_the_server(run: Any) -> None:
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
 
     async def read() -> list[Any]:
         async with get_client() as client:
-            flt = ArtifactFilter(key=ArtifactFilterKey(any_=["tir-stats"]))
+            flt = ArtifactFilter(
+                key=ArtifactFilterKey(any_=["tir-stats"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run[3]]),
+            )
             return list(await client.read_artifacts(artifact_filter=flt))
 
-    artifacts = asyncio.run(read())
-    data = artifacts[-1].data
+    (artifact,) = asyncio.run(read())
+    data = artifact.data
     rows = data if isinstance(data, list) else json.loads(data)
     assert {"metric": "accuracy of the validated", "value": "80.0%"} in rows
 
 
 def test_rerun_resumes_without_calls(run: Any, tmp_path: Path) -> None:
-    out, result, fake = run
+    out, result, fake, _id = run
     before = len(fake.requests)
     again = asyncio.run(tir(params=params(fake.base_url, out.parent)))
     assert len(fake.requests) == before
