@@ -7,18 +7,25 @@ from __future__ import annotations
 import asyncio
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from mathmill.errors import ConfigError
 from mathmill.tasks.export import count_rows
 
-__all__ = ["load_config_file", "run_app", "run_synthesize_config", "validation_message"]
+__all__ = [
+    "build_params",
+    "load_config_file",
+    "run_app",
+    "run_synthesize_config",
+    "validation_message",
+]
 
+M = TypeVar("M", bound=BaseModel)
 run_app = typer.Typer(help="Run a pipeline (a Prefect flow).", no_args_is_help=True)
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # piped or in CI: 80 columns would cut the tables
@@ -64,6 +71,19 @@ def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parents:
         node = node.setdefault(p, {})
     node[leaf] = value
+
+
+def build_params(model: type[M], config: Path | None, values: dict[str, Any], what: str) -> M:
+    """Flow parameters from a config file, overridden by the flags that were given
+    (dotted keys for nested fields); a bad value is one :class:`ConfigError` line.
+    """
+    data = load_config_file(config)
+    for key, value in values.items():
+        _set(data, key, value)
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(validation_message(e, what)) from None
 
 
 def run_synthesize_config(cfg: Any) -> Any:
@@ -137,7 +157,6 @@ def synthesize_command(
     """Generate problems and chains of thought, verify them by code, write the dataset."""
     from mathmill.flows.synthesize import SynthesizeConfig, plan
 
-    data = load_config_file(config)
     values = {
         "out": out,
         "topics": topics,
@@ -160,12 +179,7 @@ def synthesize_command(
         "sandbox.timeout_s": sandbox_timeout,
         "dry_run": dry_run or None,
     }
-    for key, value in values.items():
-        _set(data, key, value)
-    try:
-        cfg = SynthesizeConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(validation_message(e, "synthesize parameters")) from None
+    cfg = build_params(SynthesizeConfig, config, values, "synthesize parameters")
     if cfg.dry_run:
         console.print_json(plan(cfg).model_dump_json())
         console.print("dry run: nothing was called")
@@ -233,7 +247,6 @@ def tir_command(
     """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
     from mathmill.flows.tir import TirParams, tir, turn_hook
 
-    data = load_config_file(config)
     values = {
         "input": input,
         "out": out,
@@ -256,12 +269,7 @@ def tir_command(
         "sandbox.timeout_s": sandbox_timeout,
         "dry_run": dry_run or None,
     }
-    for key, value in values.items():
-        _set(data, key, value)
-    try:
-        params = TirParams.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(validation_message(e, "tir parameters")) from None
+    params = build_params(TirParams, config, values, "tir parameters")
     if params.dry_run:
         from mathmill.sources import FieldMap, read_problems
 
