@@ -270,6 +270,8 @@ def tir_command(
         "dry_run": dry_run or None,
     }
     params = build_params(TirParams, config, values, "tir parameters")
+    if not params.input.startswith("hf:") and not Path(params.input).exists():
+        raise ConfigError(f"input {params.input!r} does not exist (a file, a directory or hf:NAME)")
     if params.dry_run:
         from mathmill.sources import FieldMap, read_problems
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill.errors import ConfigError
 from mathmill.flows.options import ModelRole, SandboxOptions
 from mathmill.flows.progress import Tracker
 from mathmill.flows.resources import open_runtime
@@ -128,6 +130,8 @@ async def run_tir(params: TirParams) -> TirResult:
             temperature=solver.temperature, max_tokens=solver.max_tokens, seed=params.seed
         ),
     )
+    if not params.input.startswith("hf:") and not os.path.exists(params.input):
+        raise ConfigError(f"input {params.input!r} does not exist (a file, a directory or hf:NAME)")
     if params.dry_run:
         logger.info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)

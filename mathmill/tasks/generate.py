@@ -123,8 +123,8 @@ async def generate_topics(rt: Runtime, cfg: TopicsConfig) -> StageRows:
     seen: set[str] = set()
     for round_ in range(cfg.max_rounds):
         missing = cfg.count - len(topics)
-        if missing <= 0:
-            break
+        if missing <= 0 or any(e.transient for e in out.errors):
+            break  # done, or the endpoint is failing: the chunk will be retried
         calls = -(-missing // cfg.per_call)
         avoid = "; ".join(t.text for t in topics[-50:]) or "(none yet)"
         slots = [
