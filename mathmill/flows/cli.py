@@ -245,7 +245,7 @@ def tir_command(
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate and count; call nothing.")] = False,
 ) -> None:
     """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
-    from mathmill.flows.tir import TirParams, tir, turn_hook
+    from mathmill.flows.tir import TirParams, check_input, tir, turn_hook
 
     values = {
         "input": input,
@@ -270,8 +270,7 @@ def tir_command(
         "dry_run": dry_run or None,
     }
     params = build_params(TirParams, config, values, "tir parameters")
-    if not params.input.startswith("hf:") and not Path(params.input).exists():
-        raise ConfigError(f"input {params.input!r} does not exist (a file, a directory or hf:NAME)")
+    check_input(params.input)
     if params.dry_run:
         from mathmill.sources import FieldMap, read_problems
 

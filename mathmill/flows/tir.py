@@ -90,6 +90,12 @@ class TirResult(BaseModel):
     wall_s: float = 0.0
 
 
+def check_input(source: str) -> None:
+    """Fail before anything starts when a local input does not exist."""
+    if not source.startswith("hf:") and not os.path.exists(source):
+        raise ConfigError(f"input {source!r} does not exist (a file, a directory or hf:NAME)")
+
+
 def _input_identity(source: str) -> str:
     """What the load stage's cache key uses for the input: a file's content hash, a
     directory's file list with sizes and times, or the dataset name.
@@ -130,8 +136,7 @@ async def run_tir(params: TirParams) -> TirResult:
             temperature=solver.temperature, max_tokens=solver.max_tokens, seed=params.seed
         ),
     )
-    if not params.input.startswith("hf:") and not os.path.exists(params.input):
-        raise ConfigError(f"input {params.input!r} does not exist (a file, a directory or hf:NAME)")
+    check_input(params.input)
     if params.dry_run:
         logger.info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)
