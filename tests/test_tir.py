@@ -319,3 +319,15 @@ def test_cli_debug_prints_turns(prefect_api: dict[str, str], tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "assistant" in done.stdout and "<repl>\n18\n</repl>" in done.stdout
     assert "success rate" in done.stdout and "sharegpt.jsonl" in done.stdout
+
+
+def test_cli_missing_input_is_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "mathmill", "run", "tir", "--input", str(tmp_path / "nope.jsonl")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [
+        f"error: input '{tmp_path / 'nope.jsonl'}' does not exist (a file, a directory or hf:NAME)"
+    ]
