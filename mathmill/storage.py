@@ -252,6 +252,10 @@ class Dataset:
             record_type=_record_type_name(table, self._chunk_path(key)),
         )
 
+    def has(self, key: str) -> bool:
+        """Whether chunk ``key`` exists (complete: temporaries are never chunks)."""
+        return bool(self.store.fs.exists(self._chunk_path(_check_key(key, "chunk key"))))
+
     def delete_chunk(self, key: str) -> None:
         """Remove chunk ``key`` (no error when it does not exist)."""
         path = self._chunk_path(_check_key(key, "chunk key"))

@@ -244,6 +244,24 @@ def test_endpoint_down_keeps_finished_rows_and_resume_pays_nothing_twice(
     assert world.paid_twice() == {}
 
 
+def test_switching_settings_back_and_forth_in_one_directory(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    """A run with other settings removes the chunks it did not make; going back to the
+    first settings must recompute those, not trust their completion files.
+    """
+    world = SynthWorld(kinds=("ok", "fix", "stuck"))
+    with FakeOpenAIServer(world) as fake:
+        first = world_config(fake.base_url, str(tmp_path / "run"), topics=3)
+        one = run_flow(first)
+        other = run_flow(first.model_copy(update={"rounds": 0}))
+        again = run_flow(first)
+    assert other.verified < one.verified  # without rewrites, "fix" stays unverified
+    assert (again.verified, again.unverified) == (one.verified, one.unverified)
+    assert again.counts == one.counts
+    assert world.paid_twice() == {}  # recomputed chunks replayed their calls
+
+
 def test_bad_parameter_fails_before_any_call_naming_the_field(
     prefect_api: dict[str, str], fake: FakeOpenAIServer, tmp_path: Path
 ) -> None:

@@ -188,9 +188,23 @@ def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str | None:
     """
     spec = parameters["spec"]
     assert isinstance(spec, ChunkSpec)
-    if not current_runtime().store.exists(_manifest_path(spec)):
+    if _finished(current_runtime().store, spec) is None:
         return None
     return f"mathmill-{spec.stage}-{spec.cache_key()}"
+
+
+def _finished(store: RunStore, spec: ChunkSpec) -> StageOutput | None:
+    """The chunk's output if it is complete: its manifest and every chunk it names
+    exist (an earlier run with other settings, or a user, may have removed some).
+    """
+    manifest = _manifest_path(spec)
+    if not store.exists(manifest):
+        return None
+    done = StageOutput.model_validate_json(store.read_bytes(manifest))
+    for ref in done.refs.values():
+        if not store.dataset(ref.dataset).has(ref.key):
+            return None
+    return done
 
 
 async def run_chunk(
@@ -202,8 +216,7 @@ async def run_chunk(
     """
     store = current_runtime().store
     manifest = _manifest_path(spec)
-    if store.exists(manifest):
-        done = StageOutput.model_validate_json(store.read_bytes(manifest))
+    if (done := _finished(store, spec)) is not None:
         return done.model_copy(update={"reused": True})
     outputs, counts = await compute()
     refs = {}
