@@ -244,6 +244,36 @@ def test_endpoint_down_keeps_finished_rows_and_resume_pays_nothing_twice(
     assert world.paid_twice() == {}
 
 
+def test_each_role_uses_its_own_endpoint_and_the_key_stays_secret(
+    prefect_api: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = "sk-test-SECRET-4711"
+    monkeypatch.setenv("CRITIC_KEY", secret)
+    main, critic = SynthWorld(kinds=("ok", "fix")), SynthWorld(kinds=("ok", "fix"))
+    with FakeOpenAIServer(main) as a, FakeOpenAIServer(critic) as b:
+        cfg = world_config(a.base_url, str(tmp_path / "run"), topics=2)
+        models = cfg.models.model_dump()
+        models["critic"] = {"base_url": b.base_url, "model": "judge", "api_key_env": "CRITIC_KEY"}
+        result = run_flow(cfg.model_copy(update={"models": type(cfg.models)(**models)}))
+        stages_a = {r.headers.get("x-mathmill-stage") for r in a.requests}
+        stages_b = {r.headers.get("x-mathmill-stage") for r in b.requests}
+        auth_b = {r.headers.get("authorization") for r in b.requests}
+        auth_a = {r.headers.get("authorization") for r in a.requests}
+    assert stages_b == {"verify.critique"} and "verify.critique" not in stages_a
+    assert auth_b == {f"Bearer {secret}"} and auth_a == {"Bearer EMPTY"}
+    assert result.verified == 8
+    rows = RunStore(str(tmp_path / "run")).dataset("attempts").read_all(Attempt)
+    assert {a.critique.model for a in rows if a.critique} == {"judge"}
+    assert {a.step_models.get("critic") for a in rows if a.critique} == {"judge"}
+    assert {a.step_models.get("coder") for a in rows if a.critique} == {"fake"}
+    # the key is in no file of the run: Parquet, JSONL, report, manifest, call cache
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["config"]["models"]["critic"]["api_key_env"] == "CRITIC_KEY"
+
+
 def test_switching_settings_back_and_forth_in_one_directory(
     prefect_api: dict[str, str], tmp_path: Path
 ) -> None:
