@@ -82,3 +82,23 @@ async def test_sessions_are_deleted_and_bounded(fake: FakeOpenAIServer, tmp_path
     assert status["endpoint down later"] == "failed"
     assert [status[s] for s in statements[:6]] == ["correct"] * 6
     assert rows.counts["tir.failed"] == 3 and rows.errors and not rows.errors[0].transient
+
+
+async def test_several_samples_per_problem_get_their_own_seed_and_id(
+    fake: FakeOpenAIServer, tmp_path: Path
+) -> None:
+    from mathmill.tasks.tir_export import sharegpt
+
+    fake.handler = handler
+    problem = Problem(statement="Problem 0: what is 7?", answer="7", source_id="q0")
+    cfg = TirConfig(max_turns=2, samples=3, sampling=SamplingParams(seed=10, temperature=0.7))
+    endpoint = EndpointConfig(base_url=fake.base_url, model="m", max_retries=0)
+    async with LLMPool() as pool, LocalSandbox(workers=1) as sandbox:
+        rt = Runtime(RunStore(str(tmp_path)), pool, {"solver": endpoint}, sandbox)
+        rows = await tir_chunk(rt, cfg, [problem], asyncio.Semaphore(4))
+    assert [a.sample_index for a in rows.attempts] == [0, 1, 2]
+    assert len({a.id for a in rows.attempts}) == 3
+    assert [sharegpt(problem, a, 3)["id"] for a in rows.attempts] == ["q0-s0", "q0-s1", "q0-s2"]
+    seeds = {(r.body or {}).get("seed") for r in fake.requests}
+    assert seeds == {10, 11, 12}
+    assert all((r.body or {}).get("stop") == ["</python>"] for r in fake.requests)
