@@ -184,7 +184,8 @@ def plan(cfg: SynthesizeConfig) -> Plan:
         problems = min(problems, cfg.limit)
     cots = problems * (1 + cfg.short_cots)
     per_round = 3 if cfg.regenerate_code else 2
-    calls = -(-cfg.topics // 10) * 2 + problems + cots * (per_round + cfg.rounds * (1 + per_round))
+    written = cfg.topics * cfg.problems_per_topic  # all are written; `limit` cuts after dedup
+    calls = -(-cfg.topics // 10) * 2 + written + cots * (per_round + cfg.rounds * (1 + per_round))
     roles = {
         name: f"{role.base_url or 'embedded'} {role.model or ''}".strip()
         for name, role in cfg.models.merged().items()
@@ -200,7 +201,9 @@ def plan(cfg: SynthesizeConfig) -> Plan:
 
 
 def _sampling(role: ModelRole, seed: int, max_tokens: int | None = None) -> SamplingParams:
-    tokens = role.max_tokens if max_tokens is None else min(max_tokens, role.max_tokens or 0)
+    tokens = role.max_tokens
+    if max_tokens is not None:
+        tokens = min(max_tokens, tokens) if tokens else max_tokens
     return SamplingParams(temperature=role.temperature, max_tokens=tokens, seed=seed)
 
 
