@@ -4,9 +4,11 @@ One :class:`LLMClient` per endpoint bounds the requests in flight with a semapho
 retries 429/5xx/timeouts/connection errors with tenacity (honouring ``Retry-After``),
 applies a per-request timeout and records usage, latency and cost per stage.
 
->>> pool = LLMPool()  # doctest: +SKIP
+>>> pool = LLMPool()
 >>> client = pool.client(EndpointConfig(base_url="http://127.0.0.1:8000/v1", model="m"))
->>> result = await client.chat([{"role": "user", "content": "2+2?"}], stage="demo")
+>>> client.endpoint.max_concurrency
+16
+>>> result = await client.chat([{"role": "user", "content": "2+2?"}])  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -72,8 +72,8 @@ def canonical_text(text: str) -> str:
 def solution_leak(statement: str) -> str | None:
     """Why a problem statement gives its answer or solution away, or None.
 
-    >>> solution_leak("Find n. Answer: 12")
-    'contains answer or solution text: \\'Answer:\\''
+    >>> print(solution_leak("Find n. Answer: 12"))
+    contains answer or solution text: 'Answer:'
     """
     if m := _SOLUTION_TEXT.search(statement):
         return f"contains answer or solution text: {m.group(0)!r}"
