@@ -113,6 +113,17 @@ class TokenUsage(Record):
         """Prompt plus completion tokens."""
         return self.prompt_tokens + self.completion_tokens
 
+    def __add__(self, other: TokenUsage) -> TokenUsage:
+        """The usage of both.
+
+        >>> (TokenUsage(prompt_tokens=3) + TokenUsage(completion_tokens=4)).total_tokens
+        7
+        """
+        return TokenUsage(
+            prompt_tokens=self.prompt_tokens + other.prompt_tokens,
+            completion_tokens=self.completion_tokens + other.completion_tokens,
+        )
+
 
 class SamplingParams(Record):
     """The sampling parameters a text was generated with."""

@@ -483,10 +483,7 @@ class LLMClient:
 
 def _merge_into(second: ChatResult, first: ChatResult) -> None:
     """Count the first call's tokens, cost and time on the repair call's result."""
-    second.usage = TokenUsage(
-        prompt_tokens=second.usage.prompt_tokens + first.usage.prompt_tokens,
-        completion_tokens=second.usage.completion_tokens + first.usage.completion_tokens,
-    )
+    second.usage = second.usage + first.usage
     second.latency_ms += first.latency_ms
     second.cost_usd += first.cost_usd
     second.attempts += first.attempts

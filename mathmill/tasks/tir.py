@@ -221,10 +221,7 @@ async def _loop(
             raise_on_error=False,
             cache_salt=f"tir:{problem.id}:{sample}:{turn}",
         )
-        t.usage = TokenUsage(
-            prompt_tokens=t.usage.prompt_tokens + result.usage.prompt_tokens,
-            completion_tokens=t.usage.completion_tokens + result.usage.completion_tokens,
-        )
+        t.usage += result.usage
         if not result.ok:
             t.error = result.error
             return

@@ -104,10 +104,7 @@ class _Calls:
     error: ErrorInfo | None = None
 
     def add(self, result: ChatResult) -> bool:
-        self.usage = TokenUsage(
-            prompt_tokens=self.usage.prompt_tokens + result.usage.prompt_tokens,
-            completion_tokens=self.usage.completion_tokens + result.usage.completion_tokens,
-        )
+        self.usage += result.usage
         if result.error is not None and self.error is None:
             self.error = result.error
         return result.ok
@@ -228,11 +225,7 @@ def _finish(
 ) -> Attempt:
     if verdict.expected is None and expected is not None:
         verdict = verdict.model_copy(update={"expected": expected})
-    usage = TokenUsage(
-        prompt_tokens=attempt.usage.prompt_tokens + calls.usage.prompt_tokens,
-        completion_tokens=attempt.usage.completion_tokens + calls.usage.completion_tokens,
-    )
-    update = {**update, "verdict": verdict, "usage": usage}
+    update = {**update, "verdict": verdict, "usage": attempt.usage + calls.usage}
     if calls.error is not None and verdict.status == "llm_error":
         update["error"] = calls.error
     return attempt.model_copy(update=update)
