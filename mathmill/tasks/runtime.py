@@ -45,12 +45,15 @@ __all__ = [
     "map_rows",
     "prompt_hashes",
     "raise_if_transient",
+    "read_input",
     "run_chunk",
+    "split_rows",
     "use_runtime",
 ]
 
 T = TypeVar("T")
 R = TypeVar("R")
+Rec = TypeVar("Rec", bound=Record)
 
 
 class IncompleteChunk(MathmillError):
@@ -250,6 +253,21 @@ async def map_rows(
         if isinstance(r, BaseException):
             raise r
     return results  # type: ignore[return-value]
+
+
+def read_input(ref: ChunkRef, model: type[Rec]) -> list[Rec]:
+    """The rows of an input chunk of the current run (its hash verified)."""
+    return current_runtime().store.dataset(ref.dataset).read_chunk(ref, model)
+
+
+def split_rows(dataset: str, rows: Sequence[Record], size: int) -> dict[str, Sequence[Record]]:
+    """Rows cut into output chunks of ``size`` for :func:`run_chunk`:
+    ``{"<dataset>/00000": rows[:size], ...}``.
+
+    >>> list(split_rows("problems", [], 2))
+    []
+    """
+    return {f"{dataset}/{i // size:05d}": rows[i : i + size] for i in range(0, len(rows), size)}
 
 
 def drop(stage: str, reason: str, row: Record, target_id: str, detail: str = "") -> Dropped:

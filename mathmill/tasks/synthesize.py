@@ -14,7 +14,6 @@ from typing import Any
 from prefect import task
 
 from mathmill.records import Attempt, Problem, Topic
-from mathmill.storage import ChunkRef
 from mathmill.tasks.generate import (
     CotConfig,
     ProblemsConfig,
@@ -30,15 +29,13 @@ from mathmill.tasks.runtime import (
     chunk_cache_key,
     current_runtime,
     raise_if_transient,
+    read_input,
     run_chunk,
+    split_rows,
 )
 from mathmill.tasks.verify import VerifyConfig, verify_chunk
 
 __all__ = ["cots_task", "dedup_task", "problems_task", "topics_task", "verify_task"]
-
-
-def _read(ref: ChunkRef, model: type[Any]) -> list[Any]:
-    return current_runtime().store.dataset(ref.dataset).read_chunk(ref, model)
 
 
 @task(
@@ -71,7 +68,7 @@ async def problems_task(spec: ChunkSpec, cfg: ProblemsConfig) -> StageOutput:
 
     async def compute() -> Any:
         start, end = spec.config["slice"]
-        topics: list[Topic] = _read(spec.inputs[0], Topic)[start:end]
+        topics: list[Topic] = read_input(spec.inputs[0], Topic)[start:end]
         got = await generate_problems(rt, cfg, topics)
         raise_if_transient(spec.stage, spec.key, got.errors, len(topics) * cfg.per_topic)
         return {"problems_raw": got.rows, "dropped": got.dropped}, got.counts
@@ -89,13 +86,10 @@ async def dedup_task(spec: ChunkSpec, chunk_size: int, limit: int | None) -> Sta
     """Drop duplicate problems across chunks, apply ``limit``, rechunk for solving."""
 
     async def compute() -> Any:
-        problems = [p for ref in spec.inputs for p in _read(ref, Problem)]
+        problems = [p for ref in spec.inputs for p in read_input(ref, Problem)]
         got = dedup_problems(problems, limit)
         kept: list[Problem] = got.rows  # type: ignore[assignment]
-        outputs: dict[str, Any] = {"dropped": got.dropped}
-        for i in range(0, len(kept), chunk_size):
-            outputs[f"problems/{i // chunk_size:05d}"] = kept[i : i + chunk_size]
-        return outputs, got.counts
+        return {"dropped": got.dropped, **split_rows("problems", kept, chunk_size)}, got.counts
 
     return await run_chunk(spec, compute)
 
@@ -111,7 +105,7 @@ async def cots_task(spec: ChunkSpec, cfg: CotConfig) -> StageOutput:
     rt = current_runtime()
 
     async def compute() -> Any:
-        problems: list[Problem] = _read(spec.inputs[0], Problem)
+        problems: list[Problem] = read_input(spec.inputs[0], Problem)
         got = await generate_cots(rt, cfg, problems)
         raise_if_transient(spec.stage, spec.key, got.errors, len(got.rows))
         return {"cots": got.rows}, got.counts
@@ -130,8 +124,8 @@ async def verify_task(spec: ChunkSpec, cfg: VerifyConfig) -> StageOutput:
     rt = current_runtime()
 
     async def compute() -> Any:
-        problems: list[Problem] = _read(spec.inputs[0], Problem)
-        cots: list[Attempt] = _read(spec.inputs[1], Attempt)
+        problems: list[Problem] = read_input(spec.inputs[0], Problem)
+        cots: list[Attempt] = read_input(spec.inputs[1], Attempt)
         got = await verify_chunk(rt, cfg, problems, cots)
         raise_if_transient(spec.stage, spec.key, got.errors, len(cots))
         got.counts["verify.cots"] = len(cots)

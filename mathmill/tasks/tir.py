@@ -48,7 +48,9 @@ from mathmill.tasks.runtime import (
     drop,
     map_rows,
     raise_if_transient,
+    read_input,
     run_chunk,
+    split_rows,
 )
 
 __all__ = [
@@ -402,10 +404,7 @@ async def load_task(spec: ChunkSpec, chunk_size: int) -> StageOutput:
                 seen.add(item.id)
                 problems.append(item)
         counts["load.problems"] = len(problems)
-        outputs: dict[str, Any] = {"dropped": dropped}
-        for i in range(0, len(problems), chunk_size):
-            outputs[f"problems/{i // chunk_size:05d}"] = problems[i : i + chunk_size]
-        return outputs, counts
+        return {"dropped": dropped, **split_rows("problems", problems, chunk_size)}, counts
 
     return await run_chunk(spec, compute)
 
@@ -418,9 +417,7 @@ async def tir_task(spec: ChunkSpec, cfg: TirConfig) -> StageOutput:
     rt = current_runtime()
 
     async def compute() -> Any:
-        problems: list[Problem] = rt.store.dataset(spec.inputs[0].dataset).read_chunk(
-            spec.inputs[0], Problem
-        )
+        problems = read_input(spec.inputs[0], Problem)
         got = await tir_chunk(rt, cfg, problems, rt.extra["sessions"], rt.extra.get("on_turn"))
         raise_if_transient(spec.stage, spec.key, got.errors, len(got.attempts))
         return {"trajectories": got.attempts}, got.counts
