@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import hashlib
+import json
 import os
 import time
 from pathlib import Path
@@ -234,8 +235,6 @@ def _exports(store: RunStore, refs: list[ChunkRef], samples: int) -> dict[str, s
 
 def dump_line(row: Any) -> bytes:
     """One JSONL line."""
-    import json
-
     return json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
