@@ -27,7 +27,7 @@ import os
 import re
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import fsspec
 import pyarrow as pa
@@ -153,20 +153,23 @@ class RunStore:
 
     def write_stream(self, relpath: str, parts: Iterable[bytes]) -> str:
         """Write a large file under the run directory from an iterable of byte strings,
-        without holding it in memory. Readers see the whole file or none of it (a local
-        temporary renamed into place; an S3 multipart upload completed on close).
+        without holding it in memory; see :meth:`open_write`.
+        """
+        with self.open_write(relpath) as f:
+            for part in parts:
+                f.write(part)
+        return self._public(f"{self.root}/{relpath}")
+
+    @contextlib.contextmanager
+    def open_write(self, relpath: str) -> Iterator[IO[bytes]]:
+        """A file under the run directory to write in pieces (several may be open at
+        once). Readers see the whole file or none of it: a local temporary renamed into
+        place on success; an S3 multipart upload completed on success, discarded when
+        the block raises.
         """
         path = f"{self.root}/{relpath}"
-        if not self.is_local:
-            try:
-                with self.fs.open(path, "wb") as f:
-                    for part in parts:
-                        f.write(part)
-            except Exception as e:  # botocore/aiohttp errors have no common base
-                raise StorageError(f"writing {self._public(path)} failed: {e}") from e
-            return self._public(path)
-        _atomic_write(self, path, parts)
-        return path
+        with _atomic_file(self, path) as f:
+            yield f
 
     def exists(self, relpath: str) -> bool:
         """Whether a file exists under the run directory."""
@@ -342,31 +345,65 @@ def _to_parquet(table: pa.Table) -> bytes:
     return sink.getvalue()
 
 
-def _atomic_write(store: RunStore, path: str, data: bytes | Iterable[bytes]) -> None:
+def _atomic_write(store: RunStore, path: str, data: bytes) -> None:
     if not store.is_local:
         # One PUT: S3 makes the object visible only once it is complete.
         try:
-            store.fs.pipe_file(path, data if isinstance(data, bytes) else b"".join(data))
+            store.fs.pipe_file(path, data)
         except Exception as e:  # botocore/aiohttp errors have no common base
             raise StorageError(f"writing {store._public(path)} failed: {e}") from e
         return
+    with _atomic_file(store, path) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def _atomic_file(store: RunStore, path: str) -> Iterator[IO[bytes]]:
+    """A file that appears at ``path`` only when the block ends without an error.
+    Errors of the block itself pass through unchanged; the storage's own are
+    :class:`StorageError` naming the path.
+    """
+    public = store._public(path)
+    if not store.is_local:
+        try:
+            remote = store.fs.open(path, "wb")
+        except Exception as e:  # botocore/aiohttp errors have no common base
+            raise StorageError(f"writing {public} failed: {e}") from e
+        try:
+            yield remote
+        except BaseException:
+            remote.discard()  # abort the multipart upload: no partial object
+            remote.closed = True  # so that garbage collection does not try to commit it
+            raise
+        try:
+            remote.close()
+        except Exception as e:
+            raise StorageError(f"writing {public} failed: {e}") from e
+        return
     directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
     tmp = os.path.join(directory, f"{_TMP_PREFIX}{uuid.uuid4().hex}-{os.path.basename(path)}")
     try:
-        with open(tmp, "wb") as f:
-            for part in [data] if isinstance(data, bytes) else data:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(directory, os.O_RDONLY)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise StorageError(f"writing {path} failed: {e}") from e
+            os.makedirs(directory, exist_ok=True)
+            local = open(tmp, "wb")  # noqa: SIM115 (closed below, before the rename)
+        except OSError as e:
+            raise StorageError(f"writing {path} failed: {e}") from e
+        with local:
+            yield local
+            try:
+                local.flush()
+                os.fsync(local.fileno())
+            except OSError as e:
+                raise StorageError(f"writing {path} failed: {e}") from e
+        try:
+            os.replace(tmp, path)
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as e:
+            raise StorageError(f"writing {path} failed: {e}") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -8,6 +8,7 @@ sessions, exported as ShareGPT and chat-template JSONL with statistics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -214,23 +215,19 @@ def _exports(store: RunStore, refs: list[ChunkRef], samples: int) -> dict[str, s
         if ref.dataset == "problems":
             problems.update((p.id, p) for p in store.dataset("problems").read_chunk(ref, Problem))
     trajectories = [r for r in refs if r.dataset == "trajectories"]
-
-    def rows(kind: str) -> Any:
+    names = ("sharegpt", "messages", "failed")
+    # One pass over the trajectories, three files written side by side.
+    with contextlib.ExitStack() as stack:
+        files = {n: stack.enter_context(store.open_write(f"{n}.jsonl")) for n in names}
         for ref in trajectories:
             for a in store.dataset("trajectories").read_chunk(ref, Attempt):
-                ok = a.verdict is not None and a.verdict.status != "failed"
-                if (kind == "failed") == ok:
-                    continue
                 p = problems[a.problem_id]
-                row = (
-                    chat_messages(p, a, samples) if kind == "messages" else sharegpt(p, a, samples)
-                )
-                yield dump_line(row)
-
-    return {
-        f"{kind}.jsonl": store.write_stream(f"{kind}.jsonl", rows(kind))
-        for kind in ("sharegpt", "messages", "failed")
-    }
+                if a.verdict is not None and a.verdict.status != "failed":
+                    files["sharegpt"].write(dump_line(sharegpt(p, a, samples)))
+                    files["messages"].write(dump_line(chat_messages(p, a, samples)))
+                else:
+                    files["failed"].write(dump_line(sharegpt(p, a, samples)))
+    return {f"{n}.jsonl": f"{store.url}/{n}.jsonl" for n in names}
 
 
 def dump_line(row: Any) -> bytes:
