@@ -477,6 +477,19 @@ def test_cli_dry_run_prints_the_plan_and_calls_nothing(
     assert not (tmp_path / "dry").exists()
 
 
+def test_cli_config_file_that_does_not_parse_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("topics: [oops\n")
+    done = subprocess.run(
+        [*CLI, "run", "synthesize", "--config", str(config), "--dry-run"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert line.startswith(f"error: config file {config} does not parse: while parsing")
+
+
 def test_cli_reads_a_yaml_config_and_flags_override_it(tmp_path: Path) -> None:
     config = tmp_path / "synth.yaml"
     config.write_text(

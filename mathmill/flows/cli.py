@@ -57,7 +57,8 @@ def load_config_file(path: Path | None) -> dict[str, Any]:
         else:
             data = json.loads(text)
     except Exception as e:  # json and yaml raise different errors
-        raise ConfigError(f"config file {path} does not parse: {e}") from e
+        reason = " ".join(str(e).split())  # YAML's messages span lines
+        raise ConfigError(f"config file {path} does not parse: {reason}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path}: expected a mapping of parameters")
     return data
