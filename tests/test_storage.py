@@ -181,9 +181,14 @@ def test_open_write_is_all_or_nothing(store: RunStore) -> None:
             b.write(b"x" * 7_000_000)  # past S3's 5 MiB part size: a real multipart upload
     assert store.read_bytes("a.jsonl") == b"0\n1\n2\n"
     assert len(store.read_bytes("b.jsonl")) == 21_000_000
-    with pytest.raises(RuntimeError, match="boom"), store.open_write("c.jsonl") as c:
-        c.write(b"y" * 7_000_000)
-        raise RuntimeError("boom")
+
+    def write_then_fail() -> None:
+        with store.open_write("c.jsonl") as c:
+            c.write(b"y" * 7_000_000)
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_then_fail()
     assert not store.exists("c.jsonl")  # nothing half-written is visible
     if store.is_local:
         assert sorted(os.listdir(store.root)) == ["a.jsonl", "b.jsonl"]  # no temporary left
