@@ -11,15 +11,16 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from mathmill.errors import ConfigError
 from mathmill.llm.config import EndpointConfig, StructuredMode
 from mathmill.sandbox.limits import Limits
 
-__all__ = ["ModelRole", "SandboxOptions", "resolve_role"]
+__all__ = ["ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENDPOINT_FIELDS = ("block", "base_url", "api_key_env")
 
 
 class ModelRole(BaseModel):
@@ -29,6 +30,13 @@ class ModelRole(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    block: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Name of a saved 'mathmill LLM endpoint' block (URL, key, limits, "
+        "prices); the fields below override it. Not with base_url.",
+        examples=["openrouter"],
+    )
     base_url: str | None = Field(
         None,
         description="OpenAI-compatible base URL ending in /v1; unset = the default model "
@@ -45,6 +53,13 @@ class ModelRole(BaseModel):
     max_concurrency: int | None = Field(
         None, ge=1, le=4096, description="Requests in flight to this endpoint."
     )
+    concurrency_limit: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
+        description="Prefect global concurrency limit that sets the requests in flight "
+        "live (created with max_concurrency when missing).",
+        examples=["llm-openrouter"],
+    )
     timeout_s: float | None = Field(None, gt=0, le=3600, description="Per-request timeout.")
     max_retries: int | None = Field(None, ge=0, le=20, description="Retries per request.")
     structured_mode: StructuredMode | None = Field(
@@ -53,39 +68,66 @@ class ModelRole(BaseModel):
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int | None = Field(None, ge=16, le=131072, description="Tokens per reply.")
 
+    @model_validator(mode="after")
+    def _one_endpoint(self) -> ModelRole:
+        if self.block and self.base_url:
+            raise ValueError("set block or base_url, not both")
+        return self
+
     def over(self, default: ModelRole) -> ModelRole:
-        """This role with its unset fields taken from ``default``."""
-        merged = default.model_dump(exclude_none=True) | self.model_dump(exclude_none=True)
-        return ModelRole(**merged)
+        """This role with its unset fields taken from ``default``. Where the endpoint is
+        (block, base URL, key variable) comes whole from one of the two, so a key is
+        never sent to another role's server.
+        """
+        mine = self.model_dump(exclude_none=True)
+        theirs = default.model_dump(exclude_none=True)
+        if "block" in mine or "base_url" in mine:
+            for field in _ENDPOINT_FIELDS:
+                theirs.pop(field, None)
+        return ModelRole(**(theirs | mine))
 
 
-def resolve_role(role: ModelRole, name: str, embedded: EndpointConfig | None) -> EndpointConfig:
-    """The endpoint a (merged) role calls: its own base URL, or the embedded model's.
+def resolve_role(
+    role: ModelRole,
+    name: str,
+    embedded: EndpointConfig | None,
+    block: EndpointConfig | None = None,
+) -> EndpointConfig:
+    """The endpoint a (merged) role calls: its block's (``block``, loaded by the
+    caller), its own base URL, or the embedded model's; the role's fields override.
 
     Raises :class:`ConfigError` naming the role when its key variable is unset.
     """
-    if role.base_url is None:
+    if block is not None:
+        base = block
+    elif role.base_url is None:
         if embedded is None:
             raise ConfigError(f"models.{name}: no base_url and no embedded model")
         base = embedded
     else:
-        key = SecretStr("EMPTY")
-        if role.api_key_env:
-            value = os.environ.get(role.api_key_env)
-            if not value:
-                raise ConfigError(
-                    f"models.{name}.api_key_env: environment variable {role.api_key_env} is unset"
-                )
-            key = SecretStr(value)
         if not role.model:
             raise ConfigError(f"models.{name}.model: required with base_url {role.base_url}")
-        base = EndpointConfig(base_url=role.base_url, model=role.model, api_key=key)
+        base = EndpointConfig(base_url=role.base_url, model=role.model)
+    local = block is None and role.base_url is None  # the embedded model serves one at a time
     update: dict[str, object] = {"name": f"{name}:{role.model or base.model}"}
-    for field in ("max_concurrency", "timeout_s", "max_retries", "structured_mode"):
+    if role.api_key_env and not local:
+        value = os.environ.get(role.api_key_env)
+        if not value:
+            raise ConfigError(
+                f"models.{name}.api_key_env: environment variable {role.api_key_env} is unset"
+            )
+        update["api_key"] = SecretStr(value)
+    for field in (
+        "max_concurrency",
+        "concurrency_limit",
+        "timeout_s",
+        "max_retries",
+        "structured_mode",
+    ):
         value = getattr(role, field)
-        if value is not None and not (role.base_url is None and field == "max_concurrency"):
+        if value is not None and not (local and field in ("max_concurrency", "concurrency_limit")):
             update[field] = value
-    if role.model and role.base_url is not None:
+    if role.model and not local:
         update["model"] = role.model
     return base.model_copy(update=update)
 
@@ -95,13 +137,24 @@ class SandboxOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    backend: Literal["local", "http"] = Field(
-        "local", description="'local': fork server on this machine; 'http': a sandbox server."
+    block: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
+        description="Name of a saved 'mathmill sandbox' block; its settings replace these.",
+        examples=["sandbox-pool"],
+    )
+    backend: Literal["local", "http", "docker"] = Field(
+        "local",
+        description="'local': fork server on this machine; 'http': a sandbox server; "
+        "'docker': a container of the sandbox image.",
     )
     url: str | None = Field(
         None,
         description="Base URL of the sandbox server (backend 'http').",
         examples=["http://sandbox:8090"],
+    )
+    image: str | None = Field(
+        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:latest"]
     )
     workers: int | None = Field(
         None, ge=1, le=256, description="Local sandbox processes (default: one per core)."
@@ -120,3 +173,42 @@ class SandboxOptions(BaseModel):
     def limits(self) -> Limits:
         """As sandbox :class:`Limits`."""
         return Limits(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
+
+
+_BLOCK_REF = r"^([a-z0-9-]+/)?[A-Za-z0-9][A-Za-z0-9_-]*$"
+
+
+class StorageFields(BaseModel):
+    """Where a flow's run directory and Prefect task results live (mixed into the flows'
+    parameters).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    storage_endpoint_url: str | None = Field(
+        None,
+        description="S3-compatible endpoint for s3:// run directories (MinIO, moto).",
+        examples=["http://minio:9000"],
+    )
+    storage_block: str | None = Field(
+        None,
+        pattern=_BLOCK_REF,
+        description="Storage block holding the run directory ('s3-bucket/NAME', or NAME for "
+        "an s3-bucket block; also local-file-system / remote-file-system); `out` is then a "
+        "path inside it, readable by workers on other machines.",
+        examples=["s3-bucket/mathmill-data"],
+    )
+    results_block: str | None = Field(
+        None,
+        pattern=_BLOCK_REF,
+        description="Storage block for Prefect's task results (default: storage_block, else "
+        "Prefect's default result storage).",
+        examples=["s3-bucket/mathmill-results"],
+    )
+
+    def result_storage(self) -> str | None:
+        """``slug/name`` of the block that holds Prefect's task results, if any."""
+        from mathmill.blocks.storage import block_ref
+
+        name = self.results_block or self.storage_block
+        return block_ref(name) if name else None

@@ -10,12 +10,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
+from typing import TypeVar
 
 from mathmill.errors import ConfigError, EmbeddedModelError, MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions, resolve_role
 from mathmill.llm.cache import CallCache
 from mathmill.llm.client import LLMPool
 from mathmill.llm.config import EndpointConfig
+from mathmill.llm.live import LiveLimits
 from mathmill.sandbox.http import HTTPSandbox
 from mathmill.sandbox.local import LocalSandbox
 from mathmill.sandbox.protocol import Sandbox
@@ -38,17 +40,56 @@ def call_cache_path(store: RunStore) -> str:
     return os.path.join(base, "calls", f"{digest}.sqlite")
 
 
-def _sandbox(options: SandboxOptions) -> Sandbox:
+async def _sandbox(options: SandboxOptions) -> Sandbox:
+    if options.block:
+        from mathmill.blocks.sandbox import SandboxEndpoint
+
+        block = await _load_block(SandboxEndpoint, options.block, "sandbox.block")
+        options = block.options()
     if options.backend == "http":
         if not options.url:
             raise ConfigError("sandbox.url: required with backend 'http'")
         return HTTPSandbox(options.url, timeout_s=options.timeout_s)
+    if options.backend == "docker":
+        from mathmill.sandbox.docker import DEFAULT_IMAGE, DockerSandbox
+
+        box = DockerSandbox(options.image or DEFAULT_IMAGE, timeout_s=options.timeout_s)
+        return await box.start()
     # Any worker may get every session: no LRU eviction below max_sessions.
     return LocalSandbox(
         workers=options.workers,
         limits=options.limits,
         max_sessions_per_worker=options.max_sessions,
     )
+
+
+B = TypeVar("B")
+
+
+async def _load_block(block_type: type[B], name: str, field: str) -> B:
+    """A saved block by name; a missing one is a :class:`ConfigError` naming the field."""
+    try:
+        loaded: B = await block_type.aload(name)  # type: ignore[attr-defined]
+    except ValueError as e:  # Prefect: "Unable to find block document named ..."
+        slug = block_type.get_block_type_slug()  # type: ignore[attr-defined]
+        raise ConfigError(f"{field}: no {slug} block named {name!r} on the Prefect server") from e
+    return loaded
+
+
+async def _role_endpoints(
+    roles: Mapping[str, ModelRole], embedded: EndpointConfig | None
+) -> dict[str, EndpointConfig]:
+    from mathmill.blocks.llm import LLMEndpoint
+
+    blocks: dict[str, EndpointConfig] = {}
+    for name, role in roles.items():
+        if role.block and role.block not in blocks:
+            block = await _load_block(LLMEndpoint, role.block, f"models.{name}.block")
+            blocks[role.block] = block.endpoint(role.block)
+    return {
+        name: resolve_role(role, name, embedded, blocks.get(role.block or ""))
+        for name, role in roles.items()
+    }
 
 
 @contextlib.asynccontextmanager
@@ -72,16 +113,17 @@ async def open_runtime(
         stack.callback(cache.close)
         embedded: EndpointConfig | None = None
         model: EmbeddedModel | None = None
-        if any(role.base_url is None for role in roles.values()):
+        if any(role.base_url is None and role.block is None for role in roles.values()):
             log.info("starting the embedded model (no endpoint configured)")
             model = EmbeddedModel()
             embedded = stack.enter_context(model)
-        endpoints = {name: resolve_role(role, name, embedded) for name, role in roles.items()}
+        endpoints = await _role_endpoints(roles, embedded)
         pool = LLMPool(cache=cache)
         stack.push_async_callback(pool.aclose)
+        await stack.enter_async_context(LiveLimits(pool, endpoints.values()))
         box: Sandbox | None = None
         if sandbox is not None:
-            box = _sandbox(sandbox)
+            box = await _sandbox(sandbox)
             stack.push_async_callback(box.close)
         runtime = Runtime(
             store=store,

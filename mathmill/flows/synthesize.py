@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prefect import flow, get_run_logger
@@ -28,12 +28,13 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill.blocks.storage import load_storage
 from mathmill.errors import MathmillError
-from mathmill.flows.options import ModelRole, SandboxOptions
+from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
 from mathmill.flows.progress import Tracker
 from mathmill.flows.resources import open_runtime
 from mathmill.records import SamplingParams
-from mathmill.storage import ChunkRef, StorageConfig
+from mathmill.storage import ChunkRef
 from mathmill.tasks.export import (
     count_rows,
     dump_json,
@@ -111,18 +112,15 @@ class Models(BaseModel):
         }
 
 
-class SynthesizeConfig(BaseModel):
+class SynthesizeConfig(StorageFields):
     """Parameters of the synthesize flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     out: str = Field(
         "runs/synthesize",
-        description="Run directory: local path or s3://bucket/prefix. Re-running with the "
-        "same directory resumes.",
-    )
-    storage_endpoint_url: str | None = Field(
-        None, description="S3-compatible endpoint for s3:// run directories (MinIO, moto)."
+        description="Run directory: local path or s3://bucket/prefix (a path inside "
+        "storage_block when that is set). Re-running with the same directory resumes.",
     )
     topics: int = Field(10, ge=1, le=100_000, description="Unique topics to generate.")
     problems_per_topic: int = Field(2, ge=1, le=100, description="Problems per topic.")
@@ -315,7 +313,8 @@ async def run_synthesize(cfg: SynthesizeConfig, *, prefect: bool) -> SynthesizeR
         logger.info("dry run: %s", the_plan.model_dump_json())
         return SynthesizeResult(out=cfg.out, plan=the_plan, dry_run=True)
     started = time.perf_counter()
-    storage = StorageConfig(url=cfg.out, endpoint_url=cfg.storage_endpoint_url)
+    storage = await load_storage(cfg.out, cfg.storage_block, cfg.storage_endpoint_url)
+    call = _caller(prefect, cfg.result_storage())
     async with open_runtime(
         storage, cfg.models.merged(), sandbox=cfg.sandbox, row_concurrency=cfg.concurrency
     ) as rt:
@@ -325,7 +324,7 @@ async def run_synthesize(cfg: SynthesizeConfig, *, prefect: bool) -> SynthesizeR
                 tracker.progress_id = await acreate_progress_artifact(
                     0.0, key="synthesize-progress", description="synthesize: starting"
                 )
-            refs, failures = await _stages_run(cfg, stages, rt, tracker, prefect, logger)
+            refs, failures = await _stages_run(cfg, stages, rt, tracker, call, logger)
             return await _finish(cfg, the_plan, rt, tracker, refs, failures, started, prefect)
 
 
@@ -333,10 +332,24 @@ def _logger(prefect: bool) -> logging.Logger | logging.LoggerAdapter[logging.Log
     return get_run_logger() if prefect else logging.getLogger("mathmill.synthesize")
 
 
-def _call(task_: Any, prefect: bool, *args: Any) -> Awaitable[StageOutput]:
-    """A stage task as a Prefect task run, or its plain function."""
-    result: Awaitable[StageOutput] = task_(*args) if prefect else task_.fn(*args)
-    return result
+Caller = Callable[..., Awaitable[StageOutput]]
+
+
+def _caller(prefect: bool, result_storage: str | None) -> Caller:
+    """Calls a stage task as a Prefect task run (results in ``result_storage`` when
+    set), or as its plain function.
+    """
+
+    def call(task_: Any, *args: Any) -> Awaitable[StageOutput]:
+        if not prefect:
+            plain: Awaitable[StageOutput] = task_.fn(*args)
+            return plain
+        if result_storage:
+            task_ = task_.with_options(result_storage=result_storage)
+        run: Awaitable[StageOutput] = task_(*args)
+        return run
+
+    return call
 
 
 async def _stages_run(
@@ -344,7 +357,7 @@ async def _stages_run(
     stages: _Stages,
     rt: Runtime,
     tracker: Tracker,
-    prefect: bool,
+    call: Caller,
     logger: Any,
 ) -> tuple[list[ChunkRef], list[BaseException]]:
     """topics → problems (chunks) → dedup → per chunk: cots → verify."""
@@ -354,7 +367,7 @@ async def _stages_run(
         return _spec(rt, stage, index, inputs, config, roles, prompts, modules, **kw)
 
     topics = await tracker.run(
-        "topics", _call(topics_task, prefect, spec("topics", 0, [], stages.topics), stages.topics)
+        "topics", call(topics_task, spec("topics", 0, [], stages.topics), stages.topics)
     )
     topics_ref = topics.refs["topics"]
     per_chunk = max(1, cfg.chunk_size // cfg.problems_per_topic)
@@ -365,9 +378,8 @@ async def _stages_run(
         *(
             tracker.run(
                 "problems",
-                _call(
+                call(
                     problems_task,
-                    prefect,
                     spec("problems", i, [topics_ref], stages.problems, slice=sl),
                     stages.problems,
                 ),
@@ -377,9 +389,7 @@ async def _stages_run(
     )
     raw = [o.refs["problems_raw"] for o in problem_outs if "problems_raw" in o.refs]
     dedup_spec = spec("dedup", 0, raw, stages.problems, chunk_size=cfg.chunk_size, limit=cfg.limit)
-    dedup = await tracker.run(
-        "dedup", _call(dedup_task, prefect, dedup_spec, cfg.chunk_size, cfg.limit)
-    )
+    dedup = await tracker.run("dedup", call(dedup_task, dedup_spec, cfg.chunk_size, cfg.limit))
     problem_refs = [ref for name, ref in sorted(dedup.refs.items()) if name.startswith("problems")]
     tracker.total = max(1, len(problem_refs))
     await tracker.step(f"{len(problem_refs)} chunks of problems", chunk_done=False)
@@ -391,11 +401,9 @@ async def _stages_run(
     async def solve(i: int, ref: ChunkRef) -> list[StageOutput]:
         async with gate:
             cot_spec = spec("cots", i, [ref], stages.cots)
-            cots = await tracker.run("cots", _call(cots_task, prefect, cot_spec, stages.cots))
+            cots = await tracker.run("cots", call(cots_task, cot_spec, stages.cots))
             verify_spec = spec("verify", i, [ref, cots.refs["cots"]], stages.verify)
-            verified = await tracker.run(
-                "verify", _call(verify_task, prefect, verify_spec, stages.verify)
-            )
+            verified = await tracker.run("verify", call(verify_task, verify_spec, stages.verify))
             await tracker.step(f"chunk {i + 1} of {tracker.total} verified")
             return [cots, verified]
 

@@ -21,13 +21,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill.blocks.storage import load_storage
 from mathmill.errors import ConfigError
-from mathmill.flows.options import ModelRole, SandboxOptions
+from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
 from mathmill.flows.progress import Tracker
 from mathmill.flows.resources import open_runtime
 from mathmill.flows.synthesize import IncompleteRun
 from mathmill.records import Attempt, Problem, SamplingParams
-from mathmill.storage import ChunkRef, RunStore, StorageConfig
+from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks, report_markdown
 from mathmill.tasks.runtime import (
     ChunkSpec,
@@ -49,7 +50,7 @@ turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
 """Set by ``mathmill run tir --debug`` to print each turn as it happens."""
 
 
-class TirParams(BaseModel):
+class TirParams(StorageFields):
     """Parameters of the tir flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -65,8 +66,11 @@ class TirParams(BaseModel):
         "answer", description="Input field with the expected answer (none: unvalidated)."
     )
     limit: int | None = Field(None, ge=1, description="At most this many problems.")
-    out: str = Field("runs/tir", description="Run directory (re-run to resume).")
-    storage_endpoint_url: str | None = Field(None, description="S3-compatible endpoint.")
+    out: str = Field(
+        "runs/tir",
+        description="Run directory: local path, s3://bucket/prefix, or a path inside "
+        "storage_block (re-run to resume).",
+    )
     samples: int = Field(1, ge=1, le=64, description="Trajectories per problem.")
     max_turns: int = Field(8, ge=1, le=100, description="Model replies per trajectory.")
     max_nudges: int = Field(2, ge=0, le=10, description="'Run code first' nudges at most.")
@@ -143,7 +147,7 @@ async def run_tir(params: TirParams) -> TirResult:
         logger.info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)
     started = time.perf_counter()
-    storage = StorageConfig(url=params.out, endpoint_url=params.storage_endpoint_url)
+    storage = await load_storage(params.out, params.storage_block, params.storage_endpoint_url)
     sessions = params.sandbox.max_sessions
     async with open_runtime(
         storage,
@@ -191,13 +195,16 @@ async def _run(
         limit=params.limit,
         chunk_size=params.chunk_size,
     )
-    loaded = await tracker.run("load", load_task(load_spec, params.chunk_size))
+    storage = params.result_storage()
+    load = load_task.with_options(result_storage=storage) if storage else load_task
+    run_tir_chunk = tir_task.with_options(result_storage=storage) if storage else tir_task
+    loaded = await tracker.run("load", load(load_spec, params.chunk_size))
     chunks = [ref for name, ref in sorted(loaded.refs.items()) if name.startswith("problems")]
     solver = rt.endpoints["solver"].identity
 
     async def solve(i: int, ref: ChunkRef) -> StageOutput:
         spec = _spec(rt, "tir", i, [ref], tir=cfg.model_dump(mode="json"), solver=solver)
-        return await tracker.run("tir", tir_task(spec, cfg))
+        return await tracker.run("tir", run_tir_chunk(spec, cfg))
 
     results = await asyncio.gather(
         *(solve(i, ref) for i, ref in enumerate(chunks)), return_exceptions=True

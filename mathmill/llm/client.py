@@ -13,7 +13,6 @@ applies a per-request timeout and records usage, latency and cost per stage.
 
 from __future__ import annotations
 
-import asyncio
 import email.utils
 import json
 import time
@@ -35,6 +34,7 @@ from tenacity import (
 from mathmill.errors import EndpointError, EndpointTimeout, StructuredOutputError
 from mathmill.llm.cache import CallCache
 from mathmill.llm.config import EndpointConfig, Price
+from mathmill.llm.limiter import Limiter
 from mathmill.llm.structured import parse_reply, repair_message, response_format, schema_hint
 from mathmill.llm.usage import UsageMeter
 from mathmill.records import ErrorInfo, SamplingParams, TokenUsage
@@ -182,7 +182,8 @@ def _describe(exc: BaseException, endpoint: EndpointConfig, attempts: int) -> En
 
 
 class LLMClient:
-    """Calls to one endpoint, bounded by its ``max_concurrency``, with retries and accounting.
+    """Calls to one endpoint, bounded by a live :class:`Limiter` (``max_concurrency`` at
+    first), with retries and accounting.
 
     Methods raise :class:`~mathmill.errors.EndpointError` on final failure unless
     ``raise_on_error=False``, in which case the failure is returned in ``result.error``.
@@ -203,11 +204,11 @@ class LLMClient:
         # per idle connection), so one pool of 256 connections costs far more CPU per
         # call than 8 pools of 32. Requests go to the least loaded shard.
         n_shards = -(-endpoint.max_concurrency // _CONNECTIONS_PER_SHARD)
-        per_shard = -(-endpoint.max_concurrency // n_shards)
-        self._shards = [self._sdk_client(per_shard) for _ in range(n_shards)]
+        self._per_shard = -(-endpoint.max_concurrency // n_shards)
+        self._shards = [self._sdk_client(self._per_shard) for _ in range(n_shards)]
         self._load = [0] * n_shards
         self.openai = self._shards[0]
-        self._semaphore: asyncio.Semaphore | None = None
+        self.limiter = Limiter(endpoint.max_concurrency)
         self._backoff = wait_exponential_jitter(
             multiplier=0.25, max=endpoint.max_backoff_s, jitter=0.25
         )
@@ -227,10 +228,14 @@ class LLMClient:
         for shard in self._shards:
             await shard.close()
 
-    def _sem(self) -> asyncio.Semaphore:
-        if self._semaphore is None:
-            self._semaphore = asyncio.Semaphore(self.endpoint.max_concurrency)
-        return self._semaphore
+    def set_concurrency(self, limit: int) -> None:
+        """Change the requests allowed in flight, now (live tuning); connections are
+        added when the limit grows past those open.
+        """
+        self.limiter.resize(limit)
+        while len(self._shards) * self._per_shard < self.limiter.capacity:
+            self._shards.append(self._sdk_client(self._per_shard))
+            self._load.append(0)
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -247,13 +252,13 @@ class LLMClient:
             wait=self._wait,
             reraise=True,
         )
-        sem = self._sem()
-        load = self._load
+        limiter = self.limiter
         try:
             async for attempt in retrying:
                 with attempt:
                     attempts += 1
-                    async with sem:
+                    async with limiter:
+                        load = self._load
                         shard = min(range(len(load)), key=load.__getitem__)
                         load[shard] += 1
                         try:

@@ -62,6 +62,13 @@ class EndpointConfig(BaseModel):
         default_factory=dict,
         description="Extra JSON fields sent with every request (e.g. vLLM's top_k).",
     )
+    concurrency_limit: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
+        description="Name of a Prefect global concurrency limit that sets max_concurrency "
+        "live: change it in the UI or CLI and running flows follow (created when missing).",
+        examples=["llm-openrouter"],
+    )
     name: str | None = Field(None, description="Label shown in reports; defaults to the model.")
     cache_id: str | None = Field(
         None,
