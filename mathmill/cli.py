@@ -12,6 +12,7 @@ from rich.table import Table
 from typer.exceptions import TyperException
 
 from mathmill import __version__
+from mathmill.deploy_cli import blocks_app, server_app
 from mathmill.errors import MathmillError
 from mathmill.flows.cli import run_app
 from mathmill.llm.config import EndpointConfig, endpoint_from_env
@@ -27,6 +28,8 @@ app.add_typer(endpoint_app, name="endpoint")
 sandbox_app = typer.Typer(help="Run the code sandbox.", no_args_is_help=True)
 app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(run_app, name="run")
+app.add_typer(server_app, name="server")
+app.add_typer(blocks_app, name="blocks")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 

@@ -146,6 +146,8 @@ class FakeOpenAIServer:
         self._server: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
         self._counter = 0
+        self.in_flight = 0
+        self.in_flight_log: list[tuple[float, int]] = []  # (monotonic time, in flight after)
 
     # -- scripting ---------------------------------------------------------------
     def enqueue(self, *responses: Response) -> None:
@@ -251,7 +253,33 @@ class FakeOpenAIServer:
             await _send(send, 400, {"error": {"message": "missing JSON body"}})
             return
         response = self._next(request)
-        await self._answer(request, body, response, send)
+        self._count_in_flight(+1)
+        try:
+            await self._answer(request, body, response, send)
+        finally:
+            self._count_in_flight(-1)
+
+    def _count_in_flight(self, delta: int) -> None:
+        with self._lock:
+            self.in_flight += delta
+            self.in_flight_log.append((time.monotonic(), self.in_flight))
+
+    def peak_in_flight(self, start: float = 0.0, end: float = float("inf")) -> int:
+        """Most completion requests in flight at once between two ``time.monotonic()``
+        readings (0 when none ran then).
+        """
+        with self._lock:
+            log = list(self.in_flight_log)
+        level = peak = 0
+        seen = False
+        for when, now in log:
+            if when >= end:
+                break
+            if when >= start:
+                peak = max(peak, level, now)
+                seen = True
+            level = now
+        return peak if seen else level
 
     async def _answer(
         self, request: RecordedRequest, body: dict[str, Any], response: Response, send: Any

@@ -57,7 +57,9 @@ class Limiter:
         self._wake()
 
     def _wake(self) -> None:
-        free = self._capacity - self._in_flight - sum(1 for w in self._waiters if w.done())
+        # woken waiters that have not run yet hold a slot; cancelled ones hold nothing
+        woken = sum(1 for w in self._waiters if w.done() and not w.cancelled())
+        free = self._capacity - self._in_flight - woken
         for waiter in self._waiters:
             if free <= 0:
                 break

@@ -1,0 +1,219 @@
+"""``mathmill server up``: a local Prefect server on SQLite, ready to run mathmill.
+
+It starts ``prefect server start`` in the background (tuned as measured in FACTS.md:
+task-run recorder batches, analytics off), waits for ``/api/health``, creates the
+``cpu`` and ``vllm`` process work pools, registers the block types and deploys
+``deployments/prefect.yaml``. Each step is skipped when already done, so ``up`` is
+safe to repeat; ``down`` stops a server ``up`` started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from mathmill.errors import MathmillError
+
+__all__ = [
+    "POOLS",
+    "ServerHome",
+    "create_pools",
+    "deploy",
+    "server_env",
+    "start_server",
+    "stop_server",
+    "wait_healthy",
+]
+
+POOLS = {"cpu": "CPU flows: synthesize, tir, refresh", "vllm": "GPU flows on vLLM"}
+TUNING = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
+    "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+}
+
+
+class ServerError(MathmillError):
+    """The Prefect server could not be started, reached or set up."""
+
+
+@dataclass(frozen=True)
+class ServerHome:
+    """Where a local server keeps its database, log and pid file."""
+
+    root: Path
+
+    @property
+    def pid_file(self) -> Path:
+        """The running server's process id."""
+        return self.root / "server.pid"
+
+    @property
+    def log_file(self) -> Path:
+        """The server's output."""
+        return self.root / "server.log"
+
+    @property
+    def database(self) -> Path:
+        """The SQLite database."""
+        return self.root / "prefect.db"
+
+
+def api_url(host: str, port: int) -> str:
+    """The API URL of a server on ``host:port``."""
+    return f"http://{host}:{port}/api"
+
+
+def server_env(home: ServerHome, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of ``prefect server start``: its own PREFECT_HOME and database,
+    the tuning settings (unless already set), and no API URL of another server.
+    """
+    env = dict(os.environ if base is None else base)
+    env.pop("PREFECT_API_URL", None)
+    env["PREFECT_HOME"] = str(home.root)
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home.database}"
+    for key, value in TUNING.items():
+        env.setdefault(key, value)
+    return env
+
+
+def healthy(url: str, timeout_s: float = 2.0) -> bool:
+    """Whether a Prefect API answers at ``url``."""
+    try:
+        return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def wait_healthy(
+    url: str, process: subprocess.Popen[bytes] | None, log: Path, timeout_s: float = 120.0
+) -> None:
+    """Wait until the API answers; raise with the log's tail if the server exits first."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if healthy(url):
+            return
+        if process is not None and process.poll() is not None:
+            raise ServerError(
+                f"prefect server exited with code {process.returncode}; log {log}:\n{_tail(log)}"
+            )
+        time.sleep(0.5)
+    raise ServerError(f"prefect server did not answer at {url} within {timeout_s:.0f}s; log {log}")
+
+
+def start_server(home: ServerHome, host: str, port: int, timeout_s: float = 120.0) -> str:
+    """Start the server in the background unless one answers already; its API URL."""
+    url = api_url(host, port)
+    if healthy(url):
+        return url
+    home.root.mkdir(parents=True, exist_ok=True)
+    log = home.log_file.open("ab")
+    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    process = subprocess.Popen(
+        cmd,
+        env=server_env(home),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,  # outlives this command; `mathmill server down` stops it
+    )
+    log.close()
+    home.pid_file.write_text(str(process.pid))
+    wait_healthy(url, process, home.log_file, timeout_s)
+    return url
+
+
+def stop_server(home: ServerHome, timeout_s: float = 20.0) -> bool:
+    """Stop the server ``start_server`` started from ``home``; False when none ran."""
+    try:
+        pid = int(home.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return False
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        home.pid_file.unlink(missing_ok=True)
+        return False
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.killpg(pid, signal.SIGKILL)
+    home.pid_file.unlink(missing_ok=True)
+    return True
+
+
+async def create_pools(names: dict[str, str] | None = None) -> list[str]:
+    """Create the process work pools that do not exist yet; the names created."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+    from prefect.workers.process import ProcessWorker
+
+    created = []
+    template = ProcessWorker.get_default_base_job_template()
+    async with get_client() as client:
+        for name, description in (names or POOLS).items():
+            try:
+                await client.read_work_pool(name)
+                continue
+            except ObjectNotFound:
+                pass
+            await client.create_work_pool(
+                WorkPoolCreate(
+                    name=name,
+                    type="process",
+                    description=description,
+                    base_job_template=template,
+                )
+            )
+            created.append(name)
+    return created
+
+
+def deploy(prefect_file: Path, url: str, timeout_s: float = 300.0) -> str:
+    """``prefect deploy --all`` of ``prefect_file`` against ``url``; its output."""
+    if not prefect_file.is_file():
+        raise ServerError(f"no deployment file at {prefect_file}")
+    env = dict(os.environ, PREFECT_API_URL=url)
+    cmd = [
+        sys.executable,
+        "-m",
+        "prefect",
+        "--no-prompt",
+        "deploy",
+        "--all",
+        "--prefect-file",
+        str(prefect_file),
+    ]
+    done = subprocess.run(
+        cmd,
+        env=env,
+        cwd=prefect_file.resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).splitlines()[-15:])
+        raise ServerError(f"prefect deploy failed (exit {done.returncode}):\n{tail}")
+    return done.stdout
