@@ -50,6 +50,10 @@ def server_up(
         Path, typer.Option(help="Deployments to create.", dir_okay=False)
     ] = Path("deployments/prefect.yaml"),
     deploy: Annotated[bool, typer.Option(help="Deploy the prefect file.")] = True,
+    ui_api_url: Annotated[
+        str | None,
+        typer.Option(help="API URL browsers reach (behind a proxy, or with --host 0.0.0.0)."),
+    ] = None,
 ) -> None:
     """Start a local Prefect server (SQLite) unless one answers, create the cpu and vllm
     work pools, register the block types and deploy deployments/prefect.yaml.
@@ -62,7 +66,7 @@ def server_up(
 
     server_home = ServerHome(home.expanduser())
     console.print(f"starting the Prefect server on {host}:{port} (home {server_home.root}) ...")
-    url = start_server(server_home, host, port)
+    url = start_server(server_home, host, port, ui_api_url=ui_api_url)
     with temporary_settings({PREFECT_API_URL: url}):  # env changes come too late for prefect
         created = asyncio.run(create_pools())
         console.print(f"work pools: cpu, vllm ({', '.join(created) or 'none'} created)")

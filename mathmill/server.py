@@ -71,12 +71,16 @@ def api_url(host: str, port: int) -> str:
     return f"http://{host}:{port}/api"
 
 
-def server_env(home: ServerHome, base: dict[str, str] | None = None) -> dict[str, str]:
+def server_env(
+    home: ServerHome, ui_api_url: str, base: dict[str, str] | None = None
+) -> dict[str, str]:
     """The environment of ``prefect server start``: its own PREFECT_HOME and database,
-    the tuning settings (unless already set), and no API URL of another server.
+    the address the UI calls, the tuning settings (unless already set), and no API URL
+    of another server.
     """
     env = dict(os.environ if base is None else base)
     env.pop("PREFECT_API_URL", None)
+    env.setdefault("PREFECT_UI_API_URL", ui_api_url)
     env["PREFECT_HOME"] = str(home.root)
     env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home.database}"
     for key, value in TUNING.items():
@@ -115,8 +119,16 @@ def wait_healthy(
     raise ServerError(f"prefect server did not answer at {url} within {timeout_s:.0f}s; log {log}")
 
 
-def start_server(home: ServerHome, host: str, port: int, timeout_s: float = 120.0) -> str:
-    """Start the server in the background unless one answers already; its API URL."""
+def start_server(
+    home: ServerHome,
+    host: str,
+    port: int,
+    timeout_s: float = 120.0,
+    ui_api_url: str | None = None,
+) -> str:
+    """Start the server in the background unless one answers already; its API URL.
+    ``ui_api_url`` is the API address browsers use (default: this host and port).
+    """
     url = api_url(host, port)
     if healthy(url):
         return url
@@ -125,7 +137,9 @@ def start_server(home: ServerHome, host: str, port: int, timeout_s: float = 120.
     cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
     process = subprocess.Popen(
         cmd,
-        env=server_env(home),
+        env=server_env(
+            home, ui_api_url or api_url("127.0.0.1" if host == "0.0.0.0" else host, port)
+        ),
         stdout=log,
         stderr=subprocess.STDOUT,
         stdin=subprocess.DEVNULL,

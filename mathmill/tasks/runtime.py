@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -183,31 +184,44 @@ def _manifest_path(spec: ChunkSpec) -> str:
     return f".stages/{spec.stage}/{spec.key}.json"
 
 
-def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str | None:
+def chunk_cache_key(_context: object, parameters: dict[str, Any]) -> str:
     """Prefect ``cache_key_fn`` for tasks whose first parameter is ``spec``.
 
-    None (no Prefect caching this time) while the chunk's output is not complete in
-    the run directory: a cached result must never point at chunks that were deleted.
+    A complete chunk's key ends in the digest of its completion file, so a cached
+    result is only ever the one recorded for the files now in the run directory (never
+    one pointing at chunks deleted since). A chunk not yet complete gets a key of its
+    own that no later run asks for: its result is still persisted (to the flow's result
+    storage), and the next run finds the chunk complete in the run directory.
     """
     spec = parameters["spec"]
     assert isinstance(spec, ChunkSpec)
-    if _finished(current_runtime().store, spec) is None:
-        return None
-    return f"mathmill-{spec.stage}-{spec.cache_key()}"
+    base = f"mathmill-{spec.stage}-{spec.cache_key()}"
+    done = _finished_bytes(current_runtime().store, spec)
+    if done is None:
+        return f"{base}-new-{uuid.uuid4().hex[:12]}"
+    return f"{base}-{hashlib.sha256(done[1]).hexdigest()[:16]}"
 
 
-def _finished(store: RunStore, spec: ChunkSpec) -> StageOutput | None:
-    """The chunk's output if it is complete: its manifest and every chunk it names
-    exist (an earlier run with other settings, or a user, may have removed some).
+def _finished_bytes(store: RunStore, spec: ChunkSpec) -> tuple[StageOutput, bytes] | None:
+    """The chunk's output and completion file if it is complete: the file and every
+    chunk it names exist (an earlier run with other settings, or a user, may have
+    removed some).
     """
     manifest = _manifest_path(spec)
     if not store.exists(manifest):
         return None
-    done = StageOutput.model_validate_json(store.read_bytes(manifest))
+    data = store.read_bytes(manifest)
+    done = StageOutput.model_validate_json(data)
     for ref in done.refs.values():
         if not store.dataset(ref.dataset).has(ref.key):
             return None
-    return done
+    return done, data
+
+
+def _finished(store: RunStore, spec: ChunkSpec) -> StageOutput | None:
+    """The chunk's output if it is complete (see :func:`_finished_bytes`)."""
+    done = _finished_bytes(store, spec)
+    return None if done is None else done[0]
 
 
 async def run_chunk(

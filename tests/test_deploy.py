@@ -1,0 +1,192 @@
+"""Deployments end to end: `mathmill server up` (a real local Prefect server, pools,
+block types, deployments/prefect.yaml), blocks saved with `mathmill blocks`, a process
+worker on the cpu pool, and `prefect deployment run ... --watch` of synthesize and of
+the nightly refresh against the fake LLM server, with storage in a bucket on a
+loopback S3 server (moto).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from mathmill.llm.fake_server import FakeOpenAIServer
+from tests.conftest import S3_KEY, S3_SECRET
+from tests.synth_world import SynthWorld
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+MATHMILL = str(Path(sys.executable).parent / "mathmill")
+BUCKET = "mathmill-deploy"
+LLM_OPTS = ["--model", "fake", "--max-concurrency", "8"]
+WORKER = ["--type", "process", "--limit", "2"]
+WATCH = ["--watch-timeout", "400"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> str:
+    done = subprocess.run(
+        cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return done.stdout + done.stderr
+
+
+@dataclass
+class Deployed:
+    env: dict[str, str]
+    url: str
+    world: SynthWorld
+    fake: FakeOpenAIServer
+    s3: object  # a boto3 client on the bucket's server
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def deployed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
+    import boto3
+
+    work = tmp_path_factory.mktemp("deploy")
+    home = work / "server"
+    port = _free_port()
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        aws_access_key_id=S3_KEY,
+        aws_secret_access_key=S3_SECRET,
+        region_name="us-east-1",
+    )
+    s3.create_bucket(Bucket=BUCKET)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
+    base |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(work / "client")}
+    up = _run(
+        [MATHMILL, "server", "up", "--home", str(home), "--port", str(port)], base, timeout=240
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    assert f"export PREFECT_API_URL={url}" in up
+    env = base | {"PREFECT_API_URL": url}
+    world = SynthWorld(kinds=("ok", "fix"))
+    worker = None
+    try:
+        with FakeOpenAIServer(world) as fake:
+            # the keys are read from the environment once, stored as secrets in blocks
+            keys = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+            _run(
+                [MATHMILL, "blocks", "s3", "data", "--bucket", BUCKET, "--folder", "mm"]
+                + ["--endpoint-url", s3_endpoint, "--region", "us-east-1"],
+                env | keys,
+            )
+            _run(
+                [MATHMILL, "blocks", "llm", "fake", "--base-url", fake.base_url, *LLM_OPTS],
+                env,
+            )
+            # the worker has no AWS keys and no endpoint settings: all come from blocks
+            worker_env = env | {"MATHMILL_CACHE_DIR": str(work / "cache")}
+            worker = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", *WORKER],
+                env=worker_env,
+                cwd=work,
+                stdout=(work / "worker.log").open("wb"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            yield Deployed(env, url, world, fake, s3, work)
+    finally:
+        if worker is not None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        subprocess.run([MATHMILL, "server", "down", "--home", str(home)], env=base, check=False)
+
+
+def _config(**extra: object) -> dict[str, object]:
+    return {
+        "storage_block": "data",
+        "topics": 2,
+        "problems_per_topic": 2,
+        "short_cots": 1,
+        "rounds": 2,
+        "chunk_size": 4,
+        "models": {"default": {"block": "fake", "max_retries": 0}},
+        "sandbox": {"timeout_s": 1.0, "workers": 2},
+        **extra,
+    }
+
+
+def _keys(d: Deployed, prefix: str) -> list[str]:
+    listing = d.s3.list_objects_v2(Bucket=BUCKET, Prefix=prefix)  # type: ignore[attr-defined]
+    return sorted(o["Key"] for o in listing.get("Contents", []))
+
+
+def _body(d: Deployed, key: str) -> bytes:
+    data: bytes = d.s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()  # type: ignore[attr-defined]
+    return data
+
+
+def _deployment_run(d: Deployed, name: str, config: dict[str, object]) -> str:
+    return _run(
+        [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", *WATCH]
+        + ["--param", f"config={json.dumps(config)}"],
+        d.env,
+        timeout=480,
+    )
+
+
+def test_deployment_run_watch_writes_the_dataset_to_the_bucket(deployed: Deployed) -> None:
+    started = time.monotonic()
+    out = _deployment_run(deployed, "synthesize/synthesize", _config(out="runs/ci"))
+    assert "Completed" in out, out
+    verified = [k for k in _keys(deployed, "mm/runs/ci/verified/") if k.endswith(".parquet")]
+    rows = sum(pq.ParquetFile(io.BytesIO(_body(deployed, k))).metadata.num_rows for k in verified)
+    assert rows == 8  # as the in-process run of the same world
+    jsonl = _body(deployed, "mm/runs/ci/verified.jsonl").decode().splitlines()
+    assert len(jsonl) == 8 and all(json.loads(line)["status"] == "verified" for line in jsonl)
+    assert "complete" in _body(deployed, "mm/runs/ci/report.md").decode()
+    # Prefect's task results went to the block too (next to the run directory)
+    results = [k for k in _keys(deployed, "mm/") if not k.startswith("mm/runs/")]
+    assert len(results) >= 5, results
+    # every request went to the block's endpoint and no AWS key reached the fake LLM
+    assert deployed.world.answered and deployed.fake.requests
+    assert all(S3_SECRET not in json.dumps(r.body) for r in deployed.fake.requests)
+    assert time.monotonic() - started < 480
+
+
+def test_the_nightly_refresh_carries_its_cron_schedule(deployed: Deployed) -> None:
+    out = _run(
+        [sys.executable, "-m", "prefect", "deployment", "inspect", "refresh/nightly"],
+        deployed.env,
+    )
+    assert "'cron': '0 3 * * *'" in out and "'timezone': 'UTC'" in out, out
+    assert "'active': True" in out and "'work_pool_name': 'cpu'" in out
+
+
+def test_a_refresh_run_writes_a_dated_version_and_latest(deployed: Deployed) -> None:
+    config = {"synthesize": _config(out="datasets/nightly"), "version": "2026-11-22"}
+    out = _deployment_run(deployed, "refresh/nightly", config)
+    assert "Completed" in out, out
+    latest = json.loads(_body(deployed, "mm/datasets/nightly/latest.json"))
+    assert latest["version"] == "2026-11-22" and latest["verified"] == 8
+    assert latest["path"].endswith("/mm/datasets/nightly/2026-11-22")
+    assert _keys(deployed, "mm/datasets/nightly/2026-11-22/verified/")
+    versions = _body(deployed, "mm/datasets/nightly/versions.jsonl").decode().splitlines()
+    assert [json.loads(v)["version"] for v in versions] == ["2026-11-22"]
