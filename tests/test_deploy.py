@@ -89,9 +89,9 @@ def deployed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         with FakeOpenAIServer(world) as fake:
             # the keys are read from the environment once, stored as secrets in blocks
             keys = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+            where = ["--endpoint-url", s3_endpoint, "--region", "us-east-1"]
             _run(
-                [MATHMILL, "blocks", "s3", "data", "--bucket", BUCKET, "--folder", "mm"]
-                + ["--endpoint-url", s3_endpoint, "--region", "us-east-1"],
+                [MATHMILL, "blocks", "s3", "data", "--bucket", BUCKET, "--folder", "mm", *where],
                 env | keys,
             )
             _run(
@@ -144,9 +144,9 @@ def _body(d: Deployed, key: str) -> bytes:
 
 
 def _deployment_run(d: Deployed, name: str, config: dict[str, object]) -> str:
+    param = ["--param", f"config={json.dumps(config)}"]
     return _run(
-        [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", *WATCH]
-        + ["--param", f"config={json.dumps(config)}"],
+        [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", *WATCH, *param],
         d.env,
         timeout=480,
     )
