@@ -14,7 +14,7 @@ from mathmill.blocks import LLMEndpoint, SandboxEndpoint, block_ref, block_types
 from mathmill.blocks.storage import storage_from_block, storage_url
 from mathmill.errors import ConfigError
 from mathmill.flows.options import ModelRole, resolve_role
-from mathmill.flows.synthesize import SynthesizeConfig
+from mathmill.flows.synthesize import SynthesizeConfig, plan
 from mathmill.server import ServerHome, server_env
 
 
@@ -51,6 +51,14 @@ def test_a_role_overrides_its_block_and_never_inherits_another_endpoint(
         ModelRole(block="a", api_key_env="B_KEY", temperature=0.3)
     )
     assert merged.block is None and merged.api_key_env is None and merged.temperature == 0.3
+    # a role on a block takes the block's model, not the default's
+    on_block = ModelRole(block="a").over(ModelRole(base_url="http://b/v1", model="other"))
+    assert (on_block.block, on_block.base_url, on_block.model) == ("a", None, None)
+    assert (
+        plan(SynthesizeConfig(models={"critic": {"block": "a"}}))
+        .roles["critic"]
+        .startswith("block a")
+    )
     with pytest.raises(ValidationError, match="block or base_url"):
         ModelRole(block="a", base_url="http://b/v1")
     with pytest.raises(ValidationError, match="concurrency_limit"):

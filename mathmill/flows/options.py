@@ -84,6 +84,8 @@ class ModelRole(BaseModel):
         if "block" in mine or "base_url" in mine:
             for field in _ENDPOINT_FIELDS:
                 theirs.pop(field, None)
+        if "block" in mine:
+            theirs.pop("model", None)  # the block names its model
         return ModelRole(**(theirs | mine))
 
 

@@ -185,7 +185,7 @@ def plan(cfg: SynthesizeConfig) -> Plan:
     written = cfg.topics * cfg.problems_per_topic  # all are written; `limit` cuts after dedup
     calls = -(-cfg.topics // 10) * 2 + written + cots * (per_round + cfg.rounds * (1 + per_round))
     roles = {
-        name: f"{role.base_url or 'embedded'} {role.model or ''}".strip()
+        name: f"{_where(role)} {role.model or ''}".strip()
         for name, role in cfg.models.merged().items()
     }
     return Plan(
@@ -196,6 +196,12 @@ def plan(cfg: SynthesizeConfig) -> Plan:
         max_llm_calls=calls,
         roles=roles,
     )
+
+
+def _where(role: ModelRole) -> str:
+    if role.block:
+        return f"block {role.block}"
+    return role.base_url or "embedded"
 
 
 def _sampling(role: ModelRole, seed: int, max_tokens: int | None = None) -> SamplingParams:
