@@ -134,3 +134,22 @@ def test_local_server_environment(tmp_path: Path) -> None:
     assert env["PREFECT_API_DATABASE_CONNECTION_URL"].endswith(f"{tmp_path}/prefect.db")
     assert env["PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE"] == "500"
     assert env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false"
+
+
+async def test_a_missing_block_is_one_error_naming_the_parameter(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    from mathmill.blocks import load_storage
+    from mathmill.flows.resources import open_runtime
+    from mathmill.storage import StorageConfig
+
+    with pytest.raises(ConfigError, match=r"^storage_block: no block 's3-bucket/nope' on the"):
+        await load_storage("runs/x", "nope", None)
+    roles = {"solver": ModelRole(block="nope")}
+    with pytest.raises(
+        ConfigError, match=r"^models.solver.block: no block 'mathmill-llm-endpoint/"
+    ):
+        async with open_runtime(
+            StorageConfig(url=str(tmp_path)), roles, sandbox=None, row_concurrency=1
+        ):
+            pass

@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import SecretStr
 
+from mathmill.blocks.loading import load_block
 from mathmill.errors import ConfigError
 from mathmill.storage import StorageConfig
 
@@ -103,8 +104,5 @@ async def load_storage(out: str, block: str | None, endpoint_url: str | None) ->
 
     _import_collections()
     ref = block_ref(block)
-    try:
-        loaded = await Block.aload(ref)
-    except ValueError as e:  # Prefect: "Unable to find block document named ..."
-        raise ConfigError(f"storage_block: no block {ref!r} on the Prefect server ({e})") from e
+    loaded = await load_block(Block, ref, "storage_block")
     return storage_from_block(loaded, out, ref)

@@ -9,18 +9,20 @@ variable that holds its key.
 from __future__ import annotations
 
 import os
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from mathmill.errors import ConfigError
 from mathmill.llm.config import EndpointConfig, StructuredMode
 from mathmill.sandbox.limits import Limits
+from mathmill.storage import StorageConfig
 
 __all__ = ["ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENDPOINT_FIELDS = ("block", "base_url", "api_key_env")
+T = TypeVar("T")
 
 
 class ModelRole(BaseModel):
@@ -214,3 +216,17 @@ class StorageFields(BaseModel):
 
         name = self.results_block or self.storage_block
         return block_ref(name) if name else None
+
+    def with_results(self, task_: T) -> T:
+        """``task_`` with its results in :meth:`result_storage` (unchanged when unset)."""
+        storage = self.result_storage()
+        if storage is None:
+            return task_
+        configured: T = task_.with_options(result_storage=storage)  # type: ignore[attr-defined]
+        return configured
+
+    async def storage_config(self, out: str) -> StorageConfig:
+        """Where the run directory ``out`` is: itself, or a path inside ``storage_block``."""
+        from mathmill.blocks.storage import load_storage
+
+        return await load_storage(out, self.storage_block, self.storage_endpoint_url)

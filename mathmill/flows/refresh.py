@@ -20,7 +20,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_link_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.blocks.storage import load_storage
 from mathmill.flows.synthesize import SynthesizeConfig, SynthesizeResult, synthesize
 from mathmill.storage import RunStore
 from mathmill.tasks.export import dump_json
@@ -78,7 +77,7 @@ async def refresh(config: RefreshConfig | None = None) -> RefreshResult:
     run_cfg = base.model_copy(update={"out": f"{root}/{version}"})
     logger.info("refreshing version %s under %s", version, root)
     result = await synthesize(config=run_cfg)
-    store = RunStore(await load_storage(root, base.storage_block, base.storage_endpoint_url))
+    store = RunStore(await base.storage_config(root))
     entry = {
         "version": version,
         "path": result.out,

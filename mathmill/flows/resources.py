@@ -10,8 +10,8 @@ import logging
 import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
-from typing import TypeVar
 
+from mathmill.blocks.loading import load_block
 from mathmill.errors import ConfigError, EmbeddedModelError, MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions, resolve_role
 from mathmill.llm.cache import CallCache
@@ -44,7 +44,7 @@ async def _sandbox(options: SandboxOptions) -> Sandbox:
     if options.block:
         from mathmill.blocks.sandbox import SandboxEndpoint
 
-        block = await _load_block(SandboxEndpoint, options.block, "sandbox.block")
+        block = await load_block(SandboxEndpoint, options.block, "sandbox.block")
         options = block.options()
     if options.backend == "http":
         if not options.url:
@@ -63,19 +63,6 @@ async def _sandbox(options: SandboxOptions) -> Sandbox:
     )
 
 
-B = TypeVar("B")
-
-
-async def _load_block(block_type: type[B], name: str, field: str) -> B:
-    """A saved block by name; a missing one is a :class:`ConfigError` naming the field."""
-    try:
-        loaded: B = await block_type.aload(name)  # type: ignore[attr-defined]
-    except ValueError as e:  # Prefect: "Unable to find block document named ..."
-        slug = block_type.get_block_type_slug()  # type: ignore[attr-defined]
-        raise ConfigError(f"{field}: no {slug} block named {name!r} on the Prefect server") from e
-    return loaded
-
-
 async def _role_endpoints(
     roles: Mapping[str, ModelRole], embedded: EndpointConfig | None
 ) -> dict[str, EndpointConfig]:
@@ -84,7 +71,7 @@ async def _role_endpoints(
     blocks: dict[str, EndpointConfig] = {}
     for name, role in roles.items():
         if role.block and role.block not in blocks:
-            block = await _load_block(LLMEndpoint, role.block, f"models.{name}.block")
+            block = await load_block(LLMEndpoint, role.block, f"models.{name}.block")
             blocks[role.block] = block.endpoint(role.block)
     return {
         name: resolve_role(role, name, embedded, blocks.get(role.block or ""))

@@ -28,7 +28,6 @@ from prefect.artifacts import (
 )
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.blocks.storage import load_storage
 from mathmill.errors import MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
 from mathmill.flows.progress import Tracker
@@ -319,8 +318,8 @@ async def run_synthesize(cfg: SynthesizeConfig, *, prefect: bool) -> SynthesizeR
         logger.info("dry run: %s", the_plan.model_dump_json())
         return SynthesizeResult(out=cfg.out, plan=the_plan, dry_run=True)
     started = time.perf_counter()
-    storage = await load_storage(cfg.out, cfg.storage_block, cfg.storage_endpoint_url)
-    call = _caller(prefect, cfg.result_storage())
+    storage = await cfg.storage_config(cfg.out)
+    call = _caller(prefect, cfg)
     async with open_runtime(
         storage, cfg.models.merged(), sandbox=cfg.sandbox, row_concurrency=cfg.concurrency
     ) as rt:
@@ -341,18 +340,16 @@ def _logger(prefect: bool) -> logging.Logger | logging.LoggerAdapter[logging.Log
 Caller = Callable[..., Awaitable[StageOutput]]
 
 
-def _caller(prefect: bool, result_storage: str | None) -> Caller:
-    """Calls a stage task as a Prefect task run (results in ``result_storage`` when
-    set), or as its plain function.
+def _caller(prefect: bool, cfg: SynthesizeConfig) -> Caller:
+    """Calls a stage task as a Prefect task run (results in the config's result
+    storage), or as its plain function.
     """
 
     def call(task_: Any, *args: Any) -> Awaitable[StageOutput]:
         if not prefect:
             plain: Awaitable[StageOutput] = task_.fn(*args)
             return plain
-        if result_storage:
-            task_ = task_.with_options(result_storage=result_storage)
-        run: Awaitable[StageOutput] = task_(*args)
+        run: Awaitable[StageOutput] = cfg.with_results(task_)(*args)
         return run
 
     return call

@@ -21,7 +21,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.blocks.storage import load_storage
 from mathmill.errors import ConfigError
 from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
 from mathmill.flows.progress import Tracker
@@ -147,7 +146,7 @@ async def run_tir(params: TirParams) -> TirResult:
         logger.info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)
     started = time.perf_counter()
-    storage = await load_storage(params.out, params.storage_block, params.storage_endpoint_url)
+    storage = await params.storage_config(params.out)
     sessions = params.sandbox.max_sessions
     async with open_runtime(
         storage,
@@ -195,9 +194,7 @@ async def _run(
         limit=params.limit,
         chunk_size=params.chunk_size,
     )
-    storage = params.result_storage()
-    load = load_task.with_options(result_storage=storage) if storage else load_task
-    run_tir_chunk = tir_task.with_options(result_storage=storage) if storage else tir_task
+    load, run_tir_chunk = params.with_results(load_task), params.with_results(tir_task)
     loaded = await tracker.run("load", load(load_spec, params.chunk_size))
     chunks = [ref for name, ref in sorted(loaded.refs.items()) if name.startswith("problems")]
     solver = rt.endpoints["solver"].identity
