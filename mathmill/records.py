@@ -27,12 +27,18 @@ __all__ = [
     "ErrorInfo",
     "ExecStatus",
     "ExecutionResult",
+    "GenChoice",
+    "GenRequest",
+    "Generation",
     "Label",
     "Problem",
     "PromptRef",
     "Record",
+    "Sample",
+    "SampleStatus",
     "SamplingParams",
     "SolutionRow",
+    "TokenLogprob",
     "TokenUsage",
     "Topic",
     "Turn",
@@ -375,6 +381,107 @@ class SolutionRow(Record):
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
+class GenRequest(Record):
+    """One prompt for batch generation (the ``generate`` flow, a vLLM engine or an
+    HTTP endpoint): a completion ``prompt`` or chat ``messages``, how to sample it, and
+    what to return besides the text.
+    """
+
+    id: str = Field(description="Unique within a batch; the output carries it.")
+    prompt: str | None = Field(None, description="Raw text prompt (completion).")
+    messages: list[dict[str, str]] | None = Field(
+        None, description="Chat messages ({role, content}); the model's chat template applies."
+    )
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Logprob of every prompt token (and this many top)."
+    )
+    json_schema: JsonValue = Field(
+        None, description="JSON schema the reply must follow (guided decoding)."
+    )
+    metadata: dict[str, JsonValue] = Field(
+        default_factory=dict, description="Carried to the output unchanged."
+    )
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> GenRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError(f"request {self.id!r}: set exactly one of prompt and messages")
+        return self
+
+
+class TokenLogprob(Record):
+    """A token with its logprob, and the most likely alternatives at its position."""
+
+    token: str
+    token_id: int | None = None
+    logprob: float
+    top: dict[str, float] = Field(default_factory=dict)
+
+
+class GenChoice(Record):
+    """One sample of a :class:`Generation`."""
+
+    index: int = Field(ge=0)
+    text: str
+    finish_reason: str | None = None
+    tokens: int = Field(0, ge=0, description="Generated tokens.")
+    cumulative_logprob: float | None = Field(
+        None, description="Sum of the generated tokens' logprobs (when logprobs were asked)."
+    )
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Generation(Record):
+    """The answer to one :class:`GenRequest`: its samples, usage, or the error."""
+
+    id: str
+    model: str = ""
+    backend: str = Field("", description="'vllm' (offline engine) or 'http' (an endpoint).")
+    choices: list[GenChoice] = Field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = Field(
+        None, description="Every prompt token after the first, with its logprob."
+    )
+    usage: TokenUsage = Field(default_factory=TokenUsage)
+    error: ErrorInfo | None = None
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+    @property
+    def texts(self) -> list[str]:
+        """Every sample's text."""
+        return [c.text for c in self.choices]
+
+
+SampleStatus = Literal["correct", "incorrect", "no_answer", "unvalidated", "error"]
+
+
+class Sample(Record):
+    """One sampled solution of a problem (the ``sample`` flow), graded against the
+    reference answer, with the logprobs of its tokens.
+    """
+
+    id: str
+    problem_id: str
+    problem: str
+    reference: str | None = None
+    index: int = Field(ge=0, description="Which of the problem's samples.")
+    text: str
+    final_answer: str | None = None
+    status: SampleStatus
+    reason: str = ""
+    finish_reason: str | None = None
+    tokens: int = Field(0, ge=0)
+    logprob_sum: float | None = None
+    logprob_mean: float | None = Field(None, description="Mean logprob per generated token.")
+    logprobs: list[TokenLogprob] | None = None
+    model: str = ""
+    backend: str = ""
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    prompt: PromptRef | None = None
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
@@ -392,6 +499,11 @@ RECORD_TYPES: dict[str, type[Record]] = {
         SamplingParams,
         PromptRef,
         ErrorInfo,
+        GenRequest,
+        Generation,
+        GenChoice,
+        TokenLogprob,
+        Sample,
     )
 }
 """Every record type by name; Parquet chunks record which one they hold."""

@@ -246,7 +246,7 @@ def tir_command(
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate and count; call nothing.")] = False,
 ) -> None:
     """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
-    from mathmill.flows.tir import TirParams, check_input, tir, turn_hook
+    from mathmill.flows.tir import TirParams, tir, turn_hook
 
     values = {
         "input": input,
@@ -271,7 +271,7 @@ def tir_command(
         "dry_run": dry_run or None,
     }
     params = build_params(TirParams, config, values, "tir parameters")
-    check_input(params.input)
+    params.check_input()
     if params.dry_run:
         from mathmill.sources import FieldMap, read_problems
 

@@ -8,8 +8,10 @@ variable that holds its key.
 
 from __future__ import annotations
 
+import hashlib
 import os
-from typing import Literal, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
@@ -18,7 +20,7 @@ from mathmill.llm.config import EndpointConfig, StructuredMode
 from mathmill.sandbox.limits import Limits
 from mathmill.storage import StorageConfig
 
-__all__ = ["ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
+__all__ = ["InputFields", "ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
 _ENDPOINT_FIELDS = ("block", "base_url", "api_key_env")
@@ -230,3 +232,64 @@ class StorageFields(BaseModel):
         from mathmill.blocks.storage import load_storage
 
         return await load_storage(out, self.storage_block, self.storage_endpoint_url)
+
+
+class InputFields(BaseModel):
+    """Where a flow's problems come from and which fields hold what (mixed into the
+    parameters of flows that read problems).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str = Field(
+        description="A .jsonl or .parquet file, a local dataset directory, or hf:NAME[:CONFIG].",
+        examples=["tests/data/gsm8k_5.jsonl", "hf:openai/gsm8k:main"],
+    )
+    split: str = Field("test", description="Dataset split (directories and hf: inputs).")
+    id_field: str | None = Field("id", description="Input field with the row's id.")
+    prompt_field: str = Field("problem", description="Input field with the problem text.")
+    answer_field: str | None = Field(
+        "answer", description="Input field with the expected answer (none: unvalidated)."
+    )
+    limit: int | None = Field(None, ge=1, description="At most this many problems.")
+
+    def check_input(self) -> None:
+        """Fail before anything starts when a local input does not exist."""
+        source = self.input
+        if not source.startswith("hf:") and not os.path.exists(source):
+            raise ConfigError(f"input {source!r} does not exist (a file, a directory or hf:NAME)")
+
+    def load_config(self, chunk_size: int) -> dict[str, Any]:
+        """The load stage's config (its cache key): the input and its identity, the
+        fields, the limit and the chunk size.
+        """
+        return {
+            "input": self.input,
+            "identity": _input_identity(self.input),
+            "split": self.split,
+            "id_field": self.id_field,
+            "prompt_field": self.prompt_field,
+            "answer_field": self.answer_field,
+            "limit": self.limit,
+            "chunk_size": chunk_size,
+        }
+
+
+def _input_identity(source: str) -> str:
+    """What the load stage's cache key uses for the input: a file's content hash, a
+    directory's file list with sizes and times, or the dataset name.
+    """
+    path = Path(source)
+    if path.is_file():
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+        return f"file:{digest.hexdigest()}"
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
+        listing = [
+            (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
+        ]
+        return "dir:" + hashlib.sha256(repr(listing).encode()).hexdigest()
+    return source

@@ -10,19 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import hashlib
 import json
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.errors import ConfigError
-from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
+from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
 from mathmill.flows.progress import Tracker
 from mathmill.flows.resources import open_runtime
 from mathmill.flows.synthesize import IncompleteRun
@@ -49,22 +45,11 @@ turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
 """Set by ``mathmill run tir --debug`` to print each turn as it happens."""
 
 
-class TirParams(StorageFields):
+class TirParams(InputFields, StorageFields):
     """Parameters of the tir flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    input: str = Field(
-        description="A .jsonl or .parquet file, a local dataset directory, or hf:NAME[:CONFIG].",
-        examples=["tests/data/gsm8k_5.jsonl", "hf:openai/gsm8k:main"],
-    )
-    split: str = Field("test", description="Dataset split (directories and hf: inputs).")
-    id_field: str | None = Field("id", description="Input field with the row's id.")
-    prompt_field: str = Field("problem", description="Input field with the problem text.")
-    answer_field: str | None = Field(
-        "answer", description="Input field with the expected answer (none: unvalidated)."
-    )
-    limit: int | None = Field(None, ge=1, description="At most this many problems.")
     out: str = Field(
         "runs/tir",
         description="Run directory: local path, s3://bucket/prefix, or a path inside "
@@ -95,32 +80,6 @@ class TirResult(BaseModel):
     wall_s: float = 0.0
 
 
-def check_input(source: str) -> None:
-    """Fail before anything starts when a local input does not exist."""
-    if not source.startswith("hf:") and not os.path.exists(source):
-        raise ConfigError(f"input {source!r} does not exist (a file, a directory or hf:NAME)")
-
-
-def _input_identity(source: str) -> str:
-    """What the load stage's cache key uses for the input: a file's content hash, a
-    directory's file list with sizes and times, or the dataset name.
-    """
-    path = Path(source)
-    if path.is_file():
-        digest = hashlib.sha256()
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-        return f"file:{digest.hexdigest()}"
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())
-        listing = [
-            (str(p.relative_to(path)), p.stat().st_size, p.stat().st_mtime_ns) for p in files
-        ]
-        return "dir:" + hashlib.sha256(repr(listing).encode()).hexdigest()
-    return source
-
-
 @flow(name="tir", validate_parameters=True, log_prints=False)
 async def tir(params: TirParams) -> TirResult:
     """Tool-integrated reasoning trajectories, validated against expected answers."""
@@ -141,7 +100,7 @@ async def run_tir(params: TirParams) -> TirResult:
             temperature=solver.temperature, max_tokens=solver.max_tokens, seed=params.seed
         ),
     )
-    check_input(params.input)
+    params.check_input()
     if params.dry_run:
         logger.info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)
@@ -180,20 +139,7 @@ def _spec(rt: Runtime, stage: str, index: int, inputs: list[ChunkRef], **config:
 async def _run(
     params: TirParams, cfg: TirConfig, rt: Runtime, tracker: Tracker
 ) -> tuple[list[ChunkRef], int, list[BaseException]]:
-    load_spec = _spec(
-        rt,
-        "load",
-        0,
-        [],
-        input=params.input,
-        identity=_input_identity(params.input),
-        split=params.split,
-        id_field=params.id_field,
-        prompt_field=params.prompt_field,
-        answer_field=params.answer_field,
-        limit=params.limit,
-        chunk_size=params.chunk_size,
-    )
+    load_spec = _spec(rt, "load", 0, [], **params.load_config(params.chunk_size))
     load, run_tir_chunk = params.with_results(load_task), params.with_results(tir_task)
     loaded = await tracker.run("load", load(load_spec, params.chunk_size))
     chunks = [ref for name, ref in sorted(loaded.refs.items()) if name.startswith("problems")]

@@ -62,6 +62,7 @@ class TokenLogprob:
     token: str
     logprob: float
     top: dict[str, float] = field(default_factory=dict)
+    token_id: int | None = None
 
 
 @dataclass(slots=True)
@@ -87,6 +88,8 @@ class ChatResult:
     error: ErrorInfo | None = None
     raw: dict[str, Any] | None = None
     cached: bool = False
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Logprob of each prompt token after the first (vLLM servers, ``prompt_logprobs``)."""
 
     @property
     def ok(self) -> bool:
@@ -408,6 +411,7 @@ class LLMClient:
         usage = _usage(response)
         raw = response.model_dump() if keep_raw else None
         result = self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
+        result.prompt_logprobs = _prompt_logprobs(response)
         if key is not None and self.cache is not None:
             self.cache.put(key, _to_cached(result))
         return result
@@ -427,7 +431,10 @@ class LLMClient:
         usage = TokenUsage(**hit["usage"])
         self.meter.record(stage, model=hit["model"], cached=True)
         latency = (time.perf_counter() - start) * 1000.0
-        return ChatResult(hit["model"], choices, usage, latency, 0, cached=True)
+        result = ChatResult(hit["model"], choices, usage, latency, 0, cached=True)
+        if (plp := hit.get("prompt_logprobs")) is not None:
+            result.prompt_logprobs = [TokenLogprob(t, lp, top, tid) for t, tid, lp, top in plp]
+        return result
 
     async def structured(
         self,
@@ -522,8 +529,56 @@ def _completion_choices(response: Any) -> list[Choice]:
     return choices
 
 
+def _prompt_logprobs(response: Any) -> list[TokenLogprob] | None:
+    """vLLM's ``prompt_logprobs`` (on the first choice for completions, on the response
+    for chat): per prompt position ``None`` or ``{token_id: {logprob, rank,
+    decoded_token}}``, the prompt's own token among them. ``prompt_token_ids`` (asked
+    for with ``return_token_ids``) says which one it is.
+    """
+    for holder in (*response.choices[:1], response):
+        extra = getattr(holder, "model_extra", None) or {}
+        positions = extra.get("prompt_logprobs")
+        if positions:
+            ids = extra.get("prompt_token_ids") or (response.model_extra or {}).get(
+                "prompt_token_ids"
+            )
+            return _parse_prompt_logprobs(positions, ids)
+    return None
+
+
+def _parse_prompt_logprobs(
+    positions: list[dict[str, dict[str, Any]] | None], ids: list[int] | None
+) -> list[TokenLogprob]:
+    out = []
+    for i, entry in enumerate(positions):
+        if not entry:
+            continue
+        if ids is not None and str(ids[i]) in entry:
+            key = str(ids[i])
+        else:  # without ids: the prompt's token is the one outside the top ranks
+            key = max(entry, key=lambda k: entry[k].get("rank") or 0)
+        chosen = entry[key]
+        # vLLM sends the top k and the prompt's token when it is not among them.
+        rank = chosen.get("rank") or 0
+        k = len(entry) if rank <= len(entry) else len(entry) - 1
+        top = {
+            str(v.get("decoded_token", t)): float(v["logprob"])
+            for t, v in entry.items()
+            if (v.get("rank") or 0) <= k
+        }
+        out.append(
+            TokenLogprob(
+                str(chosen.get("decoded_token", "")), float(chosen["logprob"]), top, int(key)
+            )
+        )
+    return out
+
+
 def _to_cached(result: ChatResult) -> dict[str, Any]:
     return {
+        "prompt_logprobs": None
+        if result.prompt_logprobs is None
+        else [[t.token, t.token_id, t.logprob, t.top] for t in result.prompt_logprobs],
         "model": result.model,
         "usage": result.usage.model_dump(),
         "choices": [

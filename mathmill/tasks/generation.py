@@ -1,0 +1,286 @@
+"""Batch generation for pipelines: :class:`GenRequest` rows in, :class:`Generation` rows
+out, on one of three backends chosen by :class:`GenBackend`:
+
+* ``endpoint``: an OpenAI-compatible server through the role's client (a vLLM OpenAI
+  server gets its extras: prompt logprobs, token ids, guided JSON);
+* ``deployment``: chunks dispatched to the ``generate`` deployment on the ``vllm`` work
+  pool with ``run_deployment`` (one flow run per group of chunks; the engine is
+  loaded once per flow run and reused across its chunks);
+* ``engine``: the offline vLLM engine in this process (a GPU on this machine).
+
+Requests are written as chunks to the run directory first; each chunk's output is keyed
+by the hash of its requests, the backend's identity and this code, and written with a
+completion file, so a re-run (or another backend with the same identity) dispatches
+only the chunks not yet done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any, Literal
+
+from prefect import task
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from mathmill.errors import ConfigError
+from mathmill.llm.client import ChatResult, LLMClient
+from mathmill.llm.vllm_engine import EngineConfig, get_engine
+from mathmill.records import GenChoice, Generation, GenRequest, TokenLogprob
+from mathmill.storage import ChunkRef, RunStore
+from mathmill.tasks.runtime import (
+    ChunkSpec,
+    IncompleteChunk,
+    Runtime,
+    StageOutput,
+    _finished,
+    chunk_cache_key,
+    code_version,
+    current_runtime,
+    fingerprint,
+    map_rows,
+    raise_if_transient,
+    read_input,
+    run_chunk,
+)
+
+__all__ = [
+    "GenBackend",
+    "endpoint_generate",
+    "endpoint_task",
+    "engine_task",
+    "generation_specs",
+    "read_generations",
+    "write_requests",
+]
+
+BackendKind = Literal["endpoint", "deployment", "engine"]
+_CODE = ("mathmill.tasks.generation", "mathmill.llm.vllm_engine")
+
+
+class GenBackend(BaseModel):
+    """Where a pipeline's batch generation runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: BackendKind = Field(
+        "endpoint",
+        description="'endpoint': the role's OpenAI-compatible server; 'deployment': the "
+        "generate flow on the vllm work pool; 'engine': vLLM in this process.",
+    )
+    engine: EngineConfig | None = Field(
+        None, description="The model to load (deployment and engine backends)."
+    )
+    deployment: str = Field(
+        "generate/generate", description="The generate deployment ('flow/deployment')."
+    )
+    chunk_size: int = Field(256, ge=1, le=100_000, description="Requests per chunk.")
+    runs: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="generate flow runs at once (about one per GPU worker); pending "
+        "chunks are shared out among them.",
+    )
+    run_timeout_s: float | None = Field(
+        None, gt=0, description="Give up on a flow run not finished after this long."
+    )
+    warn_after_s: float = Field(
+        60.0, gt=0, description="Warn when no worker has picked a run up after this long."
+    )
+
+    @model_validator(mode="after")
+    def _needs_engine(self) -> GenBackend:
+        if self.kind != "endpoint" and self.engine is None:
+            raise ValueError(f"backend kind {self.kind!r} needs engine (the model to load)")
+        return self
+
+
+def write_requests(
+    store: RunStore, stage: str, requests: Sequence[GenRequest], size: int
+) -> list[ChunkRef]:
+    """Write ``requests`` as chunks of ``size`` into the run's ``requests`` dataset (a
+    chunk's key holds the hash of its rows, so the same requests map to the same chunk).
+    """
+    ids = [r.id for r in requests]
+    if len(set(ids)) != len(ids):
+        raise ConfigError(f"{stage}: request ids must be unique")
+    refs = []
+    for i in range(0, len(requests), size):
+        part = requests[i : i + size]
+        digest = fingerprint([r.model_dump(mode="json") for r in part])[:16]
+        key = f"{stage}-{i // size:05d}-{digest}"
+        refs.append(store.dataset("requests").write_chunk(key, part))
+    return refs
+
+
+def generation_specs(
+    rt: Runtime, stage: str, refs: Sequence[ChunkRef], identity: dict[str, Any]
+) -> list[ChunkSpec]:
+    """One chunk spec per request chunk: the cache key of its generations."""
+    code = code_version(*_CODE)
+    return [
+        ChunkSpec(
+            stage=stage,
+            index=i,
+            inputs=[ref],
+            config={"backend": identity},
+            code=code,
+            store_url=rt.store.url,
+        )
+        for i, ref in enumerate(refs)
+    ]
+
+
+def read_generations(store: RunStore, specs: Sequence[ChunkSpec]) -> list[Generation]:
+    """Every chunk's generations, in request order; a chunk not complete is an error."""
+    out: list[Generation] = []
+    for spec in specs:
+        done = _finished(store, spec)
+        if done is None:
+            raise IncompleteChunk(
+                f"stage {spec.stage}, chunk {spec.key}: no generations in {store.url}; "
+                "re-run to resume"
+            )
+        ref = done.refs.get("generations")
+        if ref is not None:
+            out.extend(store.dataset("generations").read_chunk(ref, Generation))
+    return out
+
+
+def _counts(stage: str, gens: Sequence[Generation]) -> Counter[str]:
+    counts: Counter[str] = Counter()
+    counts[f"{stage}.requests"] = len(gens)
+    counts[f"{stage}.samples"] = sum(len(g.choices) for g in gens)
+    counts[f"{stage}.errors"] = sum(g.error is not None for g in gens)
+    counts[f"{stage}.prompt_tokens"] = sum(g.usage.prompt_tokens for g in gens)
+    counts[f"{stage}.completion_tokens"] = sum(g.usage.completion_tokens for g in gens)
+    return counts
+
+
+# -- the engine backend (in a generate flow run, or in the pipeline's process) -------
+
+
+@task(
+    name="generate",
+    task_run_name="{spec.stage}-{spec.index}",
+    cache_key_fn=chunk_cache_key,
+    persist_result=True,
+)
+async def engine_task(spec: ChunkSpec, engine: EngineConfig) -> StageOutput:
+    """One chunk of requests through the process's vLLM engine (loaded on first use)."""
+
+    async def compute() -> Any:
+        requests = read_input(spec.inputs[0], GenRequest)
+        started = time.perf_counter()
+        # Off the event loop: loading and generating block for a long time.
+        llm = await asyncio.to_thread(get_engine, engine)
+        gens = await asyncio.to_thread(llm.generate, requests)
+        counts = _counts(spec.stage, gens)
+        counts[f"{spec.stage}.engine_ms"] = int((time.perf_counter() - started) * 1000)
+        return {"generations": gens}, counts
+
+    return await run_chunk(spec, compute)
+
+
+# -- the endpoint backend --------------------------------------------------------------
+
+
+def _token_logprobs(result: ChatResult, index: int) -> list[TokenLogprob] | None:
+    choice = result.choices[index]
+    if choice.logprobs is None:
+        return None
+    return [TokenLogprob(token=t.token, logprob=t.logprob, top=t.top) for t in choice.logprobs]
+
+
+def _generation(request: GenRequest, result: ChatResult) -> Generation:
+    choices = []
+    for i, c in enumerate(result.choices):
+        logprobs = _token_logprobs(result, i)
+        choices.append(
+            GenChoice(
+                index=c.index,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                tokens=len(logprobs) if logprobs is not None else 0,
+                cumulative_logprob=sum(t.logprob for t in logprobs) if logprobs else None,
+                logprobs=logprobs,
+            )
+        )
+    prompt_lp = None
+    if result.prompt_logprobs is not None:
+        prompt_lp = [
+            TokenLogprob(token=t.token, token_id=t.token_id, logprob=t.logprob, top=t.top)
+            for t in result.prompt_logprobs
+        ]
+    return Generation(
+        id=request.id,
+        model=result.model,
+        backend="http",
+        choices=choices,
+        prompt_logprobs=prompt_lp,
+        usage=result.usage,
+        error=result.error,
+        metadata=request.metadata,
+    )
+
+
+async def endpoint_generate(
+    client: LLMClient, requests: Sequence[GenRequest], stage: str, concurrency: int
+) -> list[Generation]:
+    """Each request as one HTTP call (``n`` samples in it). Prompt logprobs and token ids
+    are asked for in vLLM's extra fields, a schema as ``response_format`` (chat) or
+    vLLM's ``structured_outputs`` (completions). A server without these extras answers
+    400: that request's row records the error.
+    """
+
+    async def one(r: GenRequest) -> Generation:
+        extra_body: dict[str, Any] = dict(client.endpoint.extra_body)
+        extra: dict[str, Any] = {}
+        if r.prompt_logprobs is not None:
+            extra_body |= {"prompt_logprobs": r.prompt_logprobs, "return_token_ids": True}
+        if r.json_schema is not None:
+            if r.messages is not None:
+                schema = {"name": "reply", "schema": r.json_schema, "strict": True}
+                extra["response_format"] = {"type": "json_schema", "json_schema": schema}
+            else:
+                extra_body["structured_outputs"] = {"json": r.json_schema}
+        if extra_body:
+            extra["extra_body"] = extra_body
+        common: dict[str, Any] = {
+            "stage": stage,
+            "sampling": r.sampling,
+            "raise_on_error": False,
+            "cache_salt": r.id,
+        }
+        if r.messages is not None:
+            result = await client.chat(r.messages, **common, **extra)
+        else:
+            result = await client.complete(r.prompt or "", **common, **extra)
+        return _generation(r, result)
+
+    return await map_rows(requests, one, concurrency)
+
+
+@task(
+    name="generate-http",
+    task_run_name="{spec.stage}-{spec.index}",
+    cache_key_fn=chunk_cache_key,
+    persist_result=True,
+)
+async def endpoint_task(spec: ChunkSpec, role: str) -> StageOutput:
+    """One chunk of requests through the role's endpoint; a transient failure (endpoint
+    down, timeout) leaves the chunk incomplete, its finished calls cached.
+    """
+    rt = current_runtime()
+
+    async def compute() -> Any:
+        requests = read_input(spec.inputs[0], GenRequest)
+        gens = await endpoint_generate(rt.client(role), requests, spec.stage, rt.row_concurrency)
+        errors = [g.error for g in gens if g.error is not None]
+        raise_if_transient(spec.stage, spec.key, errors, len(gens))
+        return {"generations": gens}, _counts(spec.stage, gens)
+
+    return await run_chunk(spec, compute)
