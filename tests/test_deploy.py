@@ -9,10 +9,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,30 +20,14 @@ import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer
 from tests.conftest import S3_KEY, S3_SECRET
+from tests.deploy_support import MATHMILL, clean_env, run_cmd, server_up, worker
 from tests.synth_world import SynthWorld
 
 pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parent.parent
-MATHMILL = str(Path(sys.executable).parent / "mathmill")
 BUCKET = "mathmill-deploy"
 LLM_OPTS = ["--model", "fake", "--max-concurrency", "8"]
-WORKER = ["--type", "process", "--limit", "2"]
 WATCH = ["--watch-timeout", "400"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _run(cmd: list[str], env: dict[str, str], timeout: float = 300) -> str:
-    done = subprocess.run(
-        cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False
-    )
-    assert done.returncode == 0, f"{cmd} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
-    return done.stdout + done.stderr
+_run = run_cmd
 
 
 @dataclass
@@ -65,8 +45,6 @@ def deployed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     import boto3
 
     work = tmp_path_factory.mktemp("deploy")
-    home = work / "server"
-    port = _free_port()
     s3 = boto3.client(
         "s3",
         endpoint_url=s3_endpoint,
@@ -75,48 +53,20 @@ def deployed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
         region_name="us-east-1",
     )
     s3.create_bucket(Bucket=BUCKET)
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "AWS_"))}
-    base |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(work / "client")}
-    up = _run(
-        [MATHMILL, "server", "up", "--home", str(home), "--port", str(port)], base, timeout=240
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    assert f"export PREFECT_API_URL={url}" in up
-    env = base | {"PREFECT_API_URL": url}
     world = SynthWorld(kinds=("ok", "fix"))
-    worker = None
-    try:
-        with FakeOpenAIServer(world) as fake:
-            # the keys are read from the environment once, stored as secrets in blocks
-            keys = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
-            where = ["--endpoint-url", s3_endpoint, "--region", "us-east-1"]
-            _run(
-                [MATHMILL, "blocks", "s3", "data", "--bucket", BUCKET, "--folder", "mm", *where],
-                env | keys,
-            )
-            _run(
-                [MATHMILL, "blocks", "llm", "fake", "--base-url", fake.base_url, *LLM_OPTS],
-                env,
-            )
-            # the worker has no AWS keys and no endpoint settings: all come from blocks
-            worker_env = env | {"MATHMILL_CACHE_DIR": str(work / "cache")}
-            worker = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "worker", "start", "--pool", "cpu", *WORKER],
-                env=worker_env,
-                cwd=work,
-                stdout=(work / "worker.log").open("wb"),
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+    with server_up(work, clean_env(work / "client")) as env, FakeOpenAIServer(world) as fake:
+        url = env["PREFECT_API_URL"]
+        # the keys are read from the environment once, stored as secrets in blocks
+        keys = {"AWS_ACCESS_KEY_ID": S3_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET}
+        where = ["--endpoint-url", s3_endpoint, "--region", "us-east-1"]
+        _run(
+            [MATHMILL, "blocks", "s3", "data", "--bucket", BUCKET, "--folder", "mm", *where],
+            env | keys,
+        )
+        _run([MATHMILL, "blocks", "llm", "fake", "--base-url", fake.base_url, *LLM_OPTS], env)
+        # the worker has no AWS keys and no endpoint settings: all come from blocks
+        with worker("cpu", env | {"MATHMILL_CACHE_DIR": str(work / "cache")}, work):
             yield Deployed(env, url, world, fake, s3, work)
-    finally:
-        if worker is not None:
-            os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(worker.pid, signal.SIGKILL)
-        subprocess.run([MATHMILL, "server", "down", "--home", str(home)], env=base, check=False)
 
 
 def _config(**extra: object) -> dict[str, object]:

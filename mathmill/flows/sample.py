@@ -133,9 +133,12 @@ def _grade(reference: str | None, text: str) -> tuple[SampleStatus, str | None, 
     return status, found.text, f"{verdict.rule}: {verdict.reason}".strip(": ")
 
 
-def grade_samples(problems: Sequence[Problem], gens: Sequence[Generation]) -> list[Sample]:
+def grade_samples(
+    problems: Sequence[Problem], gens: Sequence[Generation], sampling: SamplingParams
+) -> list[Sample]:
     """One :class:`Sample` per generated solution (or one ``error`` row for a request
-    that failed), graded against the problem's answer.
+    that failed), graded against the problem's answer; ``sampling`` is what the
+    requests asked for.
     """
     prompt = load_prompt("sample_system").ref
     by_id = {p.id: p for p in problems}
@@ -143,7 +146,7 @@ def grade_samples(problems: Sequence[Problem], gens: Sequence[Generation]) -> li
     for g in gens:
         p = by_id[g.id]
         base: dict[str, Any] = {"problem_id": p.id, "problem": p.statement, "reference": p.answer}
-        base |= {"model": g.model, "backend": g.backend, "prompt": prompt}
+        base |= {"model": g.model, "backend": g.backend, "prompt": prompt, "sampling": sampling}
         if g.error is not None:
             rows.append(
                 Sample(
@@ -233,10 +236,11 @@ async def run_sample(params: SampleParams) -> SampleResult:
             problems = [
                 p for ref in refs for p in rt.store.dataset("problems").read_chunk(ref, Problem)
             ]
+            requests = _requests(problems, params)
             try:
                 gens = await generate_rows(
                     rt,
-                    _requests(problems, params),
+                    requests,
                     params.backend,
                     stage="sample",
                     role="sampler",
@@ -248,7 +252,8 @@ async def run_sample(params: SampleParams) -> SampleResult:
                     f"generation did not finish: {e}; finished chunks are kept in "
                     f"{rt.store.url}; re-run the same command to resume"
                 ) from e
-            rows = grade_samples(problems, gens)
+            sampling = requests[0].sampling if requests else SamplingParams()
+            rows = grade_samples(problems, gens, sampling)
             return await _finish(params, rt.store, loaded.refs, problems, rows, started)
 
 

