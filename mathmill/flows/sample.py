@@ -21,7 +21,6 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.errors import MathmillError
 from mathmill.flows.generate import generate_rows
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
 from mathmill.flows.resources import open_runtime
@@ -41,7 +40,7 @@ from mathmill.records import (
 from mathmill.storage import RunStore
 from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks
 from mathmill.tasks.generation import GenBackend
-from mathmill.tasks.runtime import ChunkSpec, code_version, use_runtime
+from mathmill.tasks.runtime import ChunkSpec, IncompleteChunk, code_version, use_runtime
 from mathmill.tasks.tir import load_task
 
 __all__ = ["SampleParams", "SampleResult", "grade_samples", "run_sample", "sample"]
@@ -247,7 +246,7 @@ async def run_sample(params: SampleParams) -> SampleResult:
                     storage=params,
                     out=params.out,
                 )
-            except MathmillError as e:
+            except IncompleteChunk as e:
                 raise IncompleteRun(
                     f"generation did not finish: {e}; finished chunks are kept in "
                     f"{rt.store.url}; re-run the same command to resume"

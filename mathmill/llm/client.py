@@ -411,7 +411,9 @@ class LLMClient:
         usage = _usage(response)
         raw = response.model_dump() if keep_raw else None
         result = self._finish(stage, start, attempts, usage, choices, raw, response.model or "")
-        result.prompt_logprobs = _prompt_logprobs(response)
+        asked = (body.get("extra_body") or {}).get("prompt_logprobs")
+        if asked is not None:
+            result.prompt_logprobs = _prompt_logprobs(response, int(asked))
         if key is not None and self.cache is not None:
             self.cache.put(key, _to_cached(result))
         return result
@@ -529,11 +531,11 @@ def _completion_choices(response: Any) -> list[Choice]:
     return choices
 
 
-def _prompt_logprobs(response: Any) -> list[TokenLogprob] | None:
+def _prompt_logprobs(response: Any, k: int) -> list[TokenLogprob] | None:
     """vLLM's ``prompt_logprobs`` (on the first choice for completions, on the response
     for chat): per prompt position ``None`` or ``{token_id: {logprob, rank,
-    decoded_token}}``, the prompt's own token among them. ``prompt_token_ids`` (asked
-    for with ``return_token_ids``) says which one it is.
+    decoded_token}}``: the ``k`` most likely tokens and the prompt's own token.
+    ``prompt_token_ids`` (asked for with ``return_token_ids``) says which one it is.
     """
     for holder in (*response.choices[:1], response):
         extra = getattr(holder, "model_extra", None) or {}
@@ -542,12 +544,12 @@ def _prompt_logprobs(response: Any) -> list[TokenLogprob] | None:
             ids = extra.get("prompt_token_ids") or (response.model_extra or {}).get(
                 "prompt_token_ids"
             )
-            return _parse_prompt_logprobs(positions, ids)
+            return _parse_prompt_logprobs(positions, ids, k)
     return None
 
 
 def _parse_prompt_logprobs(
-    positions: list[dict[str, dict[str, Any]] | None], ids: list[int] | None
+    positions: list[dict[str, dict[str, Any]] | None], ids: list[int] | None, k: int
 ) -> list[TokenLogprob]:
     out = []
     for i, entry in enumerate(positions):
@@ -558,9 +560,6 @@ def _parse_prompt_logprobs(
         else:  # without ids: the prompt's token is the one outside the top ranks
             key = max(entry, key=lambda k: entry[k].get("rank") or 0)
         chosen = entry[key]
-        # vLLM sends the top k and the prompt's token when it is not among them.
-        rank = chosen.get("rank") or 0
-        k = len(entry) if rank <= len(entry) else len(entry) - 1
         top = {
             str(v.get("decoded_token", t)): float(v["logprob"])
             for t, v in entry.items()

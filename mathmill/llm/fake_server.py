@@ -359,7 +359,10 @@ class FakeOpenAIServer:
                         "text_offset": [0] * len(pieces),
                     }
             choices.append(choice)
-        return {
+        extras = _prompt_logprobs(body)
+        if not chat and choices:
+            choices[0] |= extras  # vLLM: on the choice for completions, on the response for chat
+        return (extras if chat else {}) | {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-{ident}",
             "object": "chat.completion" if chat else "text_completion",
             "created": int(time.time()),
@@ -371,6 +374,29 @@ class FakeOpenAIServer:
                 "total_tokens": prompt_tokens + (reply.completion_tokens or completion_tokens),
             },
         }
+
+
+def _prompt_logprobs(body: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's ``prompt_logprobs`` extra, shaped as vLLM sends it: one entry per prompt
+    word (token ids 100, 101, ...), none for the first, each with the prompt's token
+    (rank 2, logprob -0.5) and a better alternative (id 7, rank 1, logprob -0.1);
+    ``prompt_token_ids`` with ``return_token_ids``.
+    """
+    k = body.get("prompt_logprobs")
+    if k is None:
+        return {}
+    words = _prompt_text(body).split()
+    ids = [100 + i for i in range(len(words))]
+    positions: list[dict[str, Any] | None] = [None]
+    for i in range(1, len(words)):
+        entry = {str(ids[i]): {"logprob": -0.5, "rank": 2, "decoded_token": words[i]}}
+        if int(k) >= 1:
+            entry["7"] = {"logprob": -0.1, "rank": 1, "decoded_token": "<best>"}
+        positions.append(entry)
+    out: dict[str, Any] = {"prompt_logprobs": positions}
+    if body.get("return_token_ids"):
+        out["prompt_token_ids"] = ids
+    return out
 
 
 async def _send(
