@@ -30,6 +30,8 @@ app.add_typer(sandbox_app, name="sandbox")
 app.add_typer(run_app, name="run")
 app.add_typer(server_app, name="server")
 app.add_typer(blocks_app, name="blocks")
+vllm_app = typer.Typer(help="vLLM helpers (the vllm work pool).", no_args_is_help=True)
+app.add_typer(vllm_app, name="vllm")
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -189,6 +191,14 @@ def demo(
         f"{rounds} rewrite round(s); writing to {out}"
     )
     print_result(run_synthesize_config(cfg))
+
+
+@vllm_app.command("convert")
+def vllm_convert() -> None:
+    """Convert the bundled SmolLM2 GGUF into a model folder vLLM loads; prints its path."""
+    from mathmill.llm.vllm_model import local_vllm_model
+
+    console.print(str(local_vllm_model()), markup=False, highlight=False)
 
 
 def main() -> None:

@@ -160,3 +160,23 @@ def test_a_missing_generate_deployment_is_a_clear_error(
     )
     with pytest.raises(ConfigError, match="no deployment 'generate/nope' on the Prefect server"):
         asyncio.run(sample(params))
+
+
+def test_a_server_that_ignores_n_is_asked_again_for_the_rest(fake: FakeOpenAIServer) -> None:
+    """llama.cpp answers one choice whatever n is: the backend asks for the missing
+    samples, each call with its own seed, and counts every call's tokens.
+    """
+    seen: list[dict[str, Any]] = []
+
+    def handler(request: RecordedRequest) -> Reply:
+        seen.append(request.body or {})
+        return Reply(contents=[f"sample with seed {(request.body or {}).get('seed')}"])
+
+    fake.handler = handler
+    sampling = SamplingParams(n=3, temperature=0.7, seed=10)
+    [gen] = _generate(fake, [GenRequest(id="q", prompt="two words", sampling=sampling)])
+    assert [c.index for c in gen.choices] == [0, 1, 2]
+    assert gen.texts == ["sample with seed 10", "sample with seed 11", "sample with seed 12"]
+    assert [b.get("n", 1) for b in seen] == [3, 2, 1]
+    assert all(c.tokens == 4 for c in gen.choices)
+    assert gen.usage.completion_tokens == 12 and gen.error is None

@@ -286,3 +286,73 @@ def tir_command(
     if debug:
         turn_hook.set(print_turn)
     print_tir_result(asyncio.run(tir(params=params)))
+
+
+@run_app.command("sample")
+def sample_command(
+    input: Annotated[
+        str | None, Opt("--input", help="JSONL/Parquet file, dataset directory or hf:NAME.")
+    ] = None,
+    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
+    limit: Annotated[int | None, Opt(help="At most this many problems.")] = None,
+    samples: Annotated[int | None, Opt(help="Solutions per problem (n).")] = None,
+    temperature: Annotated[float | None, Opt(help="Sampling temperature.")] = None,
+    max_tokens: Annotated[int | None, Opt(help="Tokens per solution.")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
+    top_logprobs: Annotated[int | None, Opt(help="Alternatives kept per token.")] = None,
+    backend: Annotated[
+        str | None, Opt(help="endpoint (default), deployment (vllm pool) or engine (here).")
+    ] = None,
+    engine_model: Annotated[
+        str | None, Opt(help="Model folder or HF name for vLLM (deployment, engine).")
+    ] = None,
+    tensor_parallel: Annotated[int | None, Opt(help="GPUs per engine.")] = None,
+    max_model_len: Annotated[int | None, Opt(help="Engine context length.")] = None,
+    runs: Annotated[int | None, Opt(help="generate flow runs at once (deployment).")] = None,
+    chunk_size: Annotated[int | None, Opt(help="Requests per generation chunk.")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
+    model: Annotated[str | None, Opt(help="Model name at the endpoint.")] = None,
+    api_key_env: Annotated[str | None, Opt(help="Env var holding the API key.")] = None,
+    config: Annotated[
+        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
+    ] = None,
+    dry_run: Annotated[bool, Opt("--dry-run", help="Validate; call nothing.")] = False,
+) -> None:
+    """N solutions per problem with token logprobs, graded against the answers."""
+    from mathmill.flows.sample import SampleParams, sample
+
+    values = {
+        "input": input,
+        "out": out,
+        "limit": limit,
+        "samples": samples,
+        "temperature": temperature,
+        "max_tokens": max_tokens,
+        "seed": seed,
+        "top_logprobs": top_logprobs,
+        "backend.kind": backend,
+        "backend.engine.model": engine_model,
+        "backend.engine.tensor_parallel_size": tensor_parallel,
+        "backend.engine.max_model_len": max_model_len,
+        "backend.runs": runs,
+        "backend.chunk_size": chunk_size,
+        "model.base_url": base_url,
+        "model.model": model,
+        "model.api_key_env": api_key_env,
+        "dry_run": dry_run or None,
+    }
+    params = build_params(SampleParams, config, values, "sample parameters")
+    params.check_input()
+    result = asyncio.run(sample(params=params))
+    if result.dry_run:
+        console.print("dry run: parameters are valid, nothing was called")
+        return
+    table = Table(title="sample statistics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, value in result.stats.items():
+        table.add_row(metric, str(value))
+    console.print(table)
+    for name, path in result.outputs.items():
+        console.print(f"  {name:16} {path}", markup=False, highlight=False)
+    console.print(f"{result.problems} problems, {result.samples} samples in {result.wall_s:.1f}s")

@@ -186,10 +186,17 @@ async def dispatch(
     """Send the chunks not yet done to ``backend.runs`` generate flow runs and wait for
     them all (a failed run does not stop the others). Returns how many chunks were sent.
     """
+    from prefect.settings import PREFECT_API_URL
+
     assert backend.engine is not None
     pending = [s for s in specs if _finished(store, s) is None]
     if not pending:
         return 0
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "the deployment backend needs a Prefect server with workers on the vllm pool: "
+            "run `mathmill server up` and export the PREFECT_API_URL it prints"
+        )
     groups = [pending[i :: backend.runs] for i in range(min(backend.runs, len(pending)))]
     fields = storage.model_dump(include=set(StorageFields.model_fields))
     runs = [

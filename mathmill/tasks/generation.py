@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from mathmill.errors import ConfigError
 from mathmill.llm.client import ChatResult, LLMClient
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
-from mathmill.records import GenChoice, Generation, GenRequest, TokenLogprob
+from mathmill.records import GenChoice, Generation, GenRequest, SamplingParams, TokenLogprob
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.runtime import (
     ChunkSpec,
@@ -195,16 +195,36 @@ def _token_logprobs(result: ChatResult, index: int) -> list[TokenLogprob] | None
     return [TokenLogprob(token=t.token, logprob=t.logprob, top=t.top) for t in choice.logprobs]
 
 
-def _generation(request: GenRequest, result: ChatResult) -> Generation:
+def _merge_choices(into: ChatResult, more: ChatResult) -> None:
+    """Append ``more``'s samples to ``into`` (renumbered), adding usage and cost."""
+    start = len(into.choices)
+    for i, c in enumerate(more.choices):
+        c.index = start + i
+        into.choices.append(c)
+    into.usage = into.usage + more.usage
+    into.cost_usd += more.cost_usd
+    into.latency_ms += more.latency_ms
+
+
+def _single_choice_tokens(result: ChatResult, index: int) -> dict[int, int]:
+    """A call's completion tokens are its choice's when it has one choice."""
+    return {index: result.usage.completion_tokens} if len(result.choices) == 1 else {}
+
+
+def _generation(request: GenRequest, result: ChatResult, known: dict[int, int]) -> Generation:
+    """``known``: tokens by choice index where the response said (one choice per call);
+    elsewhere a choice's tokens are counted from its logprobs, or unknown (0).
+    """
     choices = []
     for i, c in enumerate(result.choices):
         logprobs = _token_logprobs(result, i)
+        tokens = len(logprobs) if logprobs is not None else known.get(i, 0)
         choices.append(
             GenChoice(
                 index=c.index,
                 text=c.text,
                 finish_reason=c.finish_reason,
-                tokens=len(logprobs) if logprobs is not None else 0,
+                tokens=tokens,
                 cumulative_logprob=sum(t.logprob for t in logprobs) if logprobs else None,
                 logprobs=logprobs,
             )
@@ -249,17 +269,36 @@ async def endpoint_generate(
                 extra_body["structured_outputs"] = {"json": r.json_schema}
         if extra_body:
             extra["extra_body"] = extra_body
-        common: dict[str, Any] = {
-            "stage": stage,
-            "sampling": r.sampling,
-            "raise_on_error": False,
-            "cache_salt": r.id,
-        }
+        common: dict[str, Any] = {"stage": stage, "raise_on_error": False}
+        result = await call(r, r.sampling, r.id, common, extra)
+        known = _single_choice_tokens(result, 0)
+        # Some servers (llama.cpp) answer one choice whatever n is: ask again for the
+        # rest, each time with its own cache salt (and seed), so samples differ.
+        for k in range(1, r.sampling.n):
+            missing = r.sampling.n - len(result.choices)
+            if not result.ok or missing <= 0:
+                break
+            seed = None if r.sampling.seed is None else r.sampling.seed + k
+            more = r.sampling.model_copy(update={"n": missing, "seed": seed})
+            extra_call = await call(r, more, f"{r.id}:{k}", common, extra)
+            if not extra_call.ok:
+                result.error = extra_call.error
+                break
+            known |= _single_choice_tokens(extra_call, len(result.choices))
+            _merge_choices(result, extra_call)
+        return _generation(r, result, known)
+
+    async def call(
+        r: GenRequest,
+        sampling: SamplingParams,
+        salt: str,
+        common: dict[str, Any],
+        extra: dict[str, Any],
+    ) -> ChatResult:
+        kwargs = common | {"sampling": sampling, "cache_salt": salt} | extra
         if r.messages is not None:
-            result = await client.chat(r.messages, **common, **extra)
-        else:
-            result = await client.complete(r.prompt or "", **common, **extra)
-        return _generation(r, result)
+            return await client.chat(r.messages, **kwargs)
+        return await client.complete(r.prompt or "", **kwargs)
 
     return await map_rows(requests, one, concurrency)
 
