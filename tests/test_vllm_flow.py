@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -155,3 +156,25 @@ def test_the_engine_in_this_process_gives_the_same_samples(
     assert result.samples == len(local) == len(deployed)
     assert {k: r.text for k, r in local.items()} == {k: r.text for k, r in deployed.items()}
     assert all(local[k].tokens == deployed[k].tokens for k in local)
+
+
+def test_a_failing_generate_run_fails_the_pipeline_with_where_and_why(
+    pools: Pools, vllm_config: EngineConfig
+) -> None:
+    """A model folder missing on the GPU worker: the generate flow run fails, and the
+    sample run fails too, naming that flow run and its error; `--watch` exits non-zero.
+    """
+    broken = vllm_config.model_copy(update={"model": str(pools.work / "no-such-model")})
+    params = _params(pools.work / "broken", broken)
+    cmd = [sys.executable, "-m", "prefect", "deployment", "run", "sample/sample", "--watch"]
+    cmd += ["--watch-timeout", "300", "--param", f"params={json.dumps(params)}"]
+    done = subprocess.run(
+        cmd, env=pools.env, cwd=ROOT, capture_output=True, text=True, timeout=360, check=False
+    )
+    assert done.returncode != 0
+    runs = asyncio.run(_generate_runs(pools.env["PREFECT_API_URL"]))
+    failed = [r for _, r, _ in runs if r.state is not None and r.state.is_failed()]
+    assert len(failed) == 1
+    log = (pools.work / "worker-cpu.log").read_text()
+    assert f"generate flow run {failed[0].name!r}" in log and "re-run to resume" in log
+    assert "no-such-model" in log

