@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--eager", action="store_true", help="no graph compilation")
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel size")
+    ap.add_argument("--dtype", help="default: auto on a GPU, float32 on CPU (bf16 is slow here)")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("prefect").setLevel(logging.WARNING)
@@ -116,6 +117,7 @@ def main() -> None:
         max_model_len=2048,
         enforce_eager=args.eager,
         tensor_parallel_size=args.tp,
+        dtype=args.dtype or ("auto" if gpu else "float32"),
         cpu_kv_cache_gb=None if gpu else 2,
     )
     engine = get_engine(cfg)
