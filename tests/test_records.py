@@ -17,12 +17,17 @@ from mathmill.records import (
     Dropped,
     ErrorInfo,
     ExecutionResult,
+    GenChoice,
+    Generation,
+    GenRequest,
     Label,
     Problem,
     PromptRef,
     Record,
+    Sample,
     SamplingParams,
     SolutionRow,
+    TokenLogprob,
     TokenUsage,
     Topic,
     Turn,
@@ -165,6 +170,57 @@ def full_examples() -> dict[str, Record]:
         "PromptRef": prompt,
         "ErrorInfo": attempt.error,  # type: ignore[dict-item]
     }
+    token = TokenLogprob(token=" x", token_id=42, logprob=-0.25, top={" x": -0.25, " y": -1.5})
+    choice = GenChoice(
+        index=1,
+        text="x = 2",
+        finish_reason="length",
+        tokens=3,
+        cumulative_logprob=-0.75,
+        logprobs=[token, token, token],
+    )
+    examples["GenRequest"] = GenRequest(
+        id="r-1",
+        messages=[{"role": "system", "content": "s"}, {"role": "user", "content": "√π?"}],
+        sampling=attempt.sampling,
+        prompt_logprobs=2,
+        json_schema={"type": "object", "properties": {"a": {"enum": [1, "b", None]}}},
+        metadata={"problem_id": problem.id, "k": [1, 2]},
+    )
+    examples["Generation"] = Generation(
+        id="r-1",
+        model="smollm2",
+        backend="vllm",
+        choices=[choice],
+        prompt_logprobs=[token],
+        usage=TokenUsage(prompt_tokens=9, completion_tokens=3),
+        error=attempt.error,
+        metadata={"k": "v"},
+        created_at=WHEN,
+    )
+    examples["GenChoice"] = choice
+    examples["TokenLogprob"] = token
+    examples["Sample"] = Sample(
+        id="s-1",
+        problem_id=problem.id,
+        problem=problem.statement,
+        reference="2",
+        index=3,
+        text="so \\boxed{2}",
+        final_answer="2",
+        status="correct",
+        reason="exact",
+        finish_reason="stop",
+        tokens=3,
+        logprob_sum=-0.75,
+        logprob_mean=-0.25,
+        logprobs=[token],
+        model="smollm2",
+        backend="http",
+        sampling=attempt.sampling,
+        prompt=prompt,
+        created_at=WHEN,
+    )
     assert set(examples) == set(RECORD_TYPES), "every record type needs an example"
     return examples
 
@@ -183,6 +239,11 @@ def minimal_examples() -> dict[str, Record]:
         "SamplingParams": SamplingParams(),
         "PromptRef": PromptRef(template_id="t", sha256="0" * 64),
         "ErrorInfo": ErrorInfo(kind="k", message=""),
+        "GenRequest": GenRequest(id="r", prompt=""),
+        "Generation": Generation(id="r"),
+        "GenChoice": GenChoice(index=0, text=""),
+        "TokenLogprob": TokenLogprob(token="", logprob=0.0),
+        "Sample": Sample(id="s", problem_id="p", problem="x", index=0, text="", status="error"),
     }
 
 
