@@ -228,18 +228,17 @@ async def generate_rows(
     may be on other machines, where the run directory is.
     """
     refs = write_requests(rt.store, stage, requests, backend.chunk_size)
+    fields = storage or StorageFields()
     if backend.kind == "endpoint":
-        identity = {"endpoint": rt.endpoints[role].identity} if role in rt.endpoints else {}
-        if not identity:
-            raise ConfigError(f"{stage}: no endpoint configured for role {role!r}")
+        identity = {"endpoint": rt.client(role).endpoint.identity}  # ConfigError if no role
         specs = generation_specs(rt, stage, refs, identity)
-        http = storage.with_results(endpoint_task) if storage else endpoint_task
+        http = fields.with_results(endpoint_task)
         results = await asyncio.gather(*(http(s, role) for s in specs), return_exceptions=True)
     else:
         assert backend.engine is not None
         specs = generation_specs(rt, stage, refs, {"engine": backend.engine.identity()})
         if backend.kind == "engine":
-            local = storage.with_results(engine_task) if storage else engine_task
+            local = fields.with_results(engine_task)
             results = []
             for s in specs:  # one engine: chunks one after another
                 try:
@@ -247,7 +246,6 @@ async def generate_rows(
                 except Exception as e:
                     results.append(e)
         else:
-            fields = storage or StorageFields()
             # Inside a storage block `out` is the path the worker resolves through the
             # block; otherwise the worker gets the absolute URL (its cwd differs).
             where = out if out is not None and fields.storage_block else rt.store.url

@@ -40,12 +40,10 @@ from mathmill.records import (
 from mathmill.storage import RunStore
 from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks
 from mathmill.tasks.generation import GenBackend
-from mathmill.tasks.runtime import ChunkSpec, IncompleteChunk, code_version, use_runtime
-from mathmill.tasks.tir import load_task
+from mathmill.tasks.runtime import IncompleteChunk, use_runtime
+from mathmill.tasks.tir import load_spec, load_task
 
 __all__ = ["SampleParams", "SampleResult", "grade_samples", "run_sample", "sample"]
-
-SAMPLER_DEFAULTS = ModelRole(temperature=0.8, max_tokens=512)
 
 
 class SampleParams(InputFields, StorageFields):
@@ -96,18 +94,20 @@ async def sample(params: SampleParams) -> SampleResult:
     return await run_sample(params)
 
 
-def _requests(problems: Sequence[Problem], params: SampleParams) -> list[GenRequest]:
-    system = load_prompt("sample_system").text
-    role = params.model.over(SAMPLER_DEFAULTS)
-    sampling = SamplingParams(
+def _sampling(params: SampleParams) -> SamplingParams:
+    return SamplingParams(
         n=params.samples,
         temperature=params.temperature,
         top_p=params.top_p,
-        max_tokens=params.max_tokens or role.max_tokens,
+        max_tokens=params.max_tokens,
         seed=params.seed,
         logprobs=True,
         top_logprobs=params.top_logprobs or None,
     )
+
+
+def _requests(problems: Sequence[Problem], sampling: SamplingParams) -> list[GenRequest]:
+    system = load_prompt("sample_system").text
     return [
         GenRequest(
             id=p.id,
@@ -218,24 +218,19 @@ async def run_sample(params: SampleParams) -> SampleResult:
         return SampleResult(out=params.out, dry_run=True)
     started = time.perf_counter()
     storage = await params.storage_config(params.out)
-    roles = {"sampler": params.model.over(SAMPLER_DEFAULTS)}
+    roles = {"sampler": params.model}
     if params.backend.kind != "endpoint":
         roles = {}
     async with open_runtime(storage, roles, sandbox=None, row_concurrency=params.concurrency) as rt:
         with use_runtime(rt):
-            load_spec = ChunkSpec(
-                stage="load",
-                index=0,
-                config=params.load_config(params.chunk_size),
-                code=code_version("mathmill.tasks.tir", "mathmill.sources"),
-                store_url=rt.store.url,
-            )
-            loaded = await params.with_results(load_task)(load_spec, params.chunk_size)
+            spec = load_spec(rt.store.url, params.load_config(params.chunk_size))
+            loaded = await params.with_results(load_task)(spec, params.chunk_size)
             refs = [r for name, r in sorted(loaded.refs.items()) if name.startswith("problems")]
             problems = [
                 p for ref in refs for p in rt.store.dataset("problems").read_chunk(ref, Problem)
             ]
-            requests = _requests(problems, params)
+            sampling = _sampling(params)
+            requests = _requests(problems, sampling)
             try:
                 gens = await generate_rows(
                     rt,
@@ -251,7 +246,6 @@ async def run_sample(params: SampleParams) -> SampleResult:
                     f"generation did not finish: {e}; finished chunks are kept in "
                     f"{rt.store.url}; re-run the same command to resume"
                 ) from e
-            sampling = requests[0].sampling if requests else SamplingParams()
             rows = grade_samples(problems, gens, sampling)
             return await _finish(params, rt.store, loaded.refs, problems, rows, started)
 

@@ -33,7 +33,7 @@ from mathmill.tasks.runtime import (
     prompt_hashes,
     use_runtime,
 )
-from mathmill.tasks.tir import TirConfig, TurnHook, load_task, tir_task
+from mathmill.tasks.tir import TirConfig, TurnHook, load_spec, load_task, tir_task
 from mathmill.tasks.tir_export import chat_messages, sharegpt, tir_stats
 
 __all__ = ["TirParams", "TirResult", "run_tir", "tir", "turn_hook"]
@@ -121,16 +121,20 @@ async def run_tir(params: TirParams) -> TirResult:
             return await _finish(params, rt, tracker, refs, problems, failures, started)
 
 
-def _spec(rt: Runtime, stage: str, index: int, inputs: list[ChunkRef], **config: Any) -> ChunkSpec:
-    modules: tuple[str, ...] = ("mathmill.tasks.tir", "mathmill.tasks.runtime", "mathmill.sources")
-    if stage == "tir":
-        modules += ("mathmill.grading.equivalence", "mathmill.grading.extract")
+def _tir_spec(rt: Runtime, index: int, inputs: list[ChunkRef], **config: Any) -> ChunkSpec:
+    modules = (
+        "mathmill.tasks.tir",
+        "mathmill.tasks.runtime",
+        "mathmill.sources",
+        "mathmill.grading.equivalence",
+        "mathmill.grading.extract",
+    )
     return ChunkSpec(
-        stage=stage,
+        stage="tir",
         index=index,
         inputs=inputs,
         config=config,
-        prompts=prompt_hashes("tir_system", "tir_user") if stage == "tir" else {},
+        prompts=prompt_hashes("tir_system", "tir_user"),
         code=code_version(*modules),
         store_url=rt.store.url,
     )
@@ -139,14 +143,14 @@ def _spec(rt: Runtime, stage: str, index: int, inputs: list[ChunkRef], **config:
 async def _run(
     params: TirParams, cfg: TirConfig, rt: Runtime, tracker: Tracker
 ) -> tuple[list[ChunkRef], int, list[BaseException]]:
-    load_spec = _spec(rt, "load", 0, [], **params.load_config(params.chunk_size))
+    input_spec = load_spec(rt.store.url, params.load_config(params.chunk_size))
     load, run_tir_chunk = params.with_results(load_task), params.with_results(tir_task)
-    loaded = await tracker.run("load", load(load_spec, params.chunk_size))
+    loaded = await tracker.run("load", load(input_spec, params.chunk_size))
     chunks = [ref for name, ref in sorted(loaded.refs.items()) if name.startswith("problems")]
     solver = rt.endpoints["solver"].identity
 
     async def solve(i: int, ref: ChunkRef) -> StageOutput:
-        spec = _spec(rt, "tir", i, [ref], tir=cfg.model_dump(mode="json"), solver=solver)
+        spec = _tir_spec(rt, i, [ref], tir=cfg.model_dump(mode="json"), solver=solver)
         return await tracker.run("tir", run_tir_chunk(spec, cfg))
 
     results = await asyncio.gather(

@@ -106,6 +106,15 @@ class ChatResult:
         """All samples' texts."""
         return [c.text for c in self.choices]
 
+    def add_costs(self, other: ChatResult) -> None:
+        """Count another call's tokens, cost, time and attempts on this result (a repair
+        call, or more samples asked for separately).
+        """
+        self.usage = self.usage + other.usage
+        self.latency_ms += other.latency_ms
+        self.cost_usd += other.cost_usd
+        self.attempts += other.attempts
+
 
 @dataclass(slots=True)
 class StructuredResult(Generic[T]):
@@ -481,7 +490,7 @@ class LLMClient:
                 raise_on_error=raise_on_error,
                 **extra,
             )
-            _merge_into(second, result)
+            second.add_costs(result)
             if second.ok:
                 try:
                     value = parse_reply(second.text, schema)
@@ -493,14 +502,6 @@ class LLMClient:
                 raise StructuredOutputError(message, raw=second.text or result.text) from first
             info = ErrorInfo(kind="invalid_json", message=message, stage=stage, attempts=2)
             return StructuredResult(None, second.text or result.text, True, second, info)
-
-
-def _merge_into(second: ChatResult, first: ChatResult) -> None:
-    """Count the first call's tokens, cost and time on the repair call's result."""
-    second.usage = second.usage + first.usage
-    second.latency_ms += first.latency_ms
-    second.cost_usd += first.cost_usd
-    second.attempts += first.attempts
 
 
 def _chat_choices(response: Any) -> list[Choice]:

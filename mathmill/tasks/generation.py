@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mathmill.errors import ConfigError
 from mathmill.llm.client import ChatResult, LLMClient
+from mathmill.llm.client import TokenLogprob as ClientLogprob
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
 from mathmill.records import GenChoice, Generation, GenRequest, SamplingParams, TokenLogprob
 from mathmill.storage import ChunkRef, RunStore
@@ -188,22 +189,23 @@ async def engine_task(spec: ChunkSpec, engine: EngineConfig) -> StageOutput:
 # -- the endpoint backend --------------------------------------------------------------
 
 
-def _token_logprobs(result: ChatResult, index: int) -> list[TokenLogprob] | None:
-    choice = result.choices[index]
-    if choice.logprobs is None:
+def _records(tokens: Sequence[ClientLogprob] | None) -> list[TokenLogprob] | None:
+    """The client's token logprobs as records."""
+    if tokens is None:
         return None
-    return [TokenLogprob(token=t.token, logprob=t.logprob, top=t.top) for t in choice.logprobs]
+    return [
+        TokenLogprob(token=t.token, token_id=t.token_id, logprob=t.logprob, top=t.top)
+        for t in tokens
+    ]
 
 
 def _merge_choices(into: ChatResult, more: ChatResult) -> None:
-    """Append ``more``'s samples to ``into`` (renumbered), adding usage and cost."""
+    """Append ``more``'s samples to ``into`` (renumbered), counting its costs."""
     start = len(into.choices)
     for i, c in enumerate(more.choices):
         c.index = start + i
         into.choices.append(c)
-    into.usage = into.usage + more.usage
-    into.cost_usd += more.cost_usd
-    into.latency_ms += more.latency_ms
+    into.add_costs(more)
 
 
 def _single_choice_tokens(result: ChatResult, index: int) -> dict[int, int]:
@@ -217,7 +219,7 @@ def _generation(request: GenRequest, result: ChatResult, known: dict[int, int]) 
     """
     choices = []
     for i, c in enumerate(result.choices):
-        logprobs = _token_logprobs(result, i)
+        logprobs = _records(c.logprobs)
         tokens = len(logprobs) if logprobs is not None else known.get(i, 0)
         choices.append(
             GenChoice(
@@ -229,18 +231,12 @@ def _generation(request: GenRequest, result: ChatResult, known: dict[int, int]) 
                 logprobs=logprobs,
             )
         )
-    prompt_lp = None
-    if result.prompt_logprobs is not None:
-        prompt_lp = [
-            TokenLogprob(token=t.token, token_id=t.token_id, logprob=t.logprob, top=t.top)
-            for t in result.prompt_logprobs
-        ]
     return Generation(
         id=request.id,
         model=result.model,
         backend="http",
         choices=choices,
-        prompt_logprobs=prompt_lp,
+        prompt_logprobs=_records(result.prompt_logprobs),
         usage=result.usage,
         error=result.error,
         metadata=request.metadata,

@@ -44,6 +44,7 @@ from mathmill.tasks.runtime import (
     Runtime,
     StageOutput,
     chunk_cache_key,
+    code_version,
     current_runtime,
     drop,
     map_rows,
@@ -60,6 +61,7 @@ __all__ = [
     "TirRows",
     "TurnEvent",
     "clean_reply",
+    "load_spec",
     "load_task",
     "run_trajectory",
     "tir_chunk",
@@ -363,6 +365,16 @@ async def tir_chunk(
 
 
 # -- Prefect tasks ------------------------------------------------------------------
+
+
+def load_spec(store_url: str, config: dict[str, Any]) -> ChunkSpec:
+    """The spec of the load stage's one chunk: ``config`` is the flow's
+    ``InputFields.load_config`` (input identity, fields, limit, chunk size).
+    """
+    modules = ("mathmill.tasks.tir", "mathmill.tasks.runtime", "mathmill.sources")
+    return ChunkSpec(
+        stage="load", index=0, config=config, code=code_version(*modules), store_url=store_url
+    )
 
 
 @task(name="load", task_run_name="load", cache_key_fn=chunk_cache_key, persist_result=True)
