@@ -180,3 +180,35 @@ def test_a_server_that_ignores_n_is_asked_again_for_the_rest(fake: FakeOpenAISer
     assert [b.get("n", 1) for b in seen] == [3, 2, 1]
     assert all(c.tokens == 4 for c in gen.choices)
     assert gen.usage.completion_tokens == 12 and gen.error is None
+
+
+def test_sample_flow_keeps_going_past_a_malformed_row(
+    fake: FakeOpenAIServer, prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    """A line that is not JSON goes to dropped.jsonl with its file and line; the other
+    problems are sampled and the statistics count the dropped row.
+    """
+    from mathmill.flows.sample import SampleParams, sample
+
+    source = tmp_path / "in.jsonl"
+    good = [json.dumps({"problem": f"What is {i}+{i}?", "answer": str(2 * i)}) for i in (1, 2)]
+    source.write_text(f"{good[0]}\nnot json\n{good[1]}\n")
+    fake.handler = lambda request: Reply(contents=["\\boxed{2}"])
+    params = SampleParams(
+        input=str(source),
+        out=str(tmp_path / "run"),
+        samples=1,
+        model={"base_url": fake.base_url, "model": "m"},  # type: ignore[arg-type]
+    )
+    result = asyncio.run(sample(params))
+    assert result.problems == 2 and result.samples == 2
+    assert result.stats["dropped input rows"] == 1
+    [dropped] = [
+        json.loads(x) for x in (tmp_path / "run" / "dropped.jsonl").read_text().splitlines()
+    ]
+    assert dropped["reason"] == "malformed_row" and "in.jsonl:2" in dropped["detail"]
+    statuses = sorted(
+        json.loads(x)["status"]
+        for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()
+    )
+    assert statuses == ["correct", "incorrect"]

@@ -181,8 +181,10 @@ def grade_samples(
     return rows
 
 
-def sample_stats(rows: Sequence[Sample], problems: int) -> list[dict[str, Any]]:
-    """The run's statistics as table rows (metric, value)."""
+def sample_stats(rows: Sequence[Sample], problems: int, dropped: int = 0) -> list[dict[str, Any]]:
+    """The run's statistics as table rows (metric, value); ``dropped``: input rows the
+    load stage did not pass on (malformed, duplicate).
+    """
     per: dict[str, list[Sample]] = defaultdict(list)
     for r in rows:
         per[r.problem_id].append(r)
@@ -196,6 +198,7 @@ def sample_stats(rows: Sequence[Sample], problems: int) -> list[dict[str, Any]]:
 
     return [
         {"metric": "problems", "value": problems},
+        {"metric": "dropped input rows", "value": dropped},
         {"metric": "samples", "value": sum(r.status != "error" for r in rows)},
         {"metric": "accuracy (correct / graded samples)", "value": rate(correct, len(graded))},
         {"metric": "pass@n (a correct sample)", "value": rate(any_correct, len(per))},
@@ -264,15 +267,17 @@ async def _finish(
         for i in range(0, len(rows), size)
     ]
     keep += list(load_refs.values())
-    remove_stale_chunks(store, ("samples", "problems"), keep)
+    remove_stale_chunks(store, ("samples", "problems", "dropped"), keep)
+    dropped = [r for r in keep if r.dataset == "dropped"]
     outputs = {
         "samples": f"{store.url}/samples/",
         "samples.jsonl": export_jsonl(
             store, "samples.jsonl", [r for r in keep if r.dataset == "samples"]
         ),
+        "dropped.jsonl": export_jsonl(store, "dropped.jsonl", dropped),
         "report": f"{store.url}/report.md",
     }
-    stats = sample_stats(rows, len(problems))
+    stats = sample_stats(rows, len(problems), sum(r.rows for r in dropped))
     wall = time.perf_counter() - started
     lines = [
         "# sample run",
