@@ -65,6 +65,11 @@ class LLMEndpoint(Block):
         description="Extra JSON fields sent with every request.",
         examples=[{"top_k": 20}],
     )
+    cache_by_url: bool = Field(
+        False,
+        description="Key cached calls on the base URL too (off: a resume after the server "
+        "moved replays finished calls of the same model).",
+    )
 
     def limit_name(self, name: str | None = None) -> str | None:
         """The global concurrency limit this endpoint follows (None when not live)."""
@@ -92,6 +97,7 @@ class LLMEndpoint(Block):
             structured_mode=self.structured_mode,
             price=price,
             extra_body=dict(self.extra_body),
+            cache_by_url=self.cache_by_url,
             concurrency_limit=self.limit_name(name),
             name=name or self._block_document_name,
         )

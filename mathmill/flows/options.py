@@ -71,6 +71,11 @@ class ModelRole(BaseModel):
     )
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int | None = Field(None, ge=16, le=131072, description="Tokens per reply.")
+    cache_by_url: bool | None = Field(
+        None,
+        description="Key cached calls on the base URL too (default off: a moved endpoint "
+        "serving the same model replays finished calls on resume).",
+    )
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> ModelRole:
@@ -129,6 +134,7 @@ def resolve_role(
         "timeout_s",
         "max_retries",
         "structured_mode",
+        "cache_by_url",
     ):
         value = getattr(role, field)
         if value is not None and not (local and field in ("max_concurrency", "concurrency_limit")):

@@ -1,7 +1,9 @@
 """A durable cache of finished LLM calls, so a resumed run never pays for a call twice.
 
-Each successful response is stored under the SHA-256 of what was asked (endpoint,
-model, request body and a caller's salt such as a sample index) in a SQLite file
+Each successful response is stored under the SHA-256 of what was asked (the request
+body with its model, a caller's salt such as a sample index, and the endpoint's
+:attr:`~mathmill.llm.config.EndpointConfig.cache_scope`: empty unless the user keys
+calls on the server, so a resume after the endpoint moved still replays them) in a SQLite file
 that is committed per call. A process killed at any point loses at most the calls in
 flight; re-running the same work replays the finished ones from the file.
 
@@ -9,7 +11,7 @@ The API key is never part of the key nor of what is stored.
 
 >>> import tempfile, os
 >>> cache = CallCache(os.path.join(tempfile.mkdtemp(), "calls.sqlite"))
->>> key = cache.key("chat", "http://h/v1", {"model": "m", "messages": []}, salt="0")
+>>> key = cache.key("chat", "", {"model": "m", "messages": []}, salt="0")
 >>> cache.get(key) is None
 True
 >>> cache.put(key, {"text": "4"}); cache.get(key)
@@ -62,10 +64,12 @@ class CallCache:
         return f"CallCache({self.path!r})"
 
     @staticmethod
-    def key(kind: str, base_url: str, body: dict[str, Any], *, salt: str = "") -> str:
-        """The cache key of a request: SHA-256 over a canonical JSON of what was asked."""
+    def key(kind: str, scope: str, body: dict[str, Any], *, salt: str = "") -> str:
+        """The cache key of a request: SHA-256 over a canonical JSON of what was asked
+        (``scope``: the endpoint's cache scope, often empty).
+        """
         canonical = json.dumps(
-            {"kind": kind, "base_url": base_url.rstrip("/"), "body": body, "salt": salt},
+            {"kind": kind, "scope": scope, "body": body, "salt": salt},
             sort_keys=True,
             ensure_ascii=False,
             separators=(",", ":"),

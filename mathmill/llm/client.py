@@ -407,8 +407,7 @@ class LLMClient:
         start = time.perf_counter()
         key = None
         if self.cache is not None and not keep_raw:
-            where = self.endpoint.cache_id or self.endpoint.base_url
-            key = self.cache.key(kind, where, body, salt=cache_salt)
+            key = self.cache.key(kind, self.endpoint.cache_scope, body, salt=cache_salt)
             if (hit := self.cache.get(key)) is not None:
                 return self._replay(stage, start, hit)
         body["extra_headers"] = {"X-Mathmill-Stage": stage}

@@ -72,8 +72,15 @@ class EndpointConfig(BaseModel):
     name: str | None = Field(None, description="Label shown in reports; defaults to the model.")
     cache_id: str | None = Field(
         None,
-        description="Identity of the server in the LLM call cache; defaults to the base URL "
-        "(set it when the same server comes back on another address).",
+        description="Identity of the server in the LLM call cache and in chunk keys "
+        "(the embedded model sets one); see cache_by_url.",
+    )
+    cache_by_url: bool = Field(
+        False,
+        description="Key cached calls and finished chunks on the base URL as well as the "
+        "model and request. Off (default): a resume after the endpoint moved (new port, "
+        "another replica of the same model) replays every finished call; on: when "
+        "different servers answer differently under one model name.",
     )
 
     @property
@@ -82,11 +89,26 @@ class EndpointConfig(BaseModel):
         return self.name or self.model
 
     @property
-    def identity(self) -> str:
-        """Which server and model answer: ``cache_id`` (or the base URL) and the model.
-        Part of cache keys; holds no secret.
+    def cache_scope(self) -> str:
+        """Which server answers, as far as cached work is concerned: ``cache_id``, else
+        the base URL with ``cache_by_url``, else nothing (the model and the request
+        decide). Holds no secret.
+
+        >>> EndpointConfig(base_url="http://h:1/v1", model="m").cache_scope
+        ''
+        >>> EndpointConfig(base_url="http://h:1/v1/", model="m", cache_by_url=True).cache_scope
+        'http://h:1/v1'
         """
-        return f"{self.cache_id or self.base_url.rstrip('/')}|{self.model}"
+        if self.cache_id:
+            return self.cache_id
+        return self.base_url.rstrip("/") if self.cache_by_url else ""
+
+    @property
+    def identity(self) -> str:
+        """Which server and model answer (:attr:`cache_scope` and the model). Part of
+        chunk keys; holds no secret.
+        """
+        return f"{self.cache_scope}|{self.model}"
 
     def pool_key(self) -> str:
         """Identity of the endpoint for sharing one concurrency limit (key hashed)."""
