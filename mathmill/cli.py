@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -14,8 +14,10 @@ from typer.exceptions import TyperException
 from mathmill import __version__
 from mathmill.deploy_cli import blocks_app, server_app
 from mathmill.errors import MathmillError
-from mathmill.flows.cli import run_app
-from mathmill.llm.config import EndpointConfig, endpoint_from_env
+from mathmill.flows.cli import PrefectServer, run_app
+
+if TYPE_CHECKING:
+    from mathmill.llm.config import EndpointConfig
 
 app = typer.Typer(
     help="mathmill: verified math reasoning data for LLMs, as Prefect flows.",
@@ -47,6 +49,8 @@ ApiKeyEnv = Annotated[
 
 
 def _endpoint(base_url: str | None, model: str | None, api_key_env: str) -> EndpointConfig | None:
+    from mathmill.llm.config import endpoint_from_env
+
     return endpoint_from_env(base_url, model, os.environ.get(api_key_env) or None)
 
 
@@ -163,6 +167,7 @@ def demo(
     base_url: BaseUrl = None,
     model: Model = None,
     api_key_env: ApiKeyEnv = "MATHMILL_API_KEY",
+    prefect_server: PrefectServer = None,
 ) -> None:
     """Run the synthesize flow with small numbers on the embedded model (no keys, no GPU):
     topics, problems, chains of thought, code verification in the sandbox, rewrites.
@@ -190,7 +195,7 @@ def demo(
         f"{topics} topics x {problems_per_topic} problems, 1 long + {short_cots} short CoTs, "
         f"{rounds} rewrite round(s); writing to {out}"
     )
-    print_result(run_synthesize_config(cfg))
+    print_result(*run_synthesize_config(cfg, prefect_server))
 
 
 @vllm_app.command("convert")

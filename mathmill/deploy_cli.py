@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from pydantic import SecretStr, ValidationError
 from rich.console import Console
 
 from mathmill.errors import ConfigError
+from mathmill.server import default_home
 
 __all__ = ["blocks_app", "server_app"]
 
@@ -21,12 +21,17 @@ server_app = typer.Typer(help="A local Prefect server for mathmill.", no_args_is
 blocks_app = typer.Typer(help="Prefect blocks: endpoints, sandbox, storage.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 
-DEFAULT_HOME = Path(os.environ.get("MATHMILL_SERVER_HOME", "~/.mathmill/server")).expanduser()
+DEFAULT_HOME = default_home().root
 Home = Annotated[
     Path, typer.Option(help="Server directory: SQLite database, log, pid file.", file_okay=False)
 ]
 Host = Annotated[str, typer.Option(help="Interface the server listens on.")]
-Port = Annotated[int, typer.Option(help="Port of the server's API and UI.", min=1, max=65535)]
+Port = Annotated[
+    int,
+    typer.Option(
+        help="Port of the server's API and UI.", min=1, max=65535, envvar="MATHMILL_SERVER_PORT"
+    ),
+]
 
 
 def _api_url() -> str:
@@ -115,6 +120,8 @@ def blocks_llm(
     ),
 ) -> None:
     """Save an LLM endpoint block (the key is read from API_KEY_ENV, stored as a secret)."""
+    from pydantic import SecretStr, ValidationError
+
     from mathmill.blocks import LLMEndpoint
 
     _api_url()
@@ -160,6 +167,8 @@ def blocks_s3(
     """Save an s3-bucket block (prefect-aws) with its credentials block NAME-credentials;
     keys are read from the environment and stored as secrets.
     """
+    from pydantic import SecretStr
+
     try:
         from prefect_aws import AwsCredentials, S3Bucket
         from prefect_aws.client_parameters import AwsClientParameters

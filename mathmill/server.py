@@ -5,10 +5,16 @@ task-run recorder batches, analytics off), waits for ``/api/health``, creates th
 ``cpu`` and ``vllm`` process work pools, registers the block types and deploys
 ``deployments/prefect.yaml``. Each step is skipped when already done, so ``up`` is
 safe to repeat; ``down`` stops a server ``up`` started.
+
+``mathmill run`` uses the same server (:func:`ensure_local_server`): started in the
+background by the first run that needs one, reused by the later ones, so local runs
+keep their history in the UI and pay no temporary server each.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import signal
 import subprocess
@@ -17,15 +23,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from mathmill.errors import MathmillError
 
 __all__ = [
     "POOLS",
     "ServerHome",
     "create_pools",
+    "default_home",
+    "default_port",
     "deploy",
+    "ensure_local_server",
     "server_env",
     "start_server",
     "stop_server",
@@ -66,6 +73,24 @@ class ServerHome:
         return self.root / "prefect.db"
 
 
+def default_home() -> ServerHome:
+    """The local server's directory: ``$MATHMILL_SERVER_HOME`` or ``~/.mathmill/server``."""
+    root = os.environ.get("MATHMILL_SERVER_HOME") or "~/.mathmill/server"
+    return ServerHome(Path(root).expanduser())
+
+
+def default_port() -> int:
+    """The local server's port: ``$MATHMILL_SERVER_PORT`` or 4200 (Prefect's)."""
+    value = os.environ.get("MATHMILL_SERVER_PORT") or "4200"
+    try:
+        port = int(value)
+    except ValueError:
+        port = 0
+    if not 0 < port < 65536:
+        raise ServerError(f"MATHMILL_SERVER_PORT: expected a port number, not {value!r}")
+    return port
+
+
 def api_url(host: str, port: int) -> str:
     """The API URL of a server on ``host:port``."""
     return f"http://{host}:{port}/api"
@@ -90,6 +115,8 @@ def server_env(
 
 def healthy(url: str, timeout_s: float = 2.0) -> bool:
     """Whether a Prefect API answers at ``url``."""
+    import httpx
+
     try:
         return httpx.get(f"{url}/health", timeout=timeout_s).status_code == 200
     except httpx.HTTPError:
@@ -149,6 +176,36 @@ def start_server(
     home.pid_file.write_text(str(process.pid))
     wait_healthy(url, process, home.log_file, timeout_s)
     return url
+
+
+def ensure_local_server(
+    home: ServerHome, host: str, port: int, timeout_s: float = 120.0
+) -> tuple[str, bool]:
+    """The API URL of the server on ``host:port``, started from ``home`` unless one
+    answers already; and whether this call started it. Runs starting at once take
+    turns (a lock file in ``home``), so one server starts, not several.
+    """
+    url = api_url(host, port)
+    if healthy(url):
+        return url, False
+    home.root.mkdir(parents=True, exist_ok=True)
+    with (home.root / "start.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if healthy(url):  # another run started it while this one waited
+                return url, False
+            try:
+                start_server(home, host, port, timeout_s)
+            except ServerError as e:
+                raise ServerError(
+                    f"{e}\n(a local Prefect server is started for runs when PREFECT_API_URL is "
+                    "unset: set MATHMILL_SERVER_PORT to another port, PREFECT_API_URL to a "
+                    "server, or use --prefect-server ephemeral)"
+                ) from e
+            return url, True
+        finally:
+            with contextlib.suppress(OSError):
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def stop_server(home: ServerHome, timeout_s: float = 20.0) -> bool:

@@ -1,31 +1,55 @@
 """``mathmill run ...``: run a pipeline flow from the command line, then print where
-its dataset and report are and a summary table.
+its dataset and report are, a summary table and where the run is in the Prefect UI.
+
+Flows report to ``PREFECT_API_URL`` when it is set; otherwise to a local Prefect server
+started once in the background and reused by later runs (``--prefect-server local``,
+the default), or to Prefect's temporary server for this run alone (``ephemeral``).
+Heavy modules (the flows, Prefect, the LLM client) are imported inside the commands.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 
 import typer
-from pydantic import BaseModel, ValidationError
 from rich.console import Console
 from rich.table import Table
 
 from mathmill.errors import ConfigError
-from mathmill.tasks.export import count_rows
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 __all__ = [
+    "PrefectServer",
     "build_params",
     "load_config_file",
+    "prefect_api",
     "run_app",
+    "run_flow",
     "run_synthesize_config",
     "validation_message",
 ]
 
-M = TypeVar("M", bound=BaseModel)
+M = TypeVar("M", bound="BaseModel")
+ServerMode = Literal["local", "ephemeral"]
+PrefectServer = Annotated[
+    ServerMode | None,
+    typer.Option(
+        "--prefect-server",
+        help="Where the run is recorded when PREFECT_API_URL is unset: 'local' starts a "
+        "Prefect server once in the background ($MATHMILL_SERVER_HOME, default "
+        "~/.mathmill/server; port $MATHMILL_SERVER_PORT, default 4200) and reuses it, so "
+        "runs keep their history in the UI; 'ephemeral' uses Prefect's temporary server "
+        "for this run only. Default: $MATHMILL_PREFECT_SERVER or local.",
+    ),
+]
 run_app = typer.Typer(help="Run a pipeline (a Prefect flow).", no_args_is_help=True)
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # piped or in CI: 80 columns would cut the tables
@@ -78,6 +102,8 @@ def build_params(model: type[M], config: Path | None, values: dict[str, Any], wh
     """Flow parameters from a config file, overridden by the flags that were given
     (dotted keys for nested fields); a bad value is one :class:`ConfigError` line.
     """
+    from pydantic import ValidationError
+
     data = load_config_file(config)
     for key, value in values.items():
         _set(data, key, value)
@@ -87,15 +113,76 @@ def build_params(model: type[M], config: Path | None, values: dict[str, Any], wh
         raise ConfigError(validation_message(e, what)) from None
 
 
-def run_synthesize_config(cfg: Any) -> Any:
-    """Run the synthesize flow for a validated config; returns its result."""
+@contextlib.contextmanager
+def prefect_api(mode: ServerMode | None = None) -> Iterator[str | None]:
+    """The Prefect API a command-line run reports to, set for the block's duration:
+    ``PREFECT_API_URL`` when set; else the local background server (started on first
+    use, reused after; ``mode='local'``); None for Prefect's temporary server.
+    """
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    url = PREFECT_API_URL.value()
+    if url:
+        yield str(url)
+        return
+    mode = mode or os.environ.get("MATHMILL_PREFECT_SERVER") or "local"  # type: ignore[assignment]
+    if mode == "ephemeral":
+        yield None
+        return
+    if mode != "local":
+        raise ConfigError(f"MATHMILL_PREFECT_SERVER: expected 'local' or 'ephemeral', not {mode!r}")
+    from mathmill.server import default_home, default_port, ensure_local_server
+
+    home, port = default_home(), default_port()
+    with console.status(f"starting a local Prefect server on port {port} (once)"):
+        url, started = ensure_local_server(home, "127.0.0.1", port)
+    if started:
+        console.print(
+            f"started a local Prefect server at {ui_url(url)} (home {home.root}); later runs "
+            "reuse it, `mathmill server down` stops it",
+            markup=False,
+            highlight=False,
+        )
+    with temporary_settings({PREFECT_API_URL: url}):
+        yield url
+
+
+def ui_url(api: str) -> str:
+    """The UI address of a Prefect API URL (``http://h:4200/api`` -> ``http://h:4200``)."""
+    return api.removesuffix("/").removesuffix("/api")
+
+
+def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> Any:
+    """Run a Prefect flow on the server :func:`prefect_api` picks; its result. The flow's
+    own error is raised as it is; where the run is in the UI is printed at the end.
+    """
+
+    async def _run(api: str | None) -> tuple[Any, str]:
+        state = await flow(**params, return_state=True)
+        return await state.aresult(), str(state.state_details.flow_run_id)
+
+    with prefect_api(server) as api:
+        result, run_id = asyncio.run(_run(api))
+    return result, (f"{ui_url(api)}/runs/flow-run/{run_id}" if api else None)
+
+
+def print_ui(link: str | None) -> None:
+    """Where the finished run is in the Prefect UI (nothing for a temporary server)."""
+    if link:
+        console.print(f"Prefect UI: {link}", markup=False, highlight=False)
+
+
+def run_synthesize_config(cfg: Any, server: ServerMode | None = None) -> tuple[Any, str | None]:
+    """Run the synthesize flow for a validated config; its result and UI link."""
     from mathmill.flows.synthesize import synthesize
 
-    return asyncio.run(synthesize(config=cfg))
+    return run_flow(synthesize, server, config=cfg)  # type: ignore[no-any-return]
 
 
-def print_result(result: Any) -> None:
+def print_result(result: Any, link: str | None = None) -> None:
     """The counts table, the outputs and the verified/unverified totals."""
+    from mathmill.tasks.export import count_rows
+
     table = Table(title="rows by stage and outcome")
     for column in ("stage", "outcome", "rows"):
         table.add_column(column, justify="right" if column == "rows" else "left")
@@ -110,6 +197,7 @@ def print_result(result: Any) -> None:
         f"{result.verified} verified and {result.unverified} unverified rows "
         f"in {result.wall_s:.1f}s"
     )
+    print_ui(link)
 
 
 def usage_table(usage: dict[str, dict[str, float]]) -> Table:
@@ -154,6 +242,7 @@ def synthesize_command(
         Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
     ] = None,
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate and print the plan.")] = False,
+    prefect_server: PrefectServer = None,
 ) -> None:
     """Generate problems and chains of thought, verify them by code, write the dataset."""
     from mathmill.flows.synthesize import SynthesizeConfig, plan
@@ -185,7 +274,7 @@ def synthesize_command(
         console.print_json(plan(cfg).model_dump_json())
         console.print("dry run: nothing was called")
         return
-    print_result(run_synthesize_config(cfg))
+    print_result(*run_synthesize_config(cfg, prefect_server))
 
 
 _ROLE_STYLE = {"user": "yellow", "assistant": "cyan", "tool": "green", "final": "bold magenta"}
@@ -202,7 +291,7 @@ def print_turn(event: Any) -> None:
     console.print(event.content, style=style, markup=False, highlight=False)
 
 
-def print_tir_result(result: Any) -> None:
+def print_tir_result(result: Any, link: str | None = None) -> None:
     """The statistics, the LLM usage and where the exports are."""
     table = Table(title="tir statistics")
     table.add_column("metric")
@@ -215,6 +304,7 @@ def print_tir_result(result: Any) -> None:
     for name, path in result.outputs.items():
         console.print(f"  {name:16} {path}", markup=False, highlight=False)
     console.print(f"{result.problems} problems in {result.wall_s:.1f}s")
+    print_ui(link)
 
 
 @run_app.command("tir")
@@ -244,6 +334,7 @@ def tir_command(
     ] = None,
     debug: Annotated[bool, Opt("--debug", help="Print every turn in colour.")] = False,
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate and count; call nothing.")] = False,
+    prefect_server: PrefectServer = None,
 ) -> None:
     """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
     from mathmill.flows.tir import TirParams, tir, turn_hook
@@ -285,7 +376,7 @@ def tir_command(
         return
     if debug:
         turn_hook.set(print_turn)
-    print_tir_result(asyncio.run(tir(params=params)))
+    print_tir_result(*run_flow(tir, prefect_server, params=params))
 
 
 @run_app.command("sample")
@@ -317,6 +408,7 @@ def sample_command(
         Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
     ] = None,
     dry_run: Annotated[bool, Opt("--dry-run", help="Validate; call nothing.")] = False,
+    prefect_server: PrefectServer = None,
 ) -> None:
     """N solutions per problem with token logprobs, graded against the answers."""
     from mathmill.flows.sample import SampleParams, sample
@@ -343,10 +435,10 @@ def sample_command(
     }
     params = build_params(SampleParams, config, values, "sample parameters")
     params.check_input()
-    result = asyncio.run(sample(params=params))
-    if result.dry_run:
+    if params.dry_run:
         console.print("dry run: parameters are valid, nothing was called")
         return
+    result, link = run_flow(sample, prefect_server, params=params)
     table = Table(title="sample statistics")
     table.add_column("metric")
     table.add_column("value", justify="right")
@@ -356,3 +448,4 @@ def sample_command(
     for name, path in result.outputs.items():
         console.print(f"  {name:16} {path}", markup=False, highlight=False)
     console.print(f"{result.problems} problems, {result.samples} samples in {result.wall_s:.1f}s")
+    print_ui(link)
