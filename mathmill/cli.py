@@ -241,7 +241,11 @@ def _exit(code: int) -> NoReturn:
     """Exit after the atexit handlers (Prefect's log and event flushes, logging) and
     flushed output, skipping the interpreter's teardown: freeing the modules of
     Prefect, openai and pydantic one by one takes ~1 s of a short run, for nothing.
+    Under a profiler, tracer or debugger (cProfile, coverage, pdb) the exit is the
+    ordinary one, so they can write what they gathered.
     """
+    if sys.getprofile() is not None or sys.gettrace() is not None:
+        sys.exit(code)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):  # a closed pipe, a detached stream
