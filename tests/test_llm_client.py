@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 
 import pytest
 from pydantic import BaseModel, SecretStr
+from tenacity import RetryCallState
 
 from mathmill.errors import EndpointError, EndpointTimeout, StructuredOutputError
 from mathmill.llm import EndpointConfig, LLMPool, Price
 from mathmill.llm.fake_server import FakeOpenAIServer, Fault, RecordedRequest, Reply
+from mathmill.llm.limiter import Limiter
+from mathmill.llm.structured import response_format, schema_hint
 from mathmill.records import SamplingParams
 
 USER = [{"role": "user", "content": "What is 2+2?"}]
@@ -257,3 +261,122 @@ async def test_handler_sees_the_request(fake: FakeOpenAIServer) -> None:
     async with LLMPool() as pool:
         result = await pool.client(endpoint(fake)).chat([{"role": "user", "content": "echo"}])
     assert result.text == "ECHO"
+
+
+def test_schema_is_cached_and_callers_cannot_corrupt_it() -> None:
+    class Probe(BaseModel):
+        n: int
+        label: str = ""
+
+    expected = Probe.model_json_schema()
+    for mode in ("json_schema", "json_object"):
+        first = response_format(Probe, mode)  # type: ignore[arg-type]
+        schema = first["json_schema"]["schema"] if mode == "json_schema" else first["schema"]
+        assert schema == expected
+        schema["properties"].clear()  # a caller changing what it got...
+        first["type"] = "text"
+        again = response_format(Probe, mode)  # type: ignore[arg-type]
+        assert again is not first
+        assert again["type"] == mode  # ...changes nothing for the next call
+        got = again["json_schema"]["schema"] if mode == "json_schema" else again["schema"]
+        assert got == expected
+    assert schema_hint(Probe) is schema_hint(Probe)
+    assert json.dumps(expected, separators=(",", ":")) in schema_hint(Probe)
+
+
+async def test_a_request_after_a_caller_changed_its_format_sends_the_whole_schema(
+    fake: FakeOpenAIServer,
+) -> None:
+    response_format(Answer, "json_schema")["json_schema"]["schema"].clear()
+    fake.enqueue(Reply('{"answer": 4}'), Reply('{"answer": 5}'))
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake))
+        assert (await client.structured(USER, Answer)).value == Answer(answer=4)
+        assert (await client.structured(USER, Answer)).value == Answer(answer=5)
+    for request in fake.requests:
+        fmt = (request.body or {})["response_format"]
+        assert fmt["json_schema"]["schema"] == Answer.model_json_schema()
+
+
+async def test_first_attempt_success_counts_one_attempt(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat(USER, stage="s")
+    assert (result.text, result.attempts) == ("4", 1)
+    stage = pool.meter.stages()["s"]
+    assert (stage.calls, stage.retries, stage.errors) == (1, 0, 0)
+
+
+async def test_429_with_retry_after_then_success_counts_two_attempts(
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue(Fault.status(429, retry_after=0.3), Reply("4"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat(USER, stage="s")
+    assert (result.text, result.attempts) == ("4", 2)
+    assert fake.outcomes() == ["status:429", "ok"]
+    assert fake.requests[1].received_at - fake.requests[0].received_at >= 0.28
+    assert pool.meter.stages()["s"].retries == 1
+
+
+async def test_backoff_counts_the_first_attempt(fake: FakeOpenAIServer) -> None:
+    """Without Retry-After the exponential backoff is asked for attempts 1, 2, ... (the
+    bare first attempt counts as tenacity's first).
+    """
+    fake.enqueue(Fault.status(500), Fault.status(502), Reply("4"))
+    seen: list[int] = []
+    async with LLMPool() as pool:
+        client = pool.client(endpoint(fake))
+        backoff = client._backoff
+
+        def spy(state: RetryCallState) -> float:
+            seen.append(state.attempt_number)
+            assert 0.25 <= backoff(state) <= 0.5  # multiplier 0.25 x 2^(n-1) + jitter, capped
+            return 0.0
+
+        client._backoff = spy  # type: ignore[assignment]
+        result = await client.chat(USER)
+    assert (result.text, result.attempts) == ("4", 3)
+    assert seen == [1, 2]
+
+
+async def test_non_retryable_400_fails_after_one_attempt(fake: FakeOpenAIServer) -> None:
+    fake.enqueue(Fault.status(400), Reply("never"))
+    async with LLMPool() as pool:
+        result = await pool.client(endpoint(fake)).chat(USER, stage="s", raise_on_error=False)
+    assert not result.ok
+    assert result.attempts == 1
+    assert result.error is not None and result.error.attempts == 1
+    assert result.error.status == 400
+    assert fake.outcomes() == ["status:400"]
+    stage = pool.meter.stages()["s"]
+    assert (stage.calls, stage.errors, stage.retries) == (1, 1, 0)
+
+
+async def test_retryable_failure_without_retries_fails_after_one_attempt(
+    fake: FakeOpenAIServer,
+) -> None:
+    fake.enqueue(Fault.status(503), Reply("never"))
+    async with LLMPool() as pool:
+        with pytest.raises(EndpointError, match="HTTP 503 after 1 attempt") as info:
+            await pool.client(endpoint(fake, max_retries=0)).chat(USER)
+    assert info.value.attempts == 1
+    assert fake.outcomes() == ["status:503"]
+
+
+async def test_limiter_with_many_waiters_keeps_its_bound_and_order() -> None:
+    limit = Limiter(3)
+    order: list[int] = []
+    peak = 0
+
+    async def hold(i: int) -> None:
+        nonlocal peak
+        async with limit:
+            order.append(i)
+            peak = max(peak, limit.in_flight)
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(hold(i) for i in range(200)))
+    assert order == list(range(200))  # first come, first served
+    assert peak == 3
+    assert limit.in_flight == 0 and limit._woken == 0 and not limit._waiters

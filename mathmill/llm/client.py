@@ -257,43 +257,61 @@ class LLMClient:
         return float(self._backoff(state))
 
     async def _request(self, kind: str, body: dict[str, Any]) -> tuple[Any, int]:
-        attempts = 0
+        """The response and the attempts it took. The first attempt runs bare; only a
+        retryable failure builds the tenacity loop, which starts from that failure (so
+        its waits, Retry-After included, and its attempt numbers are those of one loop
+        over every attempt).
+        """
+        try:
+            return await self._attempt(kind, body), 1
+        except Exception as e:
+            if not _retryable(e) or self.endpoint.max_retries < 1:
+                if isinstance(e, openai.OpenAIError | json.JSONDecodeError):
+                    raise _describe(e, self.endpoint, 1) from e
+                raise
+            first: BaseException | None = e
+        attempts = 1
         retrying = AsyncRetrying(
             retry=retry_if_exception(_retryable),
             stop=stop_after_attempt(self.endpoint.max_retries + 1),
             wait=self._wait,
             reraise=True,
         )
-        limiter = self.limiter
         try:
             async for attempt in retrying:
                 with attempt:
+                    if first is not None:  # tenacity's attempt 1: the failure seen above
+                        failed, first = first, None
+                        raise failed
                     attempts += 1
-                    async with limiter:
-                        load = self._load
-                        shard = min(range(len(load)), key=load.__getitem__)
-                        load[shard] += 1
-                        try:
-                            sdk = self._shards[shard]
-                            create = (
-                                sdk.chat.completions.create
-                                if kind == "chat"
-                                else sdk.completions.create
-                            )
-                            response = await create(**body)
-                        finally:
-                            load[shard] -= 1
-                    if isinstance(response, str):  # the SDK returns str for non-JSON bodies
-                        raise openai.APIResponseValidationError(
-                            response=httpx2.Response(200, request=httpx2.Request("POST", "/")),
-                            body=response,
-                            message=f"response body is not JSON: {response[:80]!r}",
-                        )
+                    response = await self._attempt(kind, body)
         except Exception as e:
             if isinstance(e, openai.OpenAIError | json.JSONDecodeError):
                 raise _describe(e, self.endpoint, attempts) from e
             raise
         return response, attempts
+
+    async def _attempt(self, kind: str, body: dict[str, Any]) -> Any:
+        """One request on the least loaded connection shard, within the limiter."""
+        async with self.limiter:
+            load = self._load
+            shard = load.index(min(load))
+            load[shard] += 1
+            try:
+                sdk = self._shards[shard]
+                if kind == "chat":
+                    response = await sdk.chat.completions.create(**body)
+                else:
+                    response = await sdk.completions.create(**body)
+            finally:
+                load[shard] -= 1
+        if isinstance(response, str):  # the SDK returns str for non-JSON bodies
+            raise openai.APIResponseValidationError(
+                response=httpx2.Response(200, request=httpx2.Request("POST", "/")),
+                body=response,
+                message=f"response body is not JSON: {response[:80]!r}",
+            )
+        return response
 
     def _body(self, sampling: SamplingParams | None, extra: dict[str, Any]) -> dict[str, Any]:
         body: dict[str, Any] = {"model": self.endpoint.model}

@@ -38,6 +38,9 @@ class Limiter:
         self._capacity = capacity
         self._in_flight = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # waiters woken (result set) that have not run yet: each holds a slot. Counted,
+        # not found by scanning the queue, so a release costs O(1) with many waiting.
+        self._woken = 0
 
     @property
     def capacity(self) -> int:
@@ -58,14 +61,16 @@ class Limiter:
 
     def _wake(self) -> None:
         # woken waiters that have not run yet hold a slot; cancelled ones hold nothing
-        woken = sum(1 for w in self._waiters if w.done() and not w.cancelled())
-        free = self._capacity - self._in_flight - woken
+        free = self._capacity - self._in_flight - self._woken
+        if free <= 0:
+            return
         for waiter in self._waiters:
-            if free <= 0:
-                break
             if not waiter.done():
                 waiter.set_result(None)
+                self._woken += 1
                 free -= 1
+                if free <= 0:
+                    break
 
     async def __aenter__(self) -> Limiter:
         if self._in_flight >= self._capacity or self._waiters:
@@ -81,9 +86,11 @@ class Limiter:
                     woken = waiter.done() and not waiter.cancelled()
                     self._remove(waiter)
                     if woken:
+                        self._woken -= 1
                         self._wake()  # pass the slot on
                     raise
                 self._remove(waiter)
+                self._woken -= 1
                 if self._in_flight < self._capacity:
                     break
                 again = True

@@ -1,7 +1,14 @@
-"""Structured output: ask for JSON that fits a pydantic model, and parse it tolerantly."""
+"""Structured output: ask for JSON that fits a pydantic model, and parse it tolerantly.
+
+Building a model's JSON schema costs ~0.1-0.5 ms, so the request field and the hint
+are built once per (model class, mode) and kept as JSON text (an immutable string):
+each :func:`response_format` call returns a fresh dict decoded from it (~2 us), so a
+caller that changes what it got cannot change what the next call sends.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from typing import Any, TypeVar
@@ -17,25 +24,38 @@ _FENCE = re.compile(r"```(?:json|JSON)?\s*(.*?)```", re.DOTALL)
 
 
 def response_format(model: type[BaseModel], mode: StructuredMode) -> dict[str, Any]:
-    """The ``response_format`` request field for ``model`` in the endpoint's mode.
+    """The ``response_format`` request field for ``model`` in the endpoint's mode: a
+    new dict on every call (the caller may change it), built from a cached schema.
 
     >>> from pydantic import BaseModel
     >>> class A(BaseModel):
     ...     x: int
     >>> response_format(A, "json_object")["type"]
     'json_object'
+    >>> response_format(A, "json_schema") is response_format(A, "json_schema")
+    False
     """
+    return json.loads(_response_format_json(model, mode))  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=512)
+def _response_format_json(model: type[BaseModel], mode: StructuredMode) -> str:
     schema = model.model_json_schema()
     if mode == "json_schema":
-        return {
+        field = {
             "type": "json_schema",
             "json_schema": {"name": model.__name__, "schema": schema, "strict": False},
         }
-    return {"type": "json_object", "schema": schema}
+    else:
+        field = {"type": "json_object", "schema": schema}
+    return json.dumps(field)
 
 
+@functools.lru_cache(maxsize=512)
 def schema_hint(model: type[BaseModel]) -> str:
-    """A short instruction that names the JSON schema (helps small local models)."""
+    """A short instruction that names the JSON schema (helps small local models);
+    cached per model class (a string, so nothing a caller does can change it).
+    """
     schema = json.dumps(model.model_json_schema(), separators=(",", ":"))
     return f"Reply with a single JSON object that matches this JSON schema: {schema}"
 

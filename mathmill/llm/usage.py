@@ -70,7 +70,9 @@ class UsageMeter:
         cache, not sent) counts only as cached: its tokens and cost were paid before.
         """
         with self._lock:
-            s = self._stages.setdefault(stage, StageUsage())
+            s = self._stages.get(stage)
+            if s is None:  # not setdefault: that builds a StageUsage on every call
+                s = self._stages[stage] = StageUsage()
             if cached:
                 s.cached += 1
                 s.models.add(model)
