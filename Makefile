@@ -63,6 +63,7 @@ bench: setup
 	$(BIN)/python bench/grading.py
 	$(BIN)/python bench/leaks.py
 	$(BIN)/python bench/synthesize.py
+	$(BIN)/python bench/e2e.py
 	$(MAKE) setup-vllm
 	$(BIN)/python bench/vllm.py
 
