@@ -123,6 +123,19 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
             assert len(started) == 1, [d.stdout[-500:] for d in first]
             pid = int((home / "server.pid").read_text())
             later = _mathmill(sample_args(fake.base_url, tmp_path / "r0"), env)
+        # A failed run says where its logs are, then the one-line error.
+        config = tmp_path / "no-retries.json"
+        config.write_text(json.dumps({"model": {"max_retries": 0}}))
+        failed = _mathmill(
+            sample_args(
+                f"http://127.0.0.1:{free_port()}/v1", tmp_path / "dead", "--config", str(config)
+            ),
+            env,
+        )
+        assert failed.returncode == 1, failed.stderr[-3000:]
+        assert failed.stderr.strip().splitlines()[-1].startswith("error: generation did not")
+        failed_link = re.search(r"Prefect UI: \S+/runs/flow-run/(\S+)", failed.stdout)
+        assert failed_link is not None, failed.stdout
         assert later.returncode == 0, later.stderr[-3000:]
         assert "started a local Prefect server" not in later.stdout
         assert int((home / "server.pid").read_text()) == pid
@@ -138,6 +151,7 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
         runs = {str(r["id"]): r for r in _flow_runs(api)}
         assert ids <= set(runs) and len(ids) == 3  # the history stays on the server
         assert {runs[i]["state_type"] for i in ids} == {"COMPLETED"}
+        assert runs[failed_link.group(1)]["state_type"] == "FAILED"
     finally:
         down = _mathmill(["server", "down", "--home", str(home)], env)
     assert "server stopped" in down.stdout, down.stdout + down.stderr

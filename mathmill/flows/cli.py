@@ -152,18 +152,24 @@ def ui_url(api: str) -> str:
     return api.removesuffix("/").removesuffix("/api")
 
 
-def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> Any:
-    """Run a Prefect flow on the server :func:`prefect_api` picks; its result. The flow's
-    own error is raised as it is; where the run is in the UI is printed at the end.
+def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tuple[Any, str | None]:
+    """Run a Prefect flow on the server :func:`prefect_api` picks; its result and the
+    run's link in the UI (None on a temporary server). The flow's own error is raised
+    as it is, after the link, so the failed run's logs are one click away.
     """
 
-    async def _run(api: str | None) -> tuple[Any, str]:
+    async def _run(api: str | None) -> tuple[Any, str | None]:
         state = await flow(**params, return_state=True)
-        return await state.aresult(), str(state.state_details.flow_run_id)
+        run_id = state.state_details.flow_run_id
+        link = f"{ui_url(api)}/runs/flow-run/{run_id}" if api and run_id else None
+        try:
+            return await state.aresult(), link
+        except BaseException:
+            print_ui(link)
+            raise
 
     with prefect_api(server) as api:
-        result, run_id = asyncio.run(_run(api))
-    return result, (f"{ui_url(api)}/runs/flow-run/{run_id}" if api else None)
+        return asyncio.run(_run(api))
 
 
 def print_ui(link: str | None) -> None:
@@ -176,7 +182,7 @@ def run_synthesize_config(cfg: Any, server: ServerMode | None = None) -> tuple[A
     """Run the synthesize flow for a validated config; its result and UI link."""
     from mathmill.flows.synthesize import synthesize
 
-    return run_flow(synthesize, server, config=cfg)  # type: ignore[no-any-return]
+    return run_flow(synthesize, server, config=cfg)
 
 
 def print_result(result: Any, link: str | None = None) -> None:
