@@ -4,6 +4,7 @@ problem checks, dedup, cache keys and role resolution.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from mathmill.llm.fake_server import FakeOpenAIServer, Fault, Reply
 from mathmill.records import ErrorInfo, Problem, SamplingParams
 from mathmill.storage import ChunkRef
 from mathmill.tasks.generate import canonical_text, dedup_problems, solution_leak
-from mathmill.tasks.runtime import ChunkSpec
+from mathmill.tasks.runtime import ChunkSpec, map_rows
 from mathmill.tasks.verify import extract_code
 
 
@@ -180,3 +181,27 @@ def test_embedded_model_says_why_it_died(tmp_path: Path) -> None:
     model.process = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
     model.process.wait()
     assert model.died() == "exit code 3: loading model | GGML_ASSERT: out of memory"
+
+
+def test_map_rows_keeps_order_bounds_concurrency_and_runs_every_row_past_a_failure() -> None:
+
+    running, peak, done = 0, 0, []
+
+    async def row(i: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0.001 * (i % 3))  # rows finish out of order
+        running -= 1
+        done.append(i)
+        if i in (7, 3):
+            raise ValueError(f"row {i}")
+        return i * i
+
+    assert asyncio.run(map_rows(range(5), lambda i: row(i + 10), 2)) == [100, 121, 144, 169, 196]
+    assert peak == 2
+    done.clear()
+    with pytest.raises(ValueError, match="row 3"):  # the first failure in row order
+        asyncio.run(map_rows(range(12), row, 4))
+    assert sorted(done) == list(range(12)) and peak == 4
+    assert asyncio.run(map_rows([], row, 4)) == []

@@ -253,20 +253,34 @@ async def map_rows(
 ) -> list[R]:
     """``fn`` over ``items`` with at most ``concurrency`` in flight; results in order.
 
-    Every row runs to its end even when another fails: the first exception is raised
-    only after all rows are done, so finished work reaches the call cache.
+    ``concurrency`` workers take the rows in turn (no task per row waiting on a
+    semaphore). Every row runs to its end even when another fails: the first
+    exception, in row order, is raised only after all rows are done, so finished work
+    reaches the call cache.
+
+    >>> async def double(x: int) -> int:
+    ...     return 2 * x
+    >>> asyncio.run(map_rows(range(5), double, 2))
+    [0, 2, 4, 6, 8]
     """
-    sem = asyncio.Semaphore(concurrency)
+    rows = list(items)
+    results: list[Any] = [None] * len(rows)
+    failed: list[BaseException | None] = [None] * len(rows)
+    order = iter(range(len(rows)))
 
-    async def one(item: T) -> R:
-        async with sem:
-            return await fn(item)
+    async def worker() -> None:
+        for i in order:
+            try:
+                results[i] = await fn(rows[i])
+            except Exception as e:
+                failed[i] = e
 
-    results = await asyncio.gather(*(one(i) for i in items), return_exceptions=True)
-    for r in results:
-        if isinstance(r, BaseException):
-            raise r
-    return results  # type: ignore[return-value]
+    n = max(1, min(concurrency, len(rows)))
+    ends = await asyncio.gather(*(worker() for _ in range(n)), return_exceptions=True)
+    for error in (*failed, *ends):
+        if isinstance(error, BaseException):
+            raise error
+    return results
 
 
 def read_input(ref: ChunkRef, model: type[Rec]) -> list[Rec]:
