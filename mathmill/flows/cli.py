@@ -158,10 +158,13 @@ def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tupl
     as it is, after the link, so the failed run's logs are one click away.
     """
 
+    from prefect.settings import PREFECT_UI_URL
+
     async def _run(api: str | None) -> tuple[Any, str | None]:
         state = await flow(**params, return_state=True)
         run_id = state.state_details.flow_run_id
-        link = f"{ui_url(api)}/runs/flow-run/{run_id}" if api and run_id else None
+        ui = PREFECT_UI_URL.value() if api else None  # Prefect Cloud's UI is elsewhere
+        link = f"{ui}/runs/flow-run/{run_id}" if ui and run_id else None
         try:
             return await state.aresult(), link
         except BaseException:
