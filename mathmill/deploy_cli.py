@@ -96,6 +96,26 @@ def server_down(home: Home = DEFAULT_HOME) -> None:
     console.print("server stopped" if stopped else "no server was running from " + str(home))
 
 
+@server_app.command("status")
+def server_status(home: Home = DEFAULT_HOME, port: Port = 4200) -> None:
+    """Whether the local server (the one `mathmill run` starts and reuses) answers; its
+    UI, process and log. Exits 1 when none answers.
+    """
+    from mathmill.server import ServerHome, api_url, healthy
+
+    server_home = ServerHome(home.expanduser())
+    url = api_url("127.0.0.1", port)
+    try:
+        pid = server_home.pid_file.read_text().strip()
+    except OSError:
+        pid = "none recorded"
+    if not healthy(url):
+        console.print(f"no Prefect server answers at {url} (home {server_home.root}, pid {pid})")
+        raise typer.Exit(1)
+    console.print(f"Prefect server up: UI {url.removesuffix('/api')}, API {url}")
+    console.print(f"home {server_home.root}, pid {pid}, log {server_home.log_file}")
+
+
 @blocks_app.command("register")
 def blocks_register() -> None:
     """Register mathmill's block types (and prefect-aws's S3 ones) on the server."""

@@ -140,6 +140,8 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
         assert "started a local Prefect server" not in later.stdout
         assert int((home / "server.pid").read_text()) == pid
         os.kill(pid, 0)  # still running: it outlives the runs
+        status = _mathmill(["server", "status"], env)
+        assert status.returncode == 0 and f"pid {pid}" in status.stdout, status.stdout
         links = [
             re.search(r"Prefect UI: (\S+)", d.stdout) for d in [*first, later]
         ]  # every run says where it is in the UI
@@ -164,6 +166,7 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
         time.sleep(0.5)
     else:
         pytest.fail("the local server still answers after `mathmill server down`")
+    assert _mathmill(["server", "status"], env).returncode == 1
 
 
 @pytest.mark.slow
