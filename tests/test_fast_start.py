@@ -30,9 +30,14 @@ OPTIONAL = {"vllm", "torch", "transformers", "datasets", "prefect_aws", "moto", 
 OPTIONAL |= {"docker", "llama_cpp", "matplotlib"}
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env(home: Path | None = None, **extra: str) -> dict[str, str]:
+    """The caller's environment without mathmill's and OpenAI's settings and without a
+    Prefect API; with ``home``, a Prefect home of its own (no profile naming a server).
+    """
     keep = {k: v for k, v in os.environ.items() if not k.startswith(("MATHMILL_", "OPENAI_"))}
     keep.pop("PREFECT_API_URL", None)
+    if home is not None:
+        keep["PREFECT_HOME"] = str(home)
     return keep | extra
 
 
@@ -105,7 +110,7 @@ def _mathmill(args: list[str], env: dict[str, str]) -> subprocess.CompletedProce
 @pytest.mark.slow
 def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
     home, port = tmp_path / "server", free_port()
-    env = _env(MATHMILL_SERVER_HOME=str(home), MATHMILL_SERVER_PORT=str(port))
+    env = _env(tmp_path / "prefect", MATHMILL_SERVER_HOME=str(home), MATHMILL_SERVER_PORT=str(port))
     api = f"http://127.0.0.1:{port}/api"
     try:
         with FakeOpenAIServer(_answer) as fake:
@@ -172,7 +177,8 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_ephemeral_mode_uses_no_local_server(tmp_path: Path) -> None:
     home = tmp_path / "server"
-    env = _env(MATHMILL_SERVER_HOME=str(home), MATHMILL_SERVER_PORT=str(free_port()))
+    port = str(free_port())
+    env = _env(tmp_path / "prefect", MATHMILL_SERVER_HOME=str(home), MATHMILL_SERVER_PORT=port)
     with FakeOpenAIServer(_answer) as fake:
         done = _mathmill(
             sample_args(fake.base_url, tmp_path / "run", "--prefect-server", "ephemeral"), env
@@ -185,7 +191,7 @@ def test_ephemeral_mode_uses_no_local_server(tmp_path: Path) -> None:
 def test_a_bad_server_mode_is_one_line(tmp_path: Path) -> None:
     done = _mathmill(
         sample_args("http://127.0.0.1:9/v1", tmp_path / "run"),
-        _env(MATHMILL_PREFECT_SERVER="cloud"),
+        _env(tmp_path / "prefect", MATHMILL_PREFECT_SERVER="cloud"),
     )
     assert done.returncode == 1
     assert done.stderr.strip().splitlines() == [
