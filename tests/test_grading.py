@@ -1,4 +1,5 @@
-"""The grader on labelled pairs from four projects' test suites, extraction, and bad input."""
+"""The grader on labelled pairs from four projects' test suites and our multiple-choice
+pairs, extraction, option lists, and bad input."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mathmill.grading import extract_answer, grade
+from mathmill.grading import extract_answer, grade, parse_options
 from mathmill.grading.timeout import GradingTimeout, call_with_timeout
 
 DATA = Path(__file__).parent / "data" / "grading"
@@ -60,14 +61,18 @@ def options(row: dict[str, Any]) -> dict[str, Any]:
     for name in ("strict", "allow_set_relation_comp"):
         if name in params:
             kw[name] = params[name]
+    if row.get("problem"):
+        kw["problem"] = row["problem"]
     return kw
 
 
 ROWS = rows()
+MC_ROWS = [r for r in ROWS if r["id"].startswith("multiple_choice::")]
 
 
 def test_the_data_is_all_there() -> None:
-    assert len(ROWS) == 371
+    assert sum(r["repo"] != "mathmill" for r in ROWS) == 371
+    assert sum(r["repo"] == "mathmill" for r in ROWS) == len(MC_ROWS) == 70
     assert set(DISAGREE) <= {r["id"] for r in ROWS}
 
 
@@ -90,6 +95,55 @@ def test_agreement_per_source_on_kept_rows() -> None:
         by_source.setdefault(row["repo"], []).append(ok)
     for source, oks in by_source.items():
         assert sum(oks) / len(oks) >= 0.99, source
+
+
+@pytest.mark.parametrize(
+    ("gold", "pred", "expected", "rule", "problem"),
+    [(r["gold"], r["pred"], r["expected"], r["rule"], r.get("problem")) for r in MC_ROWS],
+    ids=[r["id"].split("::")[1] for r in MC_ROWS],
+)
+def test_multiple_choice(
+    gold: str, pred: str, expected: bool, rule: str, problem: str | None
+) -> None:
+    """tests/data/grading/multiple_choice.jsonl: letters in prose and in other
+    languages, option texts, option lists in the problem, and capitals that are no
+    choice; the verdict and the rule that decided.
+    """
+    result = grade(gold, pred, problem=problem)
+    assert (result.equivalent, result.rule) == (expected, rule), result.reason
+
+
+def test_multiple_choice_with_explicit_options() -> None:
+    options = {"A": "10", "B": "12", "C": "14"}
+    assert grade("B", "12", options=options).rule == "choice_text"
+    assert grade("12", "(B)", options=options).equivalent
+    assert not grade("12", "C", options=options).equivalent
+    assert not grade("B", "12", options={}).equivalent  # no options: no option text
+
+
+@pytest.mark.parametrize(
+    ("problem", "options"),
+    [
+        ("Which? (A) 10 (B) 12 (C) 14", {"A": "10", "B": "12", "C": "14"}),
+        ("Which?\n(A) Line\n(B) Circle\n\nEnter the letter.", {"A": "Line", "B": "Circle"}),
+        ("Pick one.\nA. 10\nB. 12\nD. 14\n", {"A": "10", "B": "12"}),
+        ("Pick one.\nA) $x$\nB) $y$", {"A": "x", "B": "y"}),
+        ("Solve it. A) 1 B) 2 C) 3 D) 4", {"A": "1", "B": "2", "C": "3", "D": "4"}),
+        (
+            r"$\textbf{(A) }10\qquad\textbf{(B) }12\qquad\textbf{(C) }14$",
+            {"A": "10", "B": "12", "C": "14"},
+        ),
+        (r"$\textbf{(A)}\ 3x\qquad\textbf{(B)}\ x^2$", {"A": "3x", "B": "x^2"}),
+        ("Point A lies on BC. Find AB.", {}),
+        ("If P(A) = 1/2 and P(B) = 1/3, find P(A and B).", {}),
+        ('[asy] label("$A$", A, S); label("$B$", B, N); [/asy] Find $AB$.', {}),
+        ("Only one option (A) 10.", {}),
+        ("", {}),
+        (None, {}),
+    ],
+)
+def test_parse_options(problem: str | None, options: dict[str, str]) -> None:
+    assert parse_options(problem) == options
 
 
 @pytest.mark.parametrize(
@@ -180,6 +234,18 @@ def test_timeouts_work_in_threads_too() -> None:
         ("The final answer is 3/4.", "3/4", "phrase"),
         ("Final answer: $42$", "42", "phrase"),
         ("I pick option (B) here.", "B", "choice"),
+        ("Checking each option, only (C) works, so not A.", "C", "choice"),
+        ("The answer is not A; it is (B).", "B", "choice"),
+        ("(A) fails, (B) is wrong, so the answer is **D**.", "D", "choice"),
+        ("Answer: (D)", "D", "choice"),
+        ("答案是 D", "D", "choice"),
+        ("正确答案为（C）", "C", "choice"),
+        ("故选：C", "C", "choice"),
+        ("la réponse est B", "B", "choice"),
+        ("Die Antwort ist B.", "B", "choice"),
+        ("Option B gives 7, so the final answer is 7.", "7", "phrase"),
+        ("The answer is a prime, 7.", "a prime, 7", "phrase"),
+        ("Let A be the set; it has 5 elements.", "5", "last_number"),
         ("we get 12 apples and then 15 pears", "15", "last_number"),
     ],
 )

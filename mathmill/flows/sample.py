@@ -121,13 +121,15 @@ def _requests(problems: Sequence[Problem], sampling: SamplingParams) -> list[Gen
     ]
 
 
-def _grade(reference: str | None, text: str) -> tuple[SampleStatus, str | None, str]:
+def _grade(
+    reference: str | None, text: str, problem: str | None = None
+) -> tuple[SampleStatus, str | None, str]:
     found = extract_answer(text)
     if found is None:
         return "no_answer", None, "no final answer in the text"
     if reference is None:
         return "unvalidated", found.text, "no reference answer"
-    verdict = grade(reference, found.text)
+    verdict = grade(reference, found.text, problem=problem)  # problem: its option list
     status: SampleStatus = "correct" if verdict.equivalent else "incorrect"
     return status, found.text, f"{verdict.rule}: {verdict.reason}".strip(": ")
 
@@ -159,7 +161,7 @@ def grade_samples(
             )
             continue
         for c in g.choices:
-            status, answer, reason = _grade(p.answer, c.text)
+            status, answer, reason = _grade(p.answer, c.text, p.statement)
             lps = c.logprobs
             total = sum(t.logprob for t in lps) if lps else None
             rows.append(

@@ -6,12 +6,18 @@ ExtractedAnswer(text='\\\\frac{3}{4}', how='boxed')
 '42'
 >>> extract_answer("The answer is (C).").text
 'C'
+>>> extract_answer("Checking each option, only (C) works, so not A.")
+ExtractedAnswer(text='C', how='choice')
+>>> extract_answer("正确答案为（C）").text
+'C'
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from mathmill.grading.choices import find_choice
 
 __all__ = ["ExtractedAnswer", "extract_answer", "last_boxed"]
 
@@ -21,9 +27,7 @@ _PHRASE = re.compile(
     r"(?:final answer|the answer|answer)\s*(?:is|:|=)\s*(?:\$)?(.+?)(?:\$)?\s*(?:\.\s|\.$|\n|$)",
     re.IGNORECASE,
 )
-_CHOICE = re.compile(
-    r"(?:answer|option|choice)\s*(?:is|:)?\s*\(?([A-E])\)?(?![a-z])", re.IGNORECASE
-)
+_NEGATED = re.compile(r"(?:not|n't)\b", re.IGNORECASE)
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 
@@ -54,8 +58,10 @@ def last_boxed(text: str) -> str | None:
 
 def extract_answer(text: str | None, *, number_fallback: bool = True) -> ExtractedAnswer | None:
     """The final answer in ``text``: the last boxed expression, a ``<final_answer>``
-    tag, a "final answer is" phrase, a multiple-choice letter, or (optionally) the
-    last number. None when there is none.
+    tag, a multiple-choice answer statement ("the answer is (C)", "Answer: **D**",
+    "答案是 D", "la réponse est B"), a "final answer is" phrase, a decisive choice
+    ("only (C) works", "option C is correct"; negated letters such as "not A" are
+    ignored), or (optionally) the last number. None when there is none.
     """
     if not text or not text.strip():
         return None
@@ -66,12 +72,19 @@ def extract_answer(text: str | None, *, number_fallback: bool = True) -> Extract
     if tags and tags[-1].strip():
         inner = tags[-1].strip()
         return ExtractedAnswer(last_boxed(inner) or inner, "tag")
-    choice = _CHOICE.findall(text)
+    choice = find_choice(text, min_level=3)
     if choice:
-        return ExtractedAnswer(choice[-1].upper(), "choice")
+        return ExtractedAnswer(choice, "choice")
     phrases = _PHRASE.findall(text)
     if phrases and phrases[-1].strip():
-        return ExtractedAnswer(phrases[-1].strip().rstrip("."), "phrase")
+        phrase = phrases[-1].strip().rstrip(".")
+        choice = find_choice(phrase) if _NEGATED.match(phrase) else None
+        if choice:  # "the answer is not A; it is (B)"
+            return ExtractedAnswer(choice, "choice")
+        return ExtractedAnswer(phrase, "phrase")
+    choice = find_choice(text, min_level=2)
+    if choice:
+        return ExtractedAnswer(choice, "choice")
     if number_fallback:
         numbers = _NUMBER.findall(text)
         if numbers:

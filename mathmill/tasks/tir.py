@@ -291,7 +291,7 @@ def _attempt(
         if problem.answer is None:
             verdict = Verdict(status="unvalidated", predicted=t.final, reason="no expected answer")
         else:
-            graded = grade(problem.answer, t.final)
+            graded = grade(problem.answer, t.final, problem=problem.statement)
             verdict = Verdict(
                 status="correct" if graded.equivalent else "incorrect",
                 expected=problem.answer,
