@@ -286,6 +286,8 @@ def test_cli_grades_a_pair_and_a_file(tmp_path: Path) -> None:
         "\n"
         '{"id": "c", "gold": "1", "pred": "10^{10^{10}}"}\n'
         '{"id": "d", "gold": "(1,2)", "pred": "(2,1)"}\n'
+        '{"id": "e", "gold": "B", "pred": "12", "problem": "(A) 10 (B) 12 (C) 14"}\n'
+        '{"id": "f", "gold": "12", "pred": "C", "options": {"A": "10", "B": "12", "C": "14"}}\n'
     )
     out = subprocess.run(
         [sys.executable, "-m", "mathmill", "grade", "--file", str(pairs)],
@@ -301,6 +303,8 @@ def test_cli_grades_a_pair_and_a_file(tmp_path: Path) -> None:
         ("b", False, "input"),
         ("c", False, "guard"),
         ("d", False, "math_verify"),
+        ("e", True, "choice_text"),
+        ("f", False, "choice_text"),
     ]
     assert rows[1]["reason"].startswith("line 2 is not JSON")
     missing = subprocess.run(

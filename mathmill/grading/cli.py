@@ -22,7 +22,9 @@ def grade_rows(lines: TextIO, *, timeout_s: float = 5.0) -> Iterator[dict[str, A
     """One output object per non-blank input line: the row's fields plus the verdict.
 
     A line that is not a JSON object with ``gold`` and ``pred`` gets
-    ``equivalent: false`` and the reason, never an exception.
+    ``equivalent: false`` and the reason, never an exception. An optional ``problem``
+    (its option list) or ``options`` (``{"A": "10", ...}``) grades letters against
+    option texts.
     """
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -49,7 +51,16 @@ def grade_rows(lines: TextIO, *, timeout_s: float = 5.0) -> Iterator[dict[str, A
                 "reason": f"line {lineno} needs 'gold' and 'pred' fields",
             }
             continue
-        result = grade(row["gold"], row["pred"], timeout_s=timeout_s)
+        problem, options = row.get("problem"), row.get("options")
+        result = grade(
+            row["gold"],
+            row["pred"],
+            problem=problem if isinstance(problem, str) else None,
+            options={str(k): str(v) for k, v in options.items()}
+            if isinstance(options, dict)
+            else None,
+            timeout_s=timeout_s,
+        )
         yield {
             **row,
             "equivalent": result.equivalent,
