@@ -2,15 +2,16 @@
 
 Both are subprocesses sending the same requests (mathmill's sample defaults and
 concurrency, one sample) to one fake OpenAI-compatible server (its own process, instant
-answers, most right, by a hash of the problem; it logs each distinct request shape) and
-grading with mathmill.grading, in alternating rounds. Prints wall s, CPU s (user+sys of
-the waited-for tree), peak RSS (summed over the tree), Prefect server CPU, mathmill/plain
-(target: wall <= 1.5 on 1,000 problems), the fixed cost of ``--limit 1`` with the server
-up (target <= 3 s), the first run's extra cost of starting it, the correct counts.
+answers unless ``--latency-ms``, most right, by a hash of the problem; it logs each
+distinct request shape) and grading with mathmill.grading, in alternating rounds.
+Prints wall s, CPU s (user+sys of the waited-for tree), peak RSS (summed over the
+tree), Prefect server CPU, mathmill/plain (target: wall <= 1.5 on 1,000 problems), the
+fixed cost of ``--limit 1`` with the server up (target <= 3 s), the first run's extra
+cost of starting it, the correct counts.
 By default ``mathmill run`` starts its server under a temporary MATHMILL_SERVER_HOME on a
 free port (stopped at the end); ``--prefect-api-url URL`` uses a running one.
 
-    .venv/bin/python bench/e2e.py [--problems 1000] [--rounds 2] [--json PATH]
+    .venv/bin/python bench/e2e.py [--problems 1000] [--rounds 2] [--latency-ms 0] [--json PATH]
 """
 
 from __future__ import annotations
@@ -79,13 +80,16 @@ def reply_for(problem: str, answer: str) -> tuple[str, bool]:
     return rf"Step 1: work it out. The answer is \boxed{{{answer}}}.", True
 
 
-def serve(problems: str, port: str, shapes: str) -> None:
-    """The fake server process: answers from ``problems``; logs each new request shape."""
+def serve(problems: str, port: str, shapes: str, latency_ms: str = "0") -> None:
+    """The fake server process: answers from ``problems`` after ``latency_ms``; logs each
+    new request shape.
+    """
     from mathmill.llm.fake_server import FakeOpenAIServer, RecordedRequest, Reply
 
     rows = [json.loads(line) for line in Path(problems).read_text().splitlines()]
     answers = {r["problem"].strip(): r["answer"] for r in rows}
     seen: set[str] = set()
+    delay = float(latency_ms) / 1000
 
     def handler(r: RecordedRequest) -> Reply:
         body, msgs = r.body or {}, r.messages
@@ -97,7 +101,7 @@ def serve(problems: str, port: str, shapes: str) -> None:
             with open(shapes, "a") as f:
                 f.write(key + "\n")
         problem = str(msgs[-1]["content"]).strip()
-        return Reply(reply_for(problem, answers.get(problem, "?"))[0])
+        return Reply(reply_for(problem, answers.get(problem, "?"))[0], delay_s=delay)
 
     FakeOpenAIServer(handler, model="fake", port=int(port), record=False).start()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -273,6 +277,9 @@ def main() -> None:
     ap.add_argument("--fixed-runs", type=int, default=3, help="--limit 1 runs, server up")
     ap.add_argument("--prefect-api-url", help="use this running Prefect server")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument(
+        "--latency-ms", type=float, default=0.0, help="the fake server's delay per answer"
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the finally blocks run
     with tempfile.TemporaryDirectory(prefix="mathmill-e2e-") as tmp:
@@ -296,7 +303,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
         env |= {"MATHMILL_SERVER_HOME": str(home), "MATHMILL_SERVER_PORT": str(port)}
         mode = f"started by the first `mathmill run` (home {home}, port {port})"
     fake_port, shapes = free_port(), tmp / "shapes.jsonl"
-    cmd = [PY, __file__, "_serve", str(data), str(fake_port), str(shapes)]
+    cmd = [PY, __file__, "_serve", str(data), str(fake_port), str(shapes), str(args.latency_ms)]
     fake = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{fake_port}/v1"
     try:
@@ -308,7 +315,10 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                 time.sleep(0.05)
         got = subprocess.run([PY, "-c", DEFAULTS], env=env, capture_output=True, check=True)
         defaults = json.loads(got.stdout)
-        print(f"e2e: {args.problems} problems, {args.rounds} rounds; fake server {base}")
+        print(
+            f"e2e: {args.problems} problems, {args.rounds} rounds; fake server {base}, "
+            f"{args.latency_ms:g} ms per answer"
+        )
         print(f"Prefect server: {mode}\nmathmill's sample defaults: {defaults}")
 
         def server_pid() -> int | None:
@@ -346,6 +356,7 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                 show(f"{path} {args.problems}, round {i + 1}", m, rows[-1]["statuses"])
 
         fig = {"problems": args.problems, "prefect": mode, "defaults": defaults, "first": first}
+        fig["latency_ms"] = args.latency_ms
         fig |= {"fixed": fixed, "plain_1": plain1, "runs": rows, "intended": intended}
         fig["started"] = not args.prefect_api_url and server_pid() is not None
         report(fig, shapes.read_text().splitlines(), args.json)
