@@ -13,7 +13,6 @@ keep their history in the UI and pay no temporary server each.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import os
 import signal
@@ -189,23 +188,21 @@ def ensure_local_server(
     if healthy(url):
         return url, False
     home.root.mkdir(parents=True, exist_ok=True)
+    # The lock goes with the file's closing (the server, started with close_fds, does
+    # not inherit it).
     with (home.root / "start.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        if healthy(url):  # another run started it while this one waited
+            return url, False
         try:
-            if healthy(url):  # another run started it while this one waited
-                return url, False
-            try:
-                start_server(home, host, port, timeout_s)
-            except ServerError as e:
-                raise ServerError(
-                    f"{e}\n(a local Prefect server is started for runs when PREFECT_API_URL is "
-                    "unset: set MATHMILL_SERVER_PORT to another port, PREFECT_API_URL to a "
-                    "server, or use --prefect-server ephemeral)"
-                ) from e
-            return url, True
-        finally:
-            with contextlib.suppress(OSError):
-                fcntl.flock(lock, fcntl.LOCK_UN)
+            start_server(home, host, port, timeout_s)
+        except ServerError as e:
+            raise ServerError(
+                f"{e}\n(a local Prefect server is started for runs when PREFECT_API_URL is "
+                "unset: set MATHMILL_SERVER_PORT to another port, PREFECT_API_URL to a "
+                "server, or use --prefect-server ephemeral)"
+            ) from e
+        return url, True
 
 
 def stop_server(home: ServerHome, timeout_s: float = 20.0) -> bool:
