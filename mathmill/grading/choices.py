@@ -18,6 +18,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from mathmill.grading.normalize import closing_brace
+
 __all__ = ["LETTERS", "as_choice", "find_choice", "parse_options"]
 
 LETTERS = "ABCDEFGHIJ"
@@ -118,13 +120,8 @@ def _unwrap(text: str) -> str:
         if s.startswith("**") and s.endswith("**") and len(s) > 4:
             s = s[2:-2]
         m = _WRAPPERS.match(s)
-        if m:
-            depth, i = 1, m.end()
-            while i < len(s) and depth:
-                depth += {"{": 1, "}": -1}.get(s[i], 0)
-                i += 1
-            if depth == 0 and i == len(s):
-                s = s[m.end() : -1]
+        if m and closing_brace(s, m.end()) == len(s):
+            s = s[m.end() : -1]
     return s
 
 

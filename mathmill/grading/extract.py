@@ -18,6 +18,7 @@ import re
 from dataclasses import dataclass
 
 from mathmill.grading.choices import find_choice
+from mathmill.grading.normalize import closing_brace
 
 __all__ = ["ExtractedAnswer", "extract_answer", "last_boxed"]
 
@@ -43,16 +44,9 @@ def last_boxed(text: str) -> str | None:
     """Content of the last ``\\boxed{...}``/``\\fbox{...}``, nested braces included."""
     result = None
     for match in _BOXED.finditer(text):
-        depth, start = 1, match.end()
-        i = start
-        while i < len(text) and depth:
-            if text[i] == "{":
-                depth += 1
-            elif text[i] == "}":
-                depth -= 1
-            i += 1
-        if depth == 0:
-            result = text[start : i - 1]
+        end = closing_brace(text, match.end())
+        if end is not None:
+            result = text[match.end() : end - 1]
     return result
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-__all__ = ["normalize", "parse_number"]
+__all__ = ["closing_brace", "normalize", "parse_number"]
 
 _REMOVE = [
     r"\\left",
@@ -32,6 +32,27 @@ _SPACED = re.compile(r"^-?\d{1,3}(?: \d{3})+(?:\.\d+)?$")
 _FRAC = re.compile(r"^(-?)\\[dt]?frac\{?(-?\d+)\}?\{?(-?\d+)\}?$")
 _SLASH = re.compile(r"^(-?\d+)\s*/\s*(\d+)$")
 _DECIMAL = re.compile(r"^-?(?:\d+\.?\d*|\.\d+)(?:e[-+]?\d+)?$", re.IGNORECASE)
+
+
+def closing_brace(text: str, start: int) -> int | None:
+    """The index just past the ``}`` closing a group opened right before ``start``
+    (nested braces counted); None when it never closes.
+
+    >>> closing_brace("f{a{b}c} d", 2)
+    8
+    >>> closing_brace("{open", 1) is None
+    True
+    """
+    depth, i = 1, start
+    while i < len(text):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i + 1
+        i += 1
+    return None
 
 
 def normalize(answer: str) -> tuple[str, bool]:
