@@ -13,6 +13,7 @@ from pydantic import SecretStr
 
 from mathmill.llm.fake_server import FakeOpenAIServer
 from mathmill.storage import RunStore, StorageConfig
+from tests.docker_support import docker_image  # noqa: F401  (a session fixture)
 
 S3_KEY = "mathmill-test-key"
 S3_SECRET = "mathmill-test-secret"

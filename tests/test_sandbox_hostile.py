@@ -1,6 +1,7 @@
-"""Hostile code through the public API, on the local backend and on the HTTP server
-started as an unprivileged user. Every case is bounded in time and resources, and
-each is followed by a check that the sandbox still answers.
+"""Hostile code through the public API, on the local backend, on the HTTP server
+started as an unprivileged user and in the Docker image's container. Every case is
+bounded in time and resources, and each is followed by a check that the sandbox still
+answers.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest_asyncio
 
 from mathmill.records import ExecutionResult
 from mathmill.sandbox import HTTPSandbox, Limits, LocalSandbox, Sandbox, session
+from mathmill.sandbox.docker import DockerSandbox
 from tests.sandbox_support import processes_named, sandbox_server, unprivileged_command
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
@@ -25,7 +27,9 @@ LIMITS = Limits(timeout_s=3, memory_mb=512)
 SECRET = "sk-hostile-test-secret-0123456789"
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module", params=["local", "http-unprivileged"])
+@pytest_asyncio.fixture(
+    scope="module", loop_scope="module", params=["local", "http-unprivileged", "docker"]
+)
 async def box(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     # The orchestrator has a secret in its environment; jobs must not see it.
     previous = os.environ.get("OPENAI_API_KEY")
@@ -44,6 +48,15 @@ async def _backend(request: pytest.FixtureRequest) -> AsyncIterator[Sandbox]:
     if request.param == "local":
         async with LocalSandbox(workers=2, limits=LIMITS) as sandbox:
             yield sandbox
+        return
+    if request.param == "docker":
+        image = request.getfixturevalue("docker_image")
+        async with DockerSandbox(
+            image, timeout_s=LIMITS.timeout_s, workers=2, job_memory_mb=LIMITS.memory_mb
+        ) as docker_box:
+            health = await docker_box.health()
+            assert health["layers"]["isolated"] and health["layers"]["proc"], health
+            yield docker_box
         return
     how = unprivileged_command()
     if isinstance(how, str):
