@@ -1,4 +1,10 @@
-"""A client backend for the sandbox HTTP server (TCP or a Unix socket)."""
+"""A client backend for the sandbox HTTP server (TCP or a Unix socket).
+
+It asks for mathmill's own answer shape (header ``X-Mathmill-Shape: native``) and
+validates the answers as :class:`ExecutionResult`, :class:`SessionResult` and
+:class:`SessionState`; without the header the server adds the Pythonformer fields
+(:mod:`mathmill.sandbox.pythonformer`).
+"""
 
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ from mathmill.sandbox.protocol import (
     SessionResult,
     SessionState,
 )
+from mathmill.sandbox.pythonformer import NATIVE, SHAPE_HEADER
 
 __all__ = ["HTTPSandbox"]
 
@@ -34,7 +41,10 @@ class HTTPSandbox:
         transport = httpx.AsyncHTTPTransport(uds=uds) if uds else None
         self.timeout_s = timeout_s
         self._client = httpx.AsyncClient(
-            base_url=base_url, transport=transport, timeout=httpx.Timeout(timeout_s + 60)
+            base_url=base_url,
+            transport=transport,
+            timeout=httpx.Timeout(timeout_s + 60),
+            headers={SHAPE_HEADER: NATIVE},
         )
 
     async def __aenter__(self) -> HTTPSandbox:

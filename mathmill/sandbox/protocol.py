@@ -45,6 +45,9 @@ class VariableInfo(BaseModel):
     name: str
     type: str
     repr: str
+    len: int | None = Field(None, description="Length of a list, tuple, set or dict.")
+    keys: list[str] | None = Field(None, description="A dict's first keys (str, else repr).")
+    shape: list[int] | None = Field(None, description="Shape of an array-like (numpy, pandas).")
 
 
 class FunctionInfo(BaseModel):

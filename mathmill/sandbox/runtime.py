@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import itertools
 import sys
 import traceback
 import types
@@ -16,6 +17,7 @@ from typing import Any
 __all__ = ["describe_state", "new_namespace", "run_code"]
 
 _REPR_CHARS = 80
+_DICT_KEYS = 5
 
 
 def new_namespace() -> dict[str, Any]:
@@ -82,9 +84,27 @@ def _short_repr(value: Any) -> str:
     return text if len(text) <= _REPR_CHARS else text[: _REPR_CHARS - 3] + "..."
 
 
+def _describe_variable(name: str, value: Any) -> dict[str, Any]:
+    """A variable's type and short repr, plus ``len`` of a container (and a dict's first
+    keys) or ``shape`` of an array-like, for clients that show those instead.
+    """
+    info: dict[str, Any] = {"name": name, "type": type(value).__name__, "repr": _short_repr(value)}
+    shape = getattr(value, "shape", None)
+    if isinstance(shape, tuple) and not isinstance(value, type):
+        if all(isinstance(d, int) for d in shape):
+            info["shape"] = [int(d) for d in shape]
+    elif isinstance(value, list | tuple | set | frozenset | dict):
+        info["len"] = len(value)
+        if isinstance(value, dict):
+            first = itertools.islice(value, _DICT_KEYS)
+            info["keys"] = [k if isinstance(k, str) else _short_repr(k) for k in first]
+    return info
+
+
 def describe_state(namespace: dict[str, Any], baseline: set[str] | None = None) -> dict[str, Any]:
-    """The session's state: imports, variables (type and short repr or shape),
-    functions with signatures, classes with methods, and a one-line summary.
+    """The session's state: imports, variables (type and short repr or shape; ``len``,
+    ``keys`` and ``shape`` where they apply), functions with signatures, classes with
+    methods, and a one-line summary.
     """
     skip = baseline or set()
     imports: list[str] = []
@@ -106,9 +126,7 @@ def describe_state(namespace: dict[str, Any], baseline: set[str] | None = None) 
                 signature = "(...)"
             functions.append({"name": name, "signature": signature})
         else:
-            variables.append(
-                {"name": name, "type": type(value).__name__, "repr": _short_repr(value)}
-            )
+            variables.append(_describe_variable(name, value))
     parts = []
     if imports:
         parts.append("imports: " + ", ".join(imports))
