@@ -131,6 +131,9 @@ else
         --label "mathmill.inputs=$HASH" \
         -t "$IMAGE:$VERSION" -t "$IMAGE:latest" "$WORK/context" > /dev/null
     rm -rf "$WORK/context"
+    # Earlier builds of this image, now untagged, and their install stages.
+    docker image prune -f --filter "label=mathmill.inputs" > /dev/null
+    docker image prune -f --filter "label=mathmill.stage=install" > /dev/null
 fi
 SIZE=$(docker image inspect --format '{{.Size}}' "$IMAGE:$VERSION")
 say "$IMAGE:$VERSION ($((SIZE / 1000000)) MB)"

@@ -159,6 +159,22 @@ def test_a_container_that_cannot_start_says_why(docker_image: str) -> None:
     assert "workers" in str(info.value)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_pythonformer_client_runs_a_session_in_the_container(docker_image: str) -> None:
+    import httpx
+
+    from tests.sandbox_support import pythonformer_session_script
+
+    async def scenario() -> None:
+        async with DockerSandbox(docker_image, workers=1, timeout_s=2.0) as box:
+            transport = httpx.HTTPTransport(uds=box.socket_path)
+            with httpx.Client(base_url="http://sandbox", transport=transport, timeout=30) as c:
+                await asyncio.to_thread(pythonformer_session_script, c)
+
+    asyncio.run(scenario())
+
+
 # -- pipelines with sandbox.backend = docker ---------------------------------------------
 
 

@@ -175,9 +175,7 @@ class DockerSandbox:
         except Exception as e:  # docker.errors.* and connection errors
             self._remove_socket_dir()
             raise SandboxUnavailable(f"cannot start {self.image}: {e}") from e
-        self._client = HTTPSandbox(
-            uds=os.path.join(self._socket_dir, "sandbox.sock"), timeout_s=self.timeout_s
-        )
+        self._client = HTTPSandbox(uds=self.socket_path, timeout_s=self.timeout_s)
         await self._wait_healthy()
         return self
 
@@ -211,6 +209,13 @@ class DockerSandbox:
         except Exception as e:  # the container may be gone already
             return f"(no logs: {e})"
         return str(text)
+
+    @property
+    def socket_path(self) -> str:
+        """The host path of the server's Unix socket (for other HTTP clients)."""
+        if not self._socket_dir:
+            raise SandboxUnavailable("DockerSandbox.start() was not called")
+        return os.path.join(self._socket_dir, "sandbox.sock")
 
     @property
     def client(self) -> HTTPSandbox:
