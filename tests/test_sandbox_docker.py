@@ -180,7 +180,7 @@ def test_a_pythonformer_client_runs_a_session_in_the_container(docker_image: str
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_tir_run_in_the_container_matches_the_local_one(
+def test_tir_run_in_two_containers_matches_the_local_one(
     docker_image: str, prefect_api: dict[str, str], tmp_path: Path
 ) -> None:
     from mathmill.flows.tir import tir
@@ -191,8 +191,8 @@ def test_tir_run_in_the_container_matches_the_local_one(
     with FakeOpenAIServer(handler) as fake:
         for backend in ("local", "docker"):
             sandbox = {"timeout_s": 1.0, "workers": 1, "max_sessions": 4, "backend": backend}
-            if backend == "docker":
-                sandbox["image"] = docker_image
+            if backend == "docker":  # two containers: sessions spread, each pinned
+                sandbox |= {"image": docker_image, "replicas": 2}
             tmp = tmp_path / backend
             tmp.mkdir()
             asyncio.run(tir(params=params(fake.base_url, tmp, sandbox=sandbox)))

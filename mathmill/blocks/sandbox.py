@@ -14,7 +14,7 @@ __all__ = ["SandboxEndpoint"]
 
 class SandboxEndpoint(Block):
     """The sandbox of mathmill flows: the local fork server, a sandbox server over HTTP
-    (the image in ``sandbox_image/``, scaled behind a load balancer), or a Docker
+    (the image in ``sandbox_image/``, several replicas), or a Docker
     container started per run; with its limits.
     """
 
@@ -32,12 +32,14 @@ class SandboxEndpoint(Block):
     )
     url: str | None = Field(
         None,
-        description="Sandbox server base URL (backend 'http').",
-        examples=["http://sandbox:8090"],
+        description="Sandbox server base URL (backend 'http'); several, comma-separated, "
+        "are replicas (runs to the least busy, each session pinned to its own).",
+        examples=["http://sandbox:8090", "http://sb-1:8090,http://sb-2:8090"],
     )
     image: str | None = Field(
-        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:latest"]
+        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:0.1.0"]
     )
+    replicas: int = Field(1, ge=1, le=64, description="Containers to start (backend 'docker').")
     workers: int | None = Field(
         None, ge=1, le=256, description="Local sandbox processes (default: one per core)."
     )

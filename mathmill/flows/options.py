@@ -162,14 +162,26 @@ class SandboxOptions(BaseModel):
     )
     url: str | None = Field(
         None,
-        description="Base URL of the sandbox server (backend 'http').",
-        examples=["http://sandbox:8090"],
+        description="Base URL of the sandbox server (backend 'http'); several, comma-"
+        "separated, are replicas: runs go to the least busy, each session stays on its own.",
+        examples=["http://sandbox:8090", "http://sb-1:8090,http://sb-2:8090"],
     )
     image: str | None = Field(
-        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:latest"]
+        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:0.1.0"]
+    )
+    replicas: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="Containers to start (backend 'docker'): runs go to the least busy, "
+        "each session stays on its own.",
     )
     workers: int | None = Field(
-        None, ge=1, le=256, description="Local sandbox processes (default: one per core)."
+        None,
+        ge=1,
+        le=256,
+        description="Sandbox processes (local: default one per core; docker: per "
+        "container, default 2).",
     )
     timeout_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run.")
     memory_mb: int = Field(1024, ge=64, le=65536, description="Memory per run, MiB.")

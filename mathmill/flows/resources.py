@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import logging
@@ -20,6 +21,7 @@ from mathmill.llm.config import EndpointConfig
 from mathmill.llm.live import LiveLimits
 from mathmill.sandbox.http import HTTPSandbox
 from mathmill.sandbox.local import LocalSandbox
+from mathmill.sandbox.pool import SandboxPool
 from mathmill.sandbox.protocol import Sandbox
 from mathmill.storage import RunStore, StorageConfig
 from mathmill.tasks.runtime import Runtime
@@ -40,6 +42,27 @@ def call_cache_path(store: RunStore) -> str:
     return os.path.join(base, "calls", f"{digest}.sqlite")
 
 
+async def _docker_sandbox(options: SandboxOptions) -> Sandbox:
+    """``options.replicas`` containers of the sandbox image (all started, or none)."""
+    from mathmill.sandbox.docker import DEFAULT_IMAGE, DockerSandbox
+
+    boxes = [
+        DockerSandbox(
+            options.image or DEFAULT_IMAGE,
+            timeout_s=options.timeout_s,
+            workers=options.workers or 2,
+            job_memory_mb=options.memory_mb,
+        )
+        for _ in range(options.replicas)
+    ]
+    started = await asyncio.gather(*(box.start() for box in boxes), return_exceptions=True)
+    failed = [e for e in started if isinstance(e, BaseException)]
+    if failed:
+        await asyncio.gather(*(box.close() for box in boxes), return_exceptions=True)
+        raise failed[0]
+    return boxes[0] if len(boxes) == 1 else SandboxPool(boxes)
+
+
 async def _sandbox(options: SandboxOptions) -> Sandbox:
     if options.block:
         from mathmill.blocks.sandbox import SandboxEndpoint
@@ -47,14 +70,13 @@ async def _sandbox(options: SandboxOptions) -> Sandbox:
         block = await load_block(SandboxEndpoint, options.block, "sandbox.block")
         options = block.options()
     if options.backend == "http":
-        if not options.url:
+        urls = [u.strip() for u in (options.url or "").split(",") if u.strip()]
+        if not urls:
             raise ConfigError("sandbox.url: required with backend 'http'")
-        return HTTPSandbox(options.url, timeout_s=options.timeout_s)
+        clients = [HTTPSandbox(url, timeout_s=options.timeout_s) for url in urls]
+        return clients[0] if len(clients) == 1 else SandboxPool(clients)
     if options.backend == "docker":
-        from mathmill.sandbox.docker import DEFAULT_IMAGE, DockerSandbox
-
-        box = DockerSandbox(options.image or DEFAULT_IMAGE, timeout_s=options.timeout_s)
-        return await box.start()
+        return await _docker_sandbox(options)
     # Any worker may get every session: no LRU eviction below max_sessions.
     return LocalSandbox(
         workers=options.workers,

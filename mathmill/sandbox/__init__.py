@@ -2,14 +2,15 @@
 
 Backends: :class:`LocalSandbox` (zygote processes on this machine, the default),
 :class:`HTTPSandbox` (the ``mathmill sandbox serve`` server), :class:`DockerSandbox`
-(the image in ``sandbox_image/``). Model-written code never runs in the
-orchestrator's process.
+(the image in ``sandbox_image/``); :class:`SandboxPool` spreads runs over replicas.
+Model-written code never runs in the orchestrator's process.
 """
 
 from mathmill.records import ExecutionResult
 from mathmill.sandbox.http import HTTPSandbox
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.local import LocalSandbox
+from mathmill.sandbox.pool import SandboxPool
 from mathmill.sandbox.protocol import (
     Sandbox,
     SandboxError,
@@ -27,6 +28,7 @@ __all__ = [
     "LocalSandbox",
     "Sandbox",
     "SandboxError",
+    "SandboxPool",
     "SandboxUnavailable",
     "SessionNotFound",
     "SessionResult",
