@@ -4,7 +4,9 @@ Prints, in one run: executions/s of ``import sympy; print(sympy.factorint(2**64+
 via the local backend, via the HTTP server, and via a fresh subprocess per
 execution (each at concurrency = cores), with the ratios (targets: local >= 20x,
 HTTP >= 10x); session turn latency p50/p99 (target p50 <= 30 ms); memory per session
-(proportional set size of its processes).
+(proportional set size of its processes); and the Docker backend's exec/s, session
+turn latency and start-up, when an engine answers and the image is built
+(scripts/build_sandbox_image.sh).
 
     .venv/bin/python bench/sandbox.py [--executions 200] [--turns 200]
 """
@@ -21,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mathmill.sandbox import HTTPSandbox, LocalSandbox
+from mathmill.sandbox import HTTPSandbox, LocalSandbox, Sandbox, SandboxUnavailable
 from tests.sandbox_support import sandbox_server
 
 CODE = "import sympy; print(sympy.factorint(2**64+1))"
@@ -86,6 +88,7 @@ async def main() -> None:
     parser.add_argument("--baseline", type=int, default=16, help="subprocess executions")
     parser.add_argument("--turns", type=int, default=200)
     parser.add_argument("--sessions", type=int, default=8)
+    parser.add_argument("--skip-docker", action="store_true", help="no Docker figures")
     args = parser.parse_args()
 
     print(f"{CORES} cores; code: {CODE}")
@@ -137,6 +140,53 @@ async def main() -> None:
             http_rate = await rate(http, args.executions, CORES * 2)
     ratio = http_rate / base
     print(f"HTTP server:          {http_rate:8.1f} exec/s ({ratio:5.1f}x, target >= 10x)")
+    if not args.skip_docker:
+        await docker_figures(base, args)
+
+
+async def session_latency(sandbox: Sandbox, turns: int) -> tuple[float, float]:
+    """p50 and p99 of a session turn's latency, ms."""
+    sid = await sandbox.create_session()
+    await sandbox.run_in_session(sid, "import sympy\nx = 0")
+    latencies = []
+    for _ in range(turns):
+        start = time.perf_counter()
+        r = await sandbox.run_in_session(sid, "x += 1")
+        latencies.append((time.perf_counter() - start) * 1000)
+        assert r.status == "ok"
+    await sandbox.delete_session(sid)
+    latencies.sort()
+    return statistics.median(latencies), latencies[min(turns - 1, int(turns * 0.99))]
+
+
+async def docker_figures(base: float, args: argparse.Namespace) -> None:
+    """The Docker backend: start-up, exec/s, session turn latency (when an engine runs)."""
+    from mathmill.sandbox.docker import DEFAULT_IMAGE, DockerSandbox
+    from tests.docker_support import engine_problem
+
+    problem = engine_problem()
+    if problem:
+        print(f"Docker backend:       skipped ({problem})")
+        return
+    start = time.perf_counter()
+    box = DockerSandbox(DEFAULT_IMAGE, workers=CORES)
+    try:
+        await box.start()
+    except SandboxUnavailable as e:
+        print(f"Docker backend:       skipped ({e}; build it: scripts/build_sandbox_image.sh)")
+        return
+    async with box:
+        started = time.perf_counter() - start
+        await box.execute("print(1)")
+
+        async def docker() -> str:
+            return (await box.execute(CODE)).stdout
+
+        docker_rate = await rate(docker, args.executions, CORES * 2)
+        p50, p99 = await session_latency(box, args.turns)
+    ratio = docker_rate / base
+    print(f"Docker backend:       {docker_rate:8.1f} exec/s ({ratio:5.1f}x), up in {started:.1f} s")
+    print(f"Docker session turn:  p50 {p50:.1f} ms, p99 {p99:.1f} ms")
 
 
 if __name__ == "__main__":
