@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -117,6 +119,7 @@ def test_container_runs_code_isolated_and_is_removed(docker_image: str) -> None:
             async with session(box) as sid:
                 await box.run_in_session(sid, "import sympy\nx = sympy.Symbol('x')")
                 results.append(await box.run_in_session(sid, "sympy.solve(x**2 - 4, x)"))
+            assert await box.start() is box and box.container.id == attrs["Id"]  # no second
             return attrs, health, results
 
     attrs, health, results = asyncio.run(scenario())
@@ -173,6 +176,42 @@ def test_a_pythonformer_client_runs_a_session_in_the_container(docker_image: str
                 await asyncio.to_thread(pythonformer_session_script, c)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_containers_of_a_killed_orchestrator_are_removed_by_the_next_start(
+    docker_image: str, tmp_path: Path
+) -> None:
+    import docker
+
+    script = tmp_path / "hold.py"
+    script.write_text(
+        "import asyncio, sys\n"
+        "from mathmill.sandbox.docker import DockerSandbox\n"
+        "async def main():\n"
+        f"    box = await DockerSandbox({docker_image!r}, workers=1).start()\n"
+        "    print(box.container.id, flush=True)\n"
+        "    await asyncio.sleep(600)\n"
+        "asyncio.run(main())\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        orphan = proc.stdout.readline().strip()
+    finally:
+        proc.kill()  # SIGKILL: no chance to stop its container
+        proc.wait()
+    engine = docker.from_env()
+    assert engine.containers.get(orphan).status == "running"
+
+    async def start_another() -> None:
+        async with DockerSandbox(docker_image, workers=1) as box:
+            assert (await box.execute("print(1)")).stdout == "1\n"
+
+    asyncio.run(start_another())
+    left = {c.id for c in engine.containers.list(all=True, filters={"label": "mathmill.sandbox"})}
+    assert orphan not in left
 
 
 # -- pipelines with sandbox.backend = docker ---------------------------------------------

@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shutil
+import socket
 import tempfile
 import time
 from importlib import resources
@@ -36,9 +38,11 @@ __all__ = [
     "DockerSandbox",
     "container_options",
     "create_container",
+    "reap_orphans",
     "seccomp_profile",
 ]
 
+logger = logging.getLogger("mathmill.sandbox")
 DEFAULT_IMAGE = f"mathmill-sandbox:{__version__}"
 SOCKET = "/run/mathmill/sandbox.sock"
 
@@ -92,9 +96,42 @@ def container_options(
         ],
         "user": "10001:10001",
         "environment": {},
-        "labels": {"mathmill.sandbox": "1"},
+        "labels": {"mathmill.sandbox": "1", "mathmill.owner": owner()},
         "host_config": host,
     }
+
+
+def owner() -> str:
+    """This process, as the containers it starts are labelled (``host:pid``)."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def reap_orphans(engine: Any) -> list[str]:
+    """Remove the sandbox containers whose owner process on this host is gone (an
+    orchestrator killed with SIGKILL cannot stop its containers). Returns their ids.
+    """
+    host = socket.gethostname()
+    removed = []
+    for container in engine.containers.list(all=True, filters={"label": "mathmill.sandbox"}):
+        owner_host, _, pid = container.labels.get("mathmill.owner", "").rpartition(":")
+        if owner_host != host or not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(Exception):  # removed meanwhile by another process
+            container.remove(force=True)
+            removed.append(container.short_id)
+    if removed:
+        logger.warning("removed %d orphaned sandbox container(s): %s", len(removed), removed)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def create_container(engine: Any, image: str, options: dict[str, Any]) -> Any:
@@ -159,7 +196,11 @@ class DockerSandbox:
         await self.close()
 
     async def start(self) -> DockerSandbox:
-        """Start the container and wait until its server answers ``/health``."""
+        """Start the container and wait until its server answers ``/health`` (once: a
+        started sandbox is returned as it is).
+        """
+        if self.container is not None:
+            return self
         try:
             import docker
         except ImportError as e:
@@ -171,6 +212,7 @@ class DockerSandbox:
         options = container_options(self._socket_dir, job_timeout_s=self.timeout_s, **self.options)
         try:
             engine = docker.from_env()
+            await asyncio.to_thread(reap_orphans, engine)
             self.container = await asyncio.to_thread(create_container, engine, self.image, options)
         except Exception as e:  # docker.errors.* and connection errors
             self._remove_socket_dir()
