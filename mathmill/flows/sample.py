@@ -27,6 +27,7 @@ from mathmill.flows.resources import open_runtime
 from mathmill.flows.synthesize import IncompleteRun
 from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import extract_answer
+from mathmill.llm.usage import UsageMeter
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Generation,
@@ -86,6 +87,9 @@ class SampleResult(BaseModel):
     stats: dict[str, Any] = Field(default_factory=dict)
     outputs: dict[str, str] = Field(default_factory=dict)
     wall_s: float = 0.0
+    usage: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="LLM calls, cached, errors, retries, tokens by stage."
+    )
 
 
 @flow(name="sample", validate_parameters=True, log_prints=False)
@@ -247,12 +251,22 @@ async def run_sample(params: SampleParams) -> SampleResult:
                     out=params.out,
                 )
             except IncompleteChunk as e:
-                raise IncompleteRun(
+                message = (
                     f"generation did not finish: {e}; finished chunks are kept in "
                     f"{rt.store.url}; re-run the same command to resume"
-                ) from e
+                )
+                _write_incomplete_report(rt.store, message, rt.pool.meter)
+                raise IncompleteRun(message) from e
             rows = grade_samples(problems, gens, sampling)
-            return await _finish(params, rt.store, loaded.refs, problems, rows, started)
+            return await _finish(
+                params, rt.store, loaded.refs, problems, rows, started, rt.pool.meter
+            )
+
+
+def _write_incomplete_report(store: RunStore, message: str, meter: UsageMeter) -> None:
+    """report.md of a run that stopped: why, and the calls made (retries included)."""
+    lines = ["# sample run: incomplete", "", message, "", "## LLM usage", "", meter.to_markdown()]
+    store.write_bytes("report.md", ("\n".join(lines) + "\n").encode())
 
 
 async def _finish(
@@ -262,6 +276,7 @@ async def _finish(
     problems: Sequence[Problem],
     rows: Sequence[Sample],
     started: float,
+    meter: UsageMeter,
 ) -> SampleResult:
     size = 1000
     keep = [
@@ -295,6 +310,8 @@ async def _finish(
         "",
         *(f"- {k}: {v}" for k, v in outputs.items()),
     ]
+    if meter.stages():  # endpoint calls made here (a deployment's are in its own runs)
+        lines += ["", "## LLM usage", "", meter.to_markdown()]
     report = "\n".join(lines) + "\n"
     store.write_bytes("report.md", report.encode())
     result = SampleResult(
@@ -304,6 +321,7 @@ async def _finish(
         stats={str(r["metric"]): r["value"] for r in stats},
         outputs=outputs,
         wall_s=wall,
+        usage=meter.summary(),
     )
     manifest = {"params": params.model_dump(mode="json"), "result": result.model_dump(mode="json")}
     store.write_bytes("manifest.json", dump_json(manifest))
