@@ -8,6 +8,7 @@ reported with where it was, never fatal.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,10 @@ from pydantic import ValidationError
 from mathmill.errors import ConfigError
 from mathmill.records import ErrorInfo, Problem
 
-__all__ = ["FieldMap", "read_problems", "read_problems_jsonl"]
+__all__ = ["MAX_ROW_BYTES", "FieldMap", "read_problems", "read_problems_jsonl"]
+
+MAX_ROW_BYTES = 1_000_000
+"""A row (a JSONL line, or a row's problem text) above this many bytes is dropped."""
 
 
 @dataclass(frozen=True)
@@ -81,17 +85,36 @@ def read_problems_jsonl(
     """
     fields = fields or FieldMap()
     path = Path(path)
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            if len(raw) > MAX_ROW_BYTES:
+                yield _oversized(where, len(raw))
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                bad = raw[e.start : e.start + 1]
+                yield ErrorInfo(
+                    kind="malformed_row",
+                    message=f"{where}: not UTF-8 (byte {e.start + 1}: {bad!r})",
+                )
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 yield ErrorInfo(kind="malformed_row", message=f"{where}: not JSON: {e.msg}")
                 continue
             yield problem_from_row(row, fields, where, path.name)
+
+
+def _oversized(where: str, size: int) -> ErrorInfo:
+    return ErrorInfo(
+        kind="oversized_row",
+        message=f"{where}: {size:,} bytes, over the limit of {MAX_ROW_BYTES:,}",
+    )
 
 
 def _read_parquet(path: Path, fields: FieldMap) -> Iterator[Problem | ErrorInfo]:
@@ -125,9 +148,35 @@ def _read_hf(
 
 
 def problem_from_row(row: Any, fields: FieldMap, where: str, source: str) -> Problem | ErrorInfo:
-    """A :class:`Problem` from one input row, or the reason it is not one."""
-    if not isinstance(row, dict) or not str(row.get(fields.statement) or "").strip():
+    """A :class:`Problem` from one input row, or the reason it is not one (no or
+    empty problem text, text that is not a string, an answer that is neither text nor a
+    number, a problem over :data:`MAX_ROW_BYTES`). A missing, empty, NaN or infinite
+    answer means no reference answer.
+    """
+    if not isinstance(row, dict):
+        return ErrorInfo(
+            kind="malformed_row", message=f"{where}: not an object ({type(row).__name__})"
+        )
+    statement = row.get(fields.statement)
+    if statement is not None and not isinstance(statement, str):
+        return ErrorInfo(
+            kind="malformed_row",
+            message=f"{where}: field {fields.statement!r} must be text, "
+            f"not {type(statement).__name__}",
+        )
+    if not (statement or "").strip():
         return ErrorInfo(kind="malformed_row", message=f"{where}: no {fields.statement!r} field")
+    assert isinstance(statement, str)
+    if len(statement.encode("utf-8", "replace")) > MAX_ROW_BYTES:
+        return _oversized(where, len(statement.encode("utf-8", "replace")))
+    for name in (fields.answer, fields.solution, fields.source_id):
+        value = row.get(name) if name else None
+        if value is not None and not isinstance(value, str | int | float):
+            return ErrorInfo(
+                kind="malformed_row",
+                message=f"{where}: field {name!r} must be text or a number, "
+                f"not {type(value).__name__}",
+            )
     known = {
         fields.statement,
         fields.answer,
@@ -139,7 +188,7 @@ def problem_from_row(row: Any, fields: FieldMap, where: str, source: str) -> Pro
     extras = {k: v for k, v in row.items() if k not in known}
     try:
         return Problem(
-            statement=str(row[fields.statement]),
+            statement=statement,
             answer=_opt(row, fields.answer),
             solution=_opt(row, fields.solution),
             source_id=_opt(row, fields.source_id),
@@ -147,11 +196,19 @@ def problem_from_row(row: Any, fields: FieldMap, where: str, source: str) -> Pro
             license=_opt(row, "license"),
             metadata=json.loads(json.dumps(extras, default=str)),
         )
-    except ValidationError as e:
-        return ErrorInfo(kind="malformed_row", message=f"{where}: {e.errors()[0]['msg']}")
+    except (ValidationError, ValueError) as e:
+        detail = e.errors()[0]["msg"] if isinstance(e, ValidationError) else str(e)
+        return ErrorInfo(kind="malformed_row", message=f"{where}: {detail}")
 
 
 def _opt(row: dict[str, object], name: str | None) -> str | None:
-    if name is None or row.get(name) is None:
+    """The field as text; None when missing, empty, NaN or infinite."""
+    if name is None:
         return None
-    return str(row[name])
+    value = row.get(name)
+    if value is None or isinstance(value, bool):
+        return None if value is None else str(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    text = str(value)
+    return text if text.strip() else None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from mathmill.errors import ConfigError
+from mathmill.errors import ConfigError, MathmillError
 
 if TYPE_CHECKING:
     from pydantic import BaseModel, ValidationError
@@ -152,6 +153,37 @@ def ui_url(api: str) -> str:
     return api.removesuffix("/").removesuffix("/api")
 
 
+class KnownErrorFilter(logging.Filter):
+    """Drops the traceback of mathmill's own errors (bad input, a stopped run: their
+    message says what went wrong and where) from what the terminal shows; other
+    exceptions keep theirs. The Prefect UI's logs keep every traceback.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, MathmillError) or isinstance(
+            getattr(exc, "__cause__", None), MathmillError
+        ):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def quiet_known_errors() -> None:
+    """Install :class:`KnownErrorFilter` on the terminal handlers (root's and Prefect's)
+    (after Prefect set them up: later set-ups are incremental and keep them).
+    """
+    import prefect.main  # noqa: F401  (sets up Prefect's logging)
+
+    names = ["prefect", *(n for n in logging.root.manager.loggerDict if n.startswith("prefect."))]
+    loggers = [logging.root, *(logging.getLogger(name) for name in names)]
+    for logger in loggers:
+        for handler in logger.handlers:
+            is_terminal = type(handler).__name__ != "APILogHandler"
+            if is_terminal and not any(isinstance(f, KnownErrorFilter) for f in handler.filters):
+                handler.addFilter(KnownErrorFilter())
+
+
 def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tuple[Any, str | None]:
     """Run a Prefect flow on the server :func:`prefect_api` picks; its result and the
     run's link in the UI (None on a temporary server). The flow's own error is raised
@@ -172,6 +204,7 @@ def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tupl
             raise
 
     with prefect_api(server) as api:
+        quiet_known_errors()
         return asyncio.run(_run(api))
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
+from mathmill.errors import ConfigError
 from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import last_boxed
 from mathmill.prompts import load_prompt
@@ -415,6 +416,11 @@ async def load_task(spec: ChunkSpec, chunk_size: int) -> StageOutput:
             else:
                 seen.add(item.id)
                 problems.append(item)
+        if not problems:  # a wrong field name or an empty file: say so, do not run empty
+            first = f"; first: {dropped[0].detail}" if dropped else ""
+            raise ConfigError(
+                f"input {c['input']}: no problems in it ({len(dropped)} rows dropped{first})"
+            )
         counts["load.problems"] = len(problems)
         return {"dropped": dropped, **split_rows("problems", problems, chunk_size)}, counts
 
