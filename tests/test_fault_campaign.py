@@ -30,7 +30,7 @@ FAULTS = [
     Fault.truncated("{"),
 ]
 ROLE = {"model": "fake", "timeout_s": 1.0, "max_retries": 3}
-PROBLEMS = Path(__file__).parent / "data" / "problems" / "amc23_5.jsonl"
+GSM8K = Path(__file__).parent / "data" / "gsm8k_test.jsonl"
 
 
 def faulty(handler: Any, rate: float = 0.3) -> FakeOpenAIServer:
@@ -53,6 +53,16 @@ def report_retries(out: Path) -> int:
         cell = [c.strip() for c in line.split("|")][column]
         total += int(float(cell.replace(",", ""))) if cell else 0
     return total
+
+
+def summary(pipeline: str, outcomes: list[str], expected: int, accounted: int) -> None:
+    """One line for docs/reliability.md (shown with pytest -s)."""
+    faults = sum(o not in ("ok", "models") for o in outcomes)
+    print(  # noqa: T201
+        f"\nfault campaign: {pipeline}: {len(outcomes)} requests, {faults} faults "
+        f"({faults / max(1, len(outcomes)):.0%}: {dict(Counter(outcomes))}); "
+        f"rows accounted {accounted}/{expected}"
+    )
 
 
 def run_under_faults(flow: Any, **params: Any) -> tuple[Any, float]:
@@ -106,6 +116,7 @@ def test_synthesize_under_faults(prefect_api: dict[str, str], tmp_path: Path) ->
     assert result.verified + result.unverified == len(rows)
     assert all(r.status == "verified" or r.reason for r in rows)
     assert all(d.reason for d in store.dataset("dropped").read_all(Dropped))
+    summary("synthesize", outcomes, len(problems) * 2, len(rows))
 
 
 def tir_handler(request: RecordedRequest) -> Response:
@@ -156,6 +167,7 @@ def test_tir_under_faults(prefect_api: dict[str, str], tmp_path: Path) -> None:
     assert state is not None
     assert set(ids) == {f"q{i}" for i in range(20)} and set(ids.values()) == {1}
     assert all(r["metadata"].get("reason") or r["metadata"].get("error") for r in failed)
+    summary("tir", outcomes, 20, sum(ids.values()))
 
 
 def sample_handler(request: RecordedRequest) -> Response:
@@ -169,23 +181,26 @@ def test_sample_under_faults(prefect_api: dict[str, str], tmp_path: Path) -> Non
     def params(url: str, out: Path) -> SampleParams:
         return SampleParams.model_validate(
             {
-                "input": str(PROBLEMS),
+                "input": str(GSM8K),
+                "limit": 30,
                 "out": str(out),
                 "samples": 2,
                 "model": {**ROLE, "base_url": url},
-                "backend": {"chunk_size": 1},
+                "backend": {"chunk_size": 3},
             }
         )
 
-    with faulty(sample_handler, rate=0.3) as fake:
+    with faulty(sample_handler) as fake:
         _state, elapsed = run_under_faults(sample, params=params(fake.base_url, tmp_path / "run"))
         # a truncated reply is an answer (finish_reason 'length'), not an error
-        answered = sum(o in ("ok", "truncated") for o in fake.outcomes())
+        outcomes = fake.outcomes()
+        answered = sum(o in ("ok", "truncated") for o in outcomes)
     assert elapsed < 600
     assert report_retries(tmp_path / "run") > 0
     with FakeOpenAIServer(sample_handler) as fake:
         result = asyncio.run(sample(params(fake.base_url, tmp_path / "run")))
         resumed = len(fake.requests)
-    assert result.problems == 5 and result.samples == 10
+    assert result.problems == 30 and result.samples == 60
     # one request per problem: those answered under faults are not asked again
-    assert resumed == 5 - answered
+    assert resumed == 30 - answered
+    summary("sample", outcomes, 60, result.samples)
