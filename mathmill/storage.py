@@ -25,6 +25,7 @@ import hashlib
 import io
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
@@ -264,6 +265,23 @@ class Dataset:
         path = self._chunk_path(_check_key(key, "chunk key"))
         with contextlib.suppress(FileNotFoundError):
             self.store.fs.rm_file(path)
+
+    def remove_temporaries(self, older_than_s: float = 600.0) -> int:
+        """Delete the hidden temporaries of writes that never finished (a process killed
+        mid-write leaves one; they are never read as chunks) once older than
+        ``older_than_s``, so that a write in progress elsewhere is left alone. Local
+        directories only (object storage writes leave no temporaries). Returns how many.
+        """
+        if not self.store.is_local or not os.path.isdir(self.path):
+            return 0
+        removed = 0
+        cutoff = time.time() - older_than_s
+        for entry in os.scandir(self.path):
+            if entry.name.startswith(_TMP_PREFIX) and entry.stat().st_mtime < cutoff:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed += 1
+        return removed
 
     def refs(self) -> list[ChunkRef]:
         """References of all complete chunks, sorted by key."""

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from mathmill.errors import StorageError
 from mathmill.records import Problem
 from mathmill.storage import RunStore
+from mathmill.tasks.export import remove_stale_chunks
 
 
 def problems(n: int, tag: str = "") -> list[Problem]:
@@ -120,6 +122,24 @@ def test_write_killed_halfway_is_not_read_as_a_chunk(tmp_path: Path) -> None:
     ds.write_chunk("00001", problems(3))
     assert ds.keys() == ["00000", "00001"]
     assert len(ds.read_all()) == 4
+    # The run's finish removes the killed write's temporary once it is old (a write in
+    # progress elsewhere, younger, is left alone).
+    fresh = tmp_path / "problems" / ".tmp-fresh-00002.parquet"
+    fresh.write_bytes(b"in progress")
+    assert remove_stale_chunks(RunStore(str(tmp_path)), ["problems"], ds.refs()) == 0
+    assert fresh.exists() and any(
+        p.name.startswith(".tmp-") for p in (tmp_path / "problems").iterdir()
+    )
+    hour_ago = time.time() - 3600
+    for p in (tmp_path / "problems").iterdir():
+        if p.name.startswith(".tmp-") and p != fresh:
+            os.utime(p, (hour_ago, hour_ago))
+    remove_stale_chunks(RunStore(str(tmp_path)), ["problems"], ds.refs())
+    assert sorted(p.name for p in (tmp_path / "problems").iterdir()) == [
+        ".tmp-fresh-00002.parquet",
+        "00000.parquet",
+        "00001.parquet",
+    ]
 
 
 def test_unfinished_s3_upload_is_not_a_chunk(s3_store: RunStore) -> None:

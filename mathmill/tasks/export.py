@@ -30,12 +30,14 @@ def export_jsonl(store: RunStore, relpath: str, refs: Sequence[ChunkRef]) -> str
 def remove_stale_chunks(store: RunStore, datasets: Sequence[str], keep: Sequence[ChunkRef]) -> int:
     """Delete chunks of ``datasets`` that this run did not produce (left by an earlier
     run with other settings in the same directory), so the directory holds one
-    consistent dataset. Returns how many were removed.
+    consistent dataset; old temporaries of killed writes go too. Returns how many chunks
+    were removed.
     """
     wanted = {(ref.dataset, ref.key) for ref in keep}
     removed = 0
     for name in datasets:
         dataset = store.dataset(name)
+        dataset.remove_temporaries()
         for key in list(dataset.keys()):
             if (name, key) not in wanted:
                 dataset.delete_chunk(key)
