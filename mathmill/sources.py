@@ -206,9 +206,7 @@ def _opt(row: dict[str, object], name: str | None) -> str | None:
     if name is None:
         return None
     value = row.get(name)
-    if value is None or isinstance(value, bool):
-        return None if value is None else str(value)
-    if isinstance(value, float) and not math.isfinite(value):
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return None
     text = str(value)
     return text if text.strip() else None

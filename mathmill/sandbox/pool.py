@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from mathmill.records import ExecutionResult
 from mathmill.sandbox.limits import Limits
@@ -26,6 +26,8 @@ from mathmill.sandbox.protocol import (
 )
 
 __all__ = ["SandboxPool"]
+
+T = TypeVar("T")
 
 
 class SandboxPool:
@@ -53,38 +55,31 @@ class SandboxPool:
         rotation = [(self._next + i) % n for i in range(n)]
         return sorted(rotation, key=lambda i: (self._down_until[i] > now, self._in_flight[i]))
 
-    async def _on_replica(self, index: int, call: Any) -> Any:
-        self._in_flight[index] += 1
-        try:
-            return await call
-        finally:
-            self._in_flight[index] -= 1
+    async def _first_reachable(self, call: Callable[[Sandbox], Awaitable[T]]) -> tuple[int, T]:
+        """``call`` on the least busy replica, then the next while one is unreachable
+        (an unreachable replica gets no new work for ``down_for_s``).
+        """
+        errors = []
+        for index in self._order():
+            self._in_flight[index] += 1
+            try:
+                return index, await call(self.replicas[index])
+            except SandboxUnavailable as e:
+                self._down_until[index] = time.monotonic() + self.down_for_s
+                errors.append(f"replica {index}: {e}")
+            finally:
+                self._in_flight[index] -= 1
+        raise SandboxUnavailable("no sandbox replica answered: " + "; ".join(errors))
 
     async def execute(self, code: str, limits: Limits | None = None) -> ExecutionResult:
         """Run ``code`` once on the least busy reachable replica."""
-        errors = []
-        for index in self._order():
-            try:
-                result: ExecutionResult = await self._on_replica(
-                    index, self.replicas[index].execute(code, limits)
-                )
-                return result
-            except SandboxUnavailable as e:
-                self._down_until[index] = time.monotonic() + self.down_for_s
-                errors.append(f"replica {index}: {e}")
-        raise SandboxUnavailable("no sandbox replica answered: " + "; ".join(errors))
+        _, result = await self._first_reachable(lambda replica: replica.execute(code, limits))
+        return result
 
     async def create_session(self) -> str:
         """Start a session on the least busy reachable replica."""
-        errors = []
-        for index in self._order():
-            try:
-                sid = await self.replicas[index].create_session()
-                return f"r{index}-{sid}"
-            except SandboxUnavailable as e:
-                self._down_until[index] = time.monotonic() + self.down_for_s
-                errors.append(f"replica {index}: {e}")
-        raise SandboxUnavailable("no sandbox replica answered: " + "; ".join(errors))
+        index, sid = await self._first_reachable(lambda replica: replica.create_session())
+        return f"r{index}-{sid}"
 
     def _route(self, session_id: str) -> tuple[Sandbox, str]:
         head, _, sid = session_id.partition("-")
