@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 
 import pytest
@@ -66,6 +67,40 @@ async def test_per_call_limits(sandbox: LocalSandbox) -> None:
 async def test_parallel_executions(sandbox: LocalSandbox) -> None:
     results = await asyncio.gather(*(sandbox.execute(f"print({i} ** 2)") for i in range(12)))
     assert [r.stdout for r in results] == [f"{i**2}\n" for i in range(12)]
+
+
+async def test_jobs_of_one_worker_run_at_once_and_share_nothing() -> None:
+    # One zygote runs two jobs at once, each in a process of its own with its own
+    # directory, environment and deadline; a later job sees nothing they did.
+    async with LocalSandbox(workers=1, jobs_per_worker=2) as sb:
+        start = time.monotonic()
+        slow, stuck = await asyncio.gather(
+            sb.execute(
+                "import json, os, time\nopen('mine.txt', 'w').write('a')\n"
+                "os.environ['MARK'] = json.MARK = 'a'\ntime.sleep(2)\n"
+                "print(sorted(os.listdir('.')), os.environ['MARK'])",
+                Limits(timeout_s=10),
+            ),
+            sb.execute("import time; time.sleep(30)", Limits(timeout_s=1)),
+        )
+        assert time.monotonic() - start < 2.9  # at once: 2 s and 1 s, not one after the other
+        assert stuck.status == "timeout" and stuck.wall_ms < 2000
+        assert slow.status == "ok" and slow.stdout == "['mine.txt'] a\n"
+        after = await sb.execute(
+            "import json, os\nprint(os.listdir('.'), os.environ.get('MARK'), hasattr(json, 'MARK'))"
+        )
+        assert after.stdout == "[] None False\n"
+
+
+async def test_limits_are_per_job_while_jobs_run_at_once() -> None:
+    async with LocalSandbox(workers=1, jobs_per_worker=3) as sb:
+        small, big, disk = await asyncio.gather(
+            sb.execute("x = bytearray(200 * 2**20)", Limits(memory_mb=64)),
+            sb.execute("x = bytearray(200 * 2**20)\nprint('ok')"),
+            sb.execute("open('f', 'wb').write(b'0' * (2 << 20))", Limits(disk_mb=1)),
+        )
+        assert small.status == "memory" and big.stdout == "ok\n"
+        assert disk.status == "error" and "No space left" in disk.stderr
 
 
 async def test_stateful_session_survives_a_timed_out_turn(sandbox: LocalSandbox) -> None:
