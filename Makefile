@@ -19,7 +19,7 @@ help:
 $(STAMP): pyproject.toml scripts/install_llama_cpp.sh
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[dev,s3,embedded,docker]"
+	$(BIN)/python -m pip install -q -e ".[dev,s3,embedded,docker,postgres]"
 	scripts/install_llama_cpp.sh $(BIN)/python
 	touch $(STAMP)
 

@@ -23,7 +23,10 @@ console = Console(soft_wrap=True)
 
 DEFAULT_HOME = default_home().root
 Home = Annotated[
-    Path, typer.Option(help="Server directory: SQLite database, log, pid file.", file_okay=False)
+    Path,
+    typer.Option(
+        help="Server directory: SQLite database (the default), log, pid file.", file_okay=False
+    ),
 ]
 Host = Annotated[str, typer.Option(help="Interface the server listens on.")]
 Port = Annotated[
@@ -59,24 +62,61 @@ def server_up(
         str | None,
         typer.Option(help="API URL browsers reach (behind a proxy, or with --host 0.0.0.0)."),
     ] = None,
+    database: Annotated[
+        str | None,
+        typer.Option(
+            help="postgresql+asyncpg://USER:PASSWORD@HOST:PORT/DATABASE, or sqlite (a file "
+            "in HOME, the default). Default: $MATHMILL_SERVER_DATABASE, which keeps the "
+            "password out of the process list.",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Start a local Prefect server (SQLite) unless one answers, create the cpu and vllm
-    work pools, register the block types and deploy deployments/prefect.yaml.
+    """Start a local Prefect server (SQLite, or PostgreSQL with --database) unless one
+    answers, create the cpu and vllm work pools, register the block types and deploy
+    deployments/prefect.yaml.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from mathmill.blocks import register_blocks
-    from mathmill.server import ServerHome, create_pools, start_server
+    from mathmill.server import (
+        ServerHome,
+        api_url,
+        create_pools,
+        ensure_crash_automation,
+        healthy,
+        start_server,
+    )
     from mathmill.server import deploy as deploy_file
+    from mathmill.server_database import resolve_database
 
     server_home = ServerHome(home.expanduser())
-    console.print(f"starting the Prefect server on {host}:{port} (home {server_home.root}) ...")
-    url = start_server(server_home, host, port, ui_api_url=ui_api_url)
+    db = resolve_database(database, server_home)  # a bad URL stops here, before anything
+    if healthy(api_url(host, port)):
+        running = server_home.recorded_database() or "not recorded in this home"
+        console.print(
+            f"a Prefect server already answers on {host}:{port} (database {running}); "
+            "it keeps its database",
+            markup=False,
+            highlight=False,
+        )
+    else:
+        console.print(
+            f"starting the Prefect server on {host}:{port} (home {server_home.root}, "
+            f"database {db.masked}) ...",
+            markup=False,
+            highlight=False,
+        )
+    url = start_server(server_home, host, port, ui_api_url=ui_api_url, database=db)
     with temporary_settings({PREFECT_API_URL: url}):  # env changes come too late for prefect
         created = asyncio.run(create_pools())
         console.print(f"work pools: cpu, vllm ({', '.join(created) or 'none'} created)")
         slugs = asyncio.run(register_blocks())
         console.print(f"block types registered: {', '.join(slugs)}")
+        made = asyncio.run(ensure_crash_automation())
+        console.print(
+            f"automation: unresponsive runs marked crashed ({'created' if made else 'kept'})"
+        )
     if deploy:
         deploy_file(prefect_file, url)
         console.print(f"deployed {prefect_file}")
@@ -114,6 +154,8 @@ def server_status(home: Home = DEFAULT_HOME, port: Port = 4200) -> None:
         raise typer.Exit(1)
     console.print(f"Prefect server up: UI {url.removesuffix('/api')}, API {url}")
     console.print(f"home {server_home.root}, pid {pid}, log {server_home.log_file}")
+    database = server_home.recorded_database() or "not recorded"
+    console.print(f"database {database}", markup=False, highlight=False)
 
 
 @blocks_app.command("register")

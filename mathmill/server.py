@@ -1,7 +1,11 @@
-"""``mathmill server up``: a local Prefect server on SQLite, ready to run mathmill.
+"""``mathmill server up``: a local Prefect server on SQLite or PostgreSQL, ready to run
+mathmill.
 
 It starts ``prefect server start`` in the background (tuned as measured in FACTS.md:
-task-run recorder batches, analytics off), waits for ``/api/health``, creates the
+task-run recorder batches, analytics off) on its database
+(:class:`mathmill.server_database.Database`: the SQLite file in its home by default, or
+a ``postgresql+asyncpg://`` URL checked before the start, its password never printed),
+waits for ``/api/health``, creates the
 ``cpu`` and ``vllm`` process work pools, registers the block types and deploys
 ``deployments/prefect.yaml``. Each step is skipped when already done, so ``up`` is
 safe to repeat; ``down`` stops a server ``up`` started.
@@ -21,8 +25,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mathmill.errors import MathmillError
+
+if TYPE_CHECKING:  # pydantic stays out of `mathmill --help`
+    from mathmill.server_database import Database
 
 __all__ = [
     "POOLS",
@@ -68,8 +76,20 @@ class ServerHome:
 
     @property
     def database(self) -> Path:
-        """The SQLite database."""
+        """The SQLite database (the default)."""
         return self.root / "prefect.db"
+
+    @property
+    def database_record(self) -> Path:
+        """The database the server last started on, its password masked."""
+        return self.root / "database.txt"
+
+    def recorded_database(self) -> str | None:
+        """What :attr:`database_record` says, if anything."""
+        try:
+            return self.database_record.read_text().strip() or None
+        except OSError:
+            return None
 
 
 def default_home() -> ServerHome:
@@ -96,17 +116,26 @@ def api_url(host: str, port: int) -> str:
 
 
 def server_env(
-    home: ServerHome, ui_api_url: str, base: dict[str, str] | None = None
+    home: ServerHome,
+    ui_api_url: str,
+    base: dict[str, str] | None = None,
+    database: Database | None = None,
 ) -> dict[str, str]:
-    """The environment of ``prefect server start``: its own PREFECT_HOME and database,
-    the address the UI calls, the tuning settings (unless already set), and no API URL
-    of another server.
+    """The environment of ``prefect server start``: its own PREFECT_HOME and database
+    (``database``, default the SQLite file in ``home``), the address the UI calls, the
+    tuning settings (unless already set), and no API URL of another server.
     """
     env = dict(os.environ if base is None else base)
     env.pop("PREFECT_API_URL", None)
     env.setdefault("PREFECT_UI_API_URL", ui_api_url)
     env["PREFECT_HOME"] = str(home.root)
-    env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite+aiosqlite:///{home.database}"
+    if database is None:
+        from mathmill.server_database import resolve_database
+
+        database = resolve_database("sqlite", home)
+    # the newer name would win over the older one: only one is set
+    env.pop("PREFECT_SERVER_DATABASE_CONNECTION_URL", None)
+    env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.url.get_secret_value()
     for key, value in TUNING.items():
         env.setdefault(key, value)
     return env
@@ -151,20 +180,33 @@ def start_server(
     port: int,
     timeout_s: float = 120.0,
     ui_api_url: str | None = None,
+    database: Database | None = None,
 ) -> str:
     """Start the server in the background unless one answers already; its API URL.
     ``ui_api_url`` is the API address browsers use (default: this host and port).
+    ``database``: default ``$MATHMILL_SERVER_DATABASE``, else SQLite in ``home``; a
+    PostgreSQL database is checked (one connection) before the server starts.
     """
     url = api_url(host, port)
     if healthy(url):
         return url
+    from mathmill.server_database import resolve_database
+
+    db = database or resolve_database(None, home)
+    db.check()
     home.root.mkdir(parents=True, exist_ok=True)
+    home.database_record.write_text(db.masked + "\n")
     log = home.log_file.open("ab")
-    cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", host, "--port", str(port)]
+    # Prefect's CLI, with the server's SQLite transactions taking turns instead of
+    # failing on each other under load (see mathmill.prefect_server)
+    launcher = "mathmill.prefect_server"
+    cmd = [sys.executable, "-m", launcher, "server", "start", "--host", host, "--port", str(port)]
     process = subprocess.Popen(
         cmd,
         env=server_env(
-            home, ui_api_url or api_url("127.0.0.1" if host == "0.0.0.0" else host, port)
+            home,
+            ui_api_url or api_url("127.0.0.1" if host == "0.0.0.0" else host, port),
+            database=db,
         ),
         stdout=log,
         stderr=subprocess.STDOUT,
@@ -173,7 +215,10 @@ def start_server(
     )
     log.close()
     home.pid_file.write_text(str(process.pid))
-    wait_healthy(url, process, home.log_file, timeout_s)
+    try:
+        wait_healthy(url, process, home.log_file, timeout_s)
+    except ServerError as e:  # the log's tail may quote the URL
+        raise ServerError(db.mask(str(e))) from None
     return url
 
 
@@ -255,6 +300,62 @@ async def create_pools(names: dict[str, str] | None = None) -> list[str]:
             )
             created.append(name)
     return created
+
+
+CRASH_AUTOMATION = "mathmill: mark unresponsive flow runs crashed"
+# A deployment's flow run sends a heartbeat event every HEARTBEAT_S (deployments/prefect.yaml
+# sets PREFECT_FLOWS_HEARTBEAT_FREQUENCY for both pools; Prefect's minimum is 30 s). A run
+# whose process died (its worker or machine killed) sends no more: after UNRESPONSIVE_S
+# without a heartbeat or an end, the automation marks it Crashed.
+HEARTBEAT_S = 30
+UNRESPONSIVE_S = 90
+
+
+async def ensure_crash_automation(within_s: float = UNRESPONSIVE_S) -> bool:
+    """Create :data:`CRASH_AUTOMATION` unless it exists (Prefect's documented zombie-run
+    detection: a proactive trigger on the heartbeat events of each flow run, which
+    changes the run's state to Crashed); whether it was created.
+    """
+    from datetime import timedelta
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    async with get_client() as client:
+        if await client.read_automations_by_name(CRASH_AUTOMATION):
+            return False
+        trigger = EventTrigger(
+            after={"prefect.flow-run.heartbeat"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
+            match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=within_s),
+        )
+        action = ChangeFlowRunState(
+            state=StateType.CRASHED,
+            message=f"no heartbeat for {within_s:g} s: its process died (worker or machine "
+            "killed); a new run with the same parameters resumes from its finished chunks",
+        )
+        await client.create_automation(
+            AutomationCore(
+                name=CRASH_AUTOMATION,
+                description="Created by `mathmill server up` (docs/deploy.md).",
+                trigger=trigger,
+                actions=[action],
+            )
+        )
+    return True
 
 
 def deploy(prefect_file: Path, url: str, timeout_s: float = 300.0) -> str:

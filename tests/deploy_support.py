@@ -41,12 +41,16 @@ def clean_env(work: Path) -> dict[str, str]:
 
 
 @contextmanager
-def server_up(work: Path, env: Mapping[str, str]) -> Iterator[dict[str, str]]:
-    """`mathmill server up` on a free port with its home in ``work``; yields ``env``
-    with PREFECT_API_URL set; `mathmill server down` on exit.
+def server_up(
+    work: Path, env: Mapping[str, str], database: str | None = None
+) -> Iterator[dict[str, str]]:
+    """`mathmill server up` on a free port with its home in ``work`` (on ``database``
+    when given: ``--database URL``); yields ``env`` with PREFECT_API_URL set;
+    `mathmill server down` on exit.
     """
     home, port = work / "server", free_port()
-    up = run_cmd([MATHMILL, "server", "up", "--home", str(home), "--port", str(port)], env, 240)
+    cmd = [MATHMILL, "server", "up", "--home", str(home), "--port", str(port)]
+    up = run_cmd([*cmd, *(["--database", database] if database else [])], env, 240)
     url = f"http://127.0.0.1:{port}/api"
     assert f"export PREFECT_API_URL={url}" in up, up
     try:
@@ -56,9 +60,13 @@ def server_up(work: Path, env: Mapping[str, str]) -> Iterator[dict[str, str]]:
 
 
 @contextmanager
-def worker(pool: str, env: Mapping[str, str], work: Path, limit: int = 2) -> Iterator[Path]:
-    """A process worker on ``pool``; yields its log file; stopped on exit."""
-    log = work / f"worker-{pool}.log"
+def worker(
+    pool: str, env: Mapping[str, str], work: Path, limit: int = 2, name: str | None = None
+) -> Iterator[Path]:
+    """A process worker on ``pool``; yields its log file (``worker-NAME.log``, default
+    the pool's name); stopped on exit.
+    """
+    log = work / f"worker-{name or pool}.log"
     proc = subprocess.Popen(
         [
             sys.executable,

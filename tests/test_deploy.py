@@ -130,6 +130,43 @@ def test_the_nightly_refresh_carries_its_cron_schedule(deployed: Deployed) -> No
     assert "'active': True" in out and "'work_pool_name': 'cpu'" in out
 
 
+_SCHEDULED = """
+import asyncio, sys
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+from prefect.client.schemas.filters import FlowRunFilterStateType
+from prefect.client.schemas.objects import StateType
+
+async def main() -> None:
+    async with get_client() as client:
+        runs = await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["nightly"])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.SCHEDULED]))
+            ),
+        )
+        for run in runs:
+            print(run.expected_start_time.isoformat())
+
+asyncio.run(main())
+"""
+
+
+def test_the_scheduler_makes_the_nightly_runs(deployed: Deployed) -> None:
+    # The server's scheduler service turns the cron schedule into scheduled runs at 03:00
+    # UTC (it failed silently on SQLAlchemy 2.1: a nightly schedule that never fired).
+    deadline = time.monotonic() + 180
+    while True:
+        printed = _run([sys.executable, "-c", _SCHEDULED], deployed.env).split()
+        out = [t for t in printed if t[:4].isdigit()]  # the times, not a warning's words
+        if out or time.monotonic() > deadline:
+            break
+        time.sleep(5)
+    assert out, "no scheduled run of refresh/nightly after 180 s"
+    assert all(t.endswith("03:00:00+00:00") for t in out), out
+
+
 def test_a_refresh_run_writes_a_dated_version_and_latest(deployed: Deployed) -> None:
     config = {"synthesize": _config(out="datasets/nightly"), "version": "2026-11-22"}
     out = _deployment_run(deployed, "refresh/nightly", config)

@@ -68,6 +68,57 @@ async def test_parallel_executions(sandbox: LocalSandbox) -> None:
     assert [r.stdout for r in results] == [f"{i**2}\n" for i in range(12)]
 
 
+async def test_jobs_of_one_worker_run_at_once_and_share_nothing() -> None:
+    # One zygote runs two jobs at once, each in a process of its own with its own
+    # directory, environment and deadline; a later job sees nothing they did.
+    async with LocalSandbox(workers=1, jobs_per_worker=2) as sb:
+        slow, stuck = await asyncio.gather(
+            sb.execute(
+                "import json, os, time\nprint(time.time())\nopen('mine.txt', 'w').write('a')\n"
+                "os.environ['MARK'] = json.MARK = 'a'\ntime.sleep(2)\n"
+                "print(sorted(os.listdir('.')), os.environ['MARK'])\nprint(time.time())",
+                Limits(timeout_s=10),
+            ),
+            sb.execute(
+                "import time; print(time.time(), flush=True); time.sleep(30)", Limits(timeout_s=1)
+            ),
+        )
+        assert stuck.status == "timeout" and stuck.wall_ms < 2000
+        assert slow.status == "ok", slow
+        slow_start, listing, slow_end = slow.stdout.splitlines()
+        assert listing == "['mine.txt'] a"
+        # at once, not one after the other: each started before the other ended
+        stuck_start = float(stuck.stdout)
+        assert max(float(slow_start), stuck_start) < min(float(slow_end), stuck_start + 1.0)
+        after = await sb.execute(
+            "import json, os\nprint(os.listdir('.'), os.environ.get('MARK'), hasattr(json, 'MARK'))"
+        )
+        assert after.stdout == "[] None False\n"
+
+
+async def test_every_job_and_session_draws_its_own_random_numbers(sandbox: LocalSandbox) -> None:
+    # jobs are clones of one zygote: without a reseed they would share its generators
+    code = "import random, numpy\nprint(random.random(), numpy.random.rand())"
+    jobs = await asyncio.gather(*(sandbox.execute(code) for _ in range(4)))
+    async with session(sandbox) as a, session(sandbox) as b:
+        turns = [await sandbox.run_in_session(a, code), await sandbox.run_in_session(b, code)]
+    draws = [r.stdout.split() for r in [*jobs, *turns]]
+    assert all(r.status == "ok" for r in [*jobs, *turns]), draws
+    for generator in zip(*draws, strict=True):  # random's draws, then numpy's
+        assert len(set(generator)) == len(generator), draws
+
+
+async def test_limits_are_per_job_while_jobs_run_at_once() -> None:
+    async with LocalSandbox(workers=1, jobs_per_worker=3) as sb:
+        small, big, disk = await asyncio.gather(
+            sb.execute("x = bytearray(200 * 2**20)", Limits(memory_mb=64)),
+            sb.execute("x = bytearray(200 * 2**20)\nprint('ok')"),
+            sb.execute("open('f', 'wb').write(b'0' * (2 << 20))", Limits(disk_mb=1)),
+        )
+        assert small.status == "memory" and big.stdout == "ok\n"
+        assert disk.status == "error" and "No space left" in disk.stderr
+
+
 async def test_stateful_session_survives_a_timed_out_turn(sandbox: LocalSandbox) -> None:
     async with session(sandbox) as sid:
         r1 = await sandbox.run_in_session(sid, "import sympy\nx = sympy.Symbol('x')\nn = 10")

@@ -221,6 +221,28 @@ async def test_secrets_are_not_reachable(box: Sandbox) -> None:
     assert SECRET not in r.stdout and "OPENAI_API_KEY" not in r.stdout
 
 
+async def test_the_orchestrators_checkout_and_cwd_are_not_readable(box: Sandbox) -> None:
+    # The tests run from the checkout (an editable install): its files beside the
+    # package (configs, tests, maybe a .env) and the orchestrator's cwd stay unreadable.
+    targets = [str(Path.cwd() / "pyproject.toml"), str(Path(__file__).resolve())]
+    r = await run(
+        box,
+        f"""
+        import os
+        for path in {targets!r}:
+            try:
+                open(path).read()
+                print('READ', path)
+            except OSError as e:
+                print(type(e).__name__, path)
+        print('cwd', os.getcwd())
+    """,
+    )
+    assert r.status == "ok", r
+    assert "READ" not in r.stdout, r.stdout
+    assert f"cwd {Path.cwd()}\n" not in r.stdout
+
+
 @pytest.mark.parametrize(
     "target",
     ["/etc/mm-pwned", "/tmp/mm-pwned", "{home}/mm-pwned", "/work/mm-pwned", "/dev/shm/mm-pwned"],

@@ -14,7 +14,16 @@ from mathmill.sandbox import isolation as iso
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.supervise import kill_namespace_except
 
-__all__ = ["SANDBOX_ENV", "Box", "detach_output", "redirect", "spawn_namespaced"]
+__all__ = [
+    "SANDBOX_ENV",
+    "Box",
+    "detach_output",
+    "job_environment",
+    "prepare_landlock",
+    "redirect",
+    "set_environment",
+    "spawn_namespaced",
+]
 
 SANDBOX_ENV = {
     "PATH": "/usr/local/bin:/usr/bin:/bin",
@@ -26,6 +35,16 @@ SANDBOX_ENV = {
     "MPLBACKEND": "Agg",
     "PYTHONDONTWRITEBYTECODE": "1",
 }
+
+
+def prepare_landlock() -> iso.Landlock | None:
+    """The Landlock rules of every job, prepared once by the zygote (None when the
+    kernel has no Landlock). A job adds its own /proc and job directory.
+    """
+    if iso.landlock_abi() == 0:
+        return None
+    read_only = [p for p in _read_only_paths() if p != "/proc"]
+    return iso.Landlock(read_only, ["/dev/null"])
 
 
 def _read_only_paths() -> list[str]:
@@ -61,8 +80,26 @@ def _read_only_paths() -> list[str]:
         sys.exec_prefix,
         *etc,
     }
-    paths.update(p for p in sys.path if p and os.path.isdir(p))
+    paths.update(import_paths())
     return sorted(p for p in paths if os.path.exists(p))
+
+
+def import_paths() -> set[str]:
+    """The directories of ``sys.path`` a job may read, to import what it is offered.
+
+    Not the current directory (``''``), and of a directory that holds the mathmill
+    package itself (a source checkout on PYTHONPATH or an editable install: its tests,
+    configs and maybe a ``.env`` beside it) only the package.
+    """
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    checkout = os.path.dirname(package)
+    paths = {package}  # an editable install finds it by a hook, not by a path
+    for entry in sys.path:
+        if not entry or not os.path.isdir(entry):
+            continue
+        if os.path.realpath(entry) != os.path.realpath(checkout):
+            paths.add(entry)
+    return paths
 
 
 @dataclass
@@ -72,17 +109,21 @@ class Box:
     job_root: str
     limits: Limits
     namespaces: bool
-    landlock: bool
+    landlock: iso.Landlock | None
     baseline_as: int
     private_proc: bool = False
     cgroup: str | None = None
+    # The same job_root serves every job of the zygote, each on its own tmpfs: the
+    # tmpfs is then required (without it, jobs would share the directory).
+    shared_root: bool = False
 
     def enter_init(self) -> None:
-        """As PID 1 of the new namespaces: die with the parent, private mounts."""
-        iso.die_with_parent()
+        """As PID 1 of the new namespaces (already dying with the parent): private mounts."""
         if self.namespaces:
             mounted = iso.mount_private_proc_and_tmpfs(self.job_root, self.limits.disk_mb)
             self.private_proc = mounted["proc"]
+            if self.shared_root and not mounted["tmpfs"]:
+                raise iso.IsolationError(0, f"no tmpfs on the shared {self.job_root}")
 
     def kill_others(self, keep: set[int]) -> None:
         """Kill the namespace's other processes; only with a private /proc (else the
@@ -102,16 +143,34 @@ class Box:
             nofile=limits.max_open_files,
         )
 
+    @property
+    def inherited_fds(self) -> set[int]:
+        """Descriptors of the zygote the process needs until :meth:`harden`."""
+        return self.landlock.fds if self.landlock else set()
+
     def harden(self, *, cpu: bool) -> None:
         """Environment, working directory, rlimits, Landlock, no capabilities."""
-        os.environ.clear()
-        os.environ.update(SANDBOX_ENV, HOME=self.job_root, TMPDIR=self.job_root)
+        set_environment(job_environment(self.job_root))
         os.chdir(self.job_root)
         self.apply_rlimits(self.limits.cpu_limit if cpu else 24 * 3600)
         if self.landlock:
-            iso.landlock(_read_only_paths(), [self.job_root], ["/dev/null"])
+            self.landlock.restrict(read_only=["/proc"], read_write=[self.job_root])
         if self.namespaces:
             iso.drop_capabilities()
+
+
+def job_environment(job_root: str) -> dict[str, str]:
+    """The whole environment of a job (nothing of the caller's)."""
+    return dict(SANDBOX_ENV, HOME=job_root, TMPDIR=job_root)
+
+
+def set_environment(env: dict[str, str]) -> None:
+    """Make ``os.environ`` exactly ``env`` (changing only what differs)."""
+    for key in [key for key in os.environ if key not in env]:
+        del os.environ[key]
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            os.environ[key] = value
 
 
 def redirect(out_w: int, err_w: int) -> None:
@@ -134,39 +193,37 @@ def detach_output() -> None:
 
 
 def _close_fds_except(keep: set[int]) -> None:
-    for fd in map(int, os.listdir("/proc/self/fd")):
-        if fd > 2 and fd not in keep:
-            with contextlib.suppress(OSError):
-                os.close(fd)
+    """Close every descriptor above 2 but ``keep`` (close_range: no /proc walk)."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= low):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, os.sysconf("SC_OPEN_MAX"))  # the soft limit: no descriptor above it
 
 
 def spawn_namespaced(box: Box, keep_fds: set[int], body: Any) -> int:
     """Start a process running ``body()``: with namespaces, cloned straight into new
     user/pid/mount/net/ipc/uts namespaces as their PID 1 (when it exits, the kernel
-    kills everything left in them). It first waits until the parent has put it in
-    its pids cgroup. Returns its pid.
+    kills everything left in them). Before anything else it joins its pids cgroup
+    (through a descriptor the zygote opened), or exits. Returns its pid.
     """
     uid, gid = os.geteuid(), os.getegid()
-    sync_r, sync_w = os.pipe()
-    pid = iso.clone_process(iso.CLONE_ALL) if box.namespaces else os.fork()
-    if pid == 0:
-        try:
-            os.close(sync_w)
-            os.read(sync_r, 1)
-            os.close(sync_r)
-            iso.die_with_parent()
-            os.setsid()
-            _close_fds_except(keep_fds)
-            if box.namespaces:
-                iso.write_id_maps(uid, gid)
-            body()
-        finally:
-            os._exit(120)
-    os.close(sync_r)
+    cgroup = iso.PidsCgroup.open_procs(box.cgroup) if box.cgroup else None
     try:
-        if box.cgroup:
-            iso.PidsCgroup.enter(box.cgroup, pid)
+        pid = iso.clone_process(iso.CLONE_ALL) if box.namespaces else os.fork()
+        if pid == 0:
+            try:
+                iso.die_with_parent()
+                if cgroup is not None:
+                    iso.PidsCgroup.join(cgroup)
+                os.setsid()
+                _close_fds_except(keep_fds | box.inherited_fds)
+                if box.namespaces:
+                    iso.write_id_maps(uid, gid)
+                body()
+            finally:
+                os._exit(120)
     finally:
-        os.write(sync_w, b"g")
-        os.close(sync_w)
+        if cgroup is not None:
+            os.close(cgroup)
     return pid

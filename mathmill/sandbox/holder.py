@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from mathmill.sandbox.box import Box, detach_output, redirect
-from mathmill.sandbox.runtime import describe_state, run_code
+from mathmill.sandbox.runtime import describe_state, fresh_randomness, run_code
 from mathmill.sandbox.supervise import cpu_aware_exit, result_fields, supervise
 from mathmill.sandbox.wire import recv_msg, send_msg
 
@@ -24,6 +24,7 @@ __all__ = ["holder_loop"]
 
 def holder_loop(sock: int, box: Box, namespace: dict[str, Any], state: dict[str, Any]) -> None:
     """Serve turns for one session until the zygote closes the socket."""
+    fresh_randomness()
     baseline = set(namespace)
     while True:
         msg = recv_msg(sock)

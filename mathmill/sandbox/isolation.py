@@ -13,14 +13,16 @@ import ctypes
 import os
 import resource
 import signal
+import stat
 import struct
+import time
 from collections.abc import Iterable
 
 __all__ = [
     "CLONE_ALL",
+    "Landlock",
     "clone_process",
     "drop_capabilities",
-    "landlock",
     "landlock_abi",
     "mount_private_proc_and_tmpfs",
     "set_rlimits",
@@ -94,14 +96,8 @@ def landlock_abi() -> int:
     return max(0, int(result))
 
 
-def landlock(read_only: Iterable[str], read_write: Iterable[str], rw_files: Iterable[str]) -> int:
-    """Restrict this process and its children: read-only paths, read-write paths, and
-    no TCP bind/connect or signals/abstract sockets outside the domain (where the ABI
-    has them). Returns the ABI used (0 when Landlock is unavailable: nothing done).
-    """
-    abi = landlock_abi()
-    if abi == 0:
-        return 0
+def _handled_rights(abi: int) -> tuple[int, bytes]:
+    """The filesystem rights this ABI handles, and the ruleset attribute to create."""
     fs = _FS_RIGHTS_ABI1
     if abi >= 2:
         fs |= _FS_REFER
@@ -112,41 +108,85 @@ def landlock(read_only: Iterable[str], read_write: Iterable[str], rw_files: Iter
     net = _NET_TCP if abi >= 4 else 0
     scoped = _SCOPE_ALL if abi >= 6 else 0
     if abi >= 6:
-        attr = struct.pack("QQQ", fs, net, scoped)
-    elif abi >= 4:
-        attr = struct.pack("QQ", fs, net)
-    else:
-        attr = struct.pack("Q", fs)
-    buf = ctypes.create_string_buffer(attr, len(attr))
-    ruleset = _check(
-        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, buf, ctypes.c_size_t(len(attr)), 0),
-        "landlock_create_ruleset",
-    )
-    try:
-        for paths, rights in ((read_only, _FS_READ), (read_write, fs), (rw_files, _FS_FILE_RW)):
-            for path in paths:
-                try:
-                    fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-                except OSError:
-                    continue
-                try:
-                    allowed = rights & fs
-                    if not os.path.isdir(path):
-                        allowed &= _FS_FILE_RW | (1 << 0) | _FS_TRUNCATE | _FS_IOCTL_DEV
-                    rule = ctypes.create_string_buffer(struct.pack("=Qi", allowed, fd), 12)
-                    _check(
-                        _libc.syscall(
-                            _SYS_LANDLOCK_ADD_RULE, ruleset, _LANDLOCK_RULE_PATH_BENEATH, rule, 0
-                        ),
-                        f"landlock_add_rule {path}",
-                    )
-                finally:
-                    os.close(fd)
-        _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
-        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
-    finally:
-        os.close(ruleset)
-    return abi
+        return fs, struct.pack("QQQ", fs, net, scoped)
+    if abi >= 4:
+        return fs, struct.pack("QQ", fs, net)
+    return fs, struct.pack("Q", fs)
+
+
+_Rule = tuple[int, "ctypes.Array[ctypes.c_char]", str]  # O_PATH fd, packed rule, path
+_RULE_PATH = _LANDLOCK_RULE_PATH_BENEATH
+
+
+class Landlock:
+    """Landlock rules prepared once, in the zygote: the read-only paths and files are
+    opened (``O_PATH``) and their rules packed here, so that a job only makes the
+    syscalls. What a job mounts afresh (its /proc, its job directory) it adds itself.
+
+    :meth:`restrict` restricts the calling process and its children: read-only paths,
+    read-write paths, and no TCP bind/connect or signals/abstract sockets outside the
+    domain (where the ABI has them).
+    """
+
+    def __init__(self, read_only: Iterable[str], rw_files: Iterable[str]) -> None:
+        self.abi = landlock_abi()
+        self._fs, self._attr = _handled_rights(self.abi)
+        self._rules: list[_Rule] = []
+        if self.abi:
+            for paths, rights in ((read_only, _FS_READ), (rw_files, _FS_FILE_RW)):
+                for path in paths:
+                    if rule := self._rule(path, rights):
+                        self._rules.append(rule)
+
+    def _rule(self, path: str, rights: int) -> _Rule | None:
+        try:
+            fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            return None
+        allowed = rights & self._fs
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            allowed &= _FS_FILE_RW | (1 << 0) | _FS_TRUNCATE | _FS_IOCTL_DEV
+        return fd, ctypes.create_string_buffer(struct.pack("=Qi", allowed, fd), 12), path
+
+    @property
+    def fds(self) -> set[int]:
+        """The prepared descriptors (a job keeps them until :meth:`restrict`)."""
+        return {fd for fd, _, _ in self._rules}
+
+    def restrict(self, read_only: Iterable[str] = (), read_write: Iterable[str] = ()) -> int:
+        """Restrict this process to the prepared rules plus ``read_only`` and
+        ``read_write`` (opened now), then close the prepared descriptors. Returns the
+        ABI used (0 when Landlock is unavailable: nothing done).
+        """
+        if self.abi == 0:
+            self.close()
+            return 0
+        buf = ctypes.create_string_buffer(self._attr, len(self._attr))
+        ruleset = _check(
+            _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, buf, ctypes.c_size_t(len(self._attr)), 0),
+            "landlock_create_ruleset",
+        )
+        fresh = [self._rule(path, _FS_READ) for path in read_only]
+        fresh += [self._rule(path, self._fs) for path in read_write]
+        rules = self._rules + [rule for rule in fresh if rule]
+        try:
+            for _, rule, path in rules:
+                if _libc.syscall(_SYS_LANDLOCK_ADD_RULE, ruleset, _RULE_PATH, rule, 0) < 0:
+                    _check(-1, f"landlock_add_rule {path}")
+            _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "no_new_privs")
+            _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, 0), "landlock_restrict_self")
+        finally:
+            os.close(ruleset)
+            for fd, _, _ in rules:
+                os.close(fd)
+            self._rules = []
+        return self.abi
+
+    def close(self) -> None:
+        """Close the prepared descriptors."""
+        for fd, _, _ in self._rules:
+            os.close(fd)
+        self._rules = []
 
 
 class _CapHeader(ctypes.Structure):
@@ -161,9 +201,20 @@ class _CapData(ctypes.Structure):
     ]
 
 
+def _last_capability() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 63
+
+
+_LAST_CAP = _last_capability()  # read once, in the zygote
+
+
 def drop_capabilities() -> None:
     """Drop every capability (bounding set first), set no_new_privs, and not dumpable."""
-    for cap in range(64):
+    for cap in range(_LAST_CAP + 1):
         if _libc.prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() == 22:
             break  # EINVAL: past the last capability
     header = _CapHeader(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
@@ -266,31 +317,55 @@ class PidsCgroup:
     def job(self, name: str, max_pids: int) -> str:
         """Create the job's cgroup with ``pids.max``; returns its path."""
         path = os.path.join(self.parent, name)
-        os.makedirs(path, exist_ok=True)
-        with open(os.path.join(path, "pids.max"), "w") as f:
-            f.write(str(max_pids))
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path)
+        self.set_max(path, max_pids)
         return path
 
     @staticmethod
-    def enter(path: str, pid: int) -> None:
-        """Move process ``pid`` into the job cgroup (its children follow)."""
-        with open(os.path.join(path, "cgroup.procs"), "w") as f:
-            f.write(str(pid))
+    def set_max(path: str, max_pids: int) -> None:
+        """Set the cgroup's ``pids.max``."""
+        fd = os.open(os.path.join(path, "pids.max"), os.O_WRONLY)
+        try:
+            os.write(fd, str(max_pids).encode())
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def open_procs(path: str) -> int:
+        """A descriptor on the cgroup's ``cgroup.procs``, for :meth:`join` in a child
+        (the kernel checks the opener's credentials: the zygote's).
+        """
+        return os.open(os.path.join(path, "cgroup.procs"), os.O_WRONLY | os.O_CLOEXEC)
+
+    @staticmethod
+    def join(procs_fd: int) -> None:
+        """Move the calling process into the cgroup of ``procs_fd`` and close it (the
+        move costs an RCU grace period: the child waits for it, not the zygote).
+        """
+        try:
+            os.write(procs_fd, b"0")
+        finally:
+            os.close(procs_fd)
+
+    @staticmethod
+    def try_remove(path: str) -> bool:
+        """Remove a job cgroup now if it is empty; False while processes are still exiting."""
+        try:
+            os.rmdir(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
 
     @staticmethod
     def remove(path: str) -> None:
-        """Remove a job cgroup (its processes must be gone)."""
-        import contextlib
-        import time
-
+        """Remove a job cgroup, waiting up to a second for its processes to be gone."""
         for _ in range(50):
-            try:
-                os.rmdir(path)
+            if PidsCgroup.try_remove(path):
                 return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.02)  # processes still exiting
+            time.sleep(0.02)  # processes still exiting
         with contextlib.suppress(OSError):
             os.rmdir(path)
 
@@ -328,9 +403,13 @@ def clone_process(flags: int) -> int:
 def write_id_maps(outer_uid: int, outer_gid: int) -> None:
     """In a fresh user namespace: map uid/gid 1000 inside to the outer ids."""
     set_dumpable(True)  # /proc/self/*_map are root's when not dumpable
-    with open("/proc/self/setgroups", "w") as f:
-        f.write("deny")
-    with open("/proc/self/uid_map", "w") as f:
-        f.write(f"1000 {outer_uid} 1")
-    with open("/proc/self/gid_map", "w") as f:
-        f.write(f"1000 {outer_gid} 1")
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"1000 {outer_uid} 1"),
+        ("gid_map", f"1000 {outer_gid} 1"),
+    ):
+        fd = os.open(f"/proc/self/{name}", os.O_WRONLY)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)

@@ -2,7 +2,8 @@
 
 Each zygote is a separate process started with a clean environment (none of the
 caller's variables: no API keys), one per core by default. Stateless jobs go to the
-least busy zygote; a session lives on the zygote that created it.
+least busy zygote, which runs a few at once; a session lives on the zygote that
+created it. Requests to a zygote carry an id, so several are in flight at once.
 
 >>> async with LocalSandbox() as sandbox:  # doctest: +SKIP
 ...     result = await sandbox.execute("print(2**10)")
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -38,25 +40,51 @@ __all__ = ["LocalSandbox"]
 
 log = logging.getLogger("mathmill.sandbox")
 _HEADER = struct.Struct(">I")
+_Waiter = asyncio.Future[dict[str, Any] | None]
+
+
+def _absolute_pythonpath() -> str:
+    """$PYTHONPATH with each entry absolute: the zygote runs in its own directory."""
+    entries = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    return os.pathsep.join(os.path.abspath(p) for p in entries if p)
 
 
 class _Worker:
+    """One zygote process and the requests in flight to it (matched to answers by id)."""
+
     def __init__(self, index: int, config: dict[str, Any]) -> None:
         self.index = index
         self.config = config
+        # Jobs beyond what the zygote runs at once wait here, so that a job's wait
+        # for its answer starts when the zygote has room for it.
+        self.slots = asyncio.Semaphore(int(config.get("max_jobs", 1)))
         self.proc: asyncio.subprocess.Process | None = None
-        self.lock = asyncio.Lock()
         self.pending = 0
         self.hello: dict[str, Any] = {}
         self.workdir = ""
+        self._start_lock = asyncio.Lock()
+        self._write_lock = asyncio.Lock()
+        self._waiters: dict[int, _Waiter] = {}
+        self._ids = itertools.count()
         self._log_task: asyncio.Task[None] | None = None
+        self._reader: asyncio.Task[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.returncode is None
 
     async def start(self) -> dict[str, Any]:
+        async with self._start_lock:
+            if self.running:
+                return self.hello
+            return await self._start()
+
+    async def _start(self) -> dict[str, Any]:
         self.workdir = tempfile.mkdtemp(prefix=f"mathmill-sandbox-{self.index}-")
         env = dict(SANDBOX_ENV, HOME=self.workdir)
         if "PYTHONPATH" in os.environ:  # where mathmill itself is found; not a secret
-            env["PYTHONPATH"] = os.environ["PYTHONPATH"]
-        self.proc = await asyncio.create_subprocess_exec(
+            env["PYTHONPATH"] = _absolute_pythonpath()
+        proc = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "mathmill.sandbox.zygote",
@@ -68,69 +96,108 @@ class _Worker:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
             env=env,
+            cwd=self.workdir,  # not the orchestrator's: `-m` puts the cwd on sys.path
             start_new_session=True,
             limit=1 << 30,
         )
-        self._log_task = asyncio.create_task(self._forward_logs())
-        hello = await asyncio.wait_for(self._read(), timeout=120)
+        self.proc = proc
+        self._log_task = asyncio.create_task(self._forward_logs(proc))
+        hello = await asyncio.wait_for(_read(proc), timeout=120)
         if hello is None:
             raise SandboxUnavailable(f"sandbox worker {self.index} exited while starting")
         self.hello = hello["hello"]
+        self._waiters = {}
+        self._reader = asyncio.create_task(self._read_answers(proc, self._waiters))
         return self.hello
 
-    async def _forward_logs(self) -> None:
-        assert self.proc is not None
-        assert self.proc.stderr is not None
-        async for line in self.proc.stderr:
+    async def _forward_logs(self, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stderr is not None
+        async for line in proc.stderr:
             log.info("worker %d: %s", self.index, line.decode(errors="replace").rstrip())
 
-    async def _read(self) -> Any:
-        assert self.proc is not None
-        assert self.proc.stdout is not None
+    async def _read_answers(
+        self, proc: asyncio.subprocess.Process, waiters: dict[int, _Waiter]
+    ) -> None:
+        """Hand each answer to the request with its id; at the end, fail the rest."""
         try:
-            header = await self.proc.stdout.readexactly(_HEADER.size)
-            (size,) = _HEADER.unpack(header)
-            return json.loads(await self.proc.stdout.readexactly(size))
-        except asyncio.IncompleteReadError:
-            return None
+            while (answer := await _read(proc)) is not None:
+                waiter = waiters.pop(answer.pop("id", None), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(answer)
+        finally:
+            for waiter in waiters.values():
+                if not waiter.done():
+                    waiter.set_result(None)
+            waiters.clear()
 
     async def request(self, msg: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        """Send ``msg``; its answer, or SandboxError when none comes in ``wait_s``."""
         self.pending += 1
         try:
-            async with self.lock:
-                if self.proc is None or self.proc.returncode is not None:
-                    raise SandboxError(f"sandbox worker {self.index} is not running")
-                assert self.proc.stdin is not None
-                data = json.dumps(msg).encode()
-                self.proc.stdin.write(_HEADER.pack(len(data)) + data)
-                await self.proc.stdin.drain()
-                try:
-                    reply = await asyncio.wait_for(self._read(), wait_s)
-                except TimeoutError:
-                    reply = None
-                if reply is None:
-                    await self.stop()
-                    raise SandboxError(
-                        f"sandbox worker {self.index} died or hung during {msg.get('op')!r}; "
-                        "it is restarted on the next request (its sessions are lost)"
-                    )
-                return reply  # type: ignore[no-any-return]
+            if msg["op"] != "exec":
+                return await self._request(msg, wait_s)
+            async with self.slots:
+                return await self._request(msg, wait_s)
         finally:
             self.pending -= 1
 
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.proc.terminate()
+    async def _request(self, msg: dict[str, Any], wait_s: float) -> dict[str, Any]:
+        request_id = next(self._ids)
+        proc, waiters = self.proc, self._waiters
+        try:
+            if proc is None or proc.returncode is not None or proc.stdin is None:
+                raise SandboxError(f"sandbox worker {self.index} is not running")
+            waiter: _Waiter = asyncio.get_running_loop().create_future()
+            waiters[request_id] = waiter
+            data = json.dumps({**msg, "id": request_id}).encode()
+            async with self._write_lock:
+                proc.stdin.write(_HEADER.pack(len(data)) + data)
+                with contextlib.suppress(ConnectionError):
+                    await proc.stdin.drain()
             try:
-                await asyncio.wait_for(self.proc.wait(), 5)
+                reply = await asyncio.wait_for(waiter, wait_s)
+            except TimeoutError:
+                reply = None
+            if reply is None:
+                await self.stop(proc)
+                raise SandboxError(
+                    f"sandbox worker {self.index} died or hung during {msg.get('op')!r}; "
+                    "it is restarted on the next request (its sessions are lost)"
+                )
+            return reply
+        finally:
+            waiters.pop(request_id, None)
+
+    async def stop(self, proc: asyncio.subprocess.Process | None = None) -> None:
+        """Stop the zygote (given ``proc``: only while that one is still the current one)."""
+        if proc is not None and proc is not self.proc:
+            return
+        proc, workdir, tasks = self.proc, self.workdir, (self._log_task, self._reader)
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 5)
             except TimeoutError:
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(self.proc.pid, 9)
-                await self.proc.wait()
-        if self._log_task is not None:
-            self._log_task.cancel()
-        shutil.rmtree(self.workdir, ignore_errors=True)
+                    os.killpg(proc.pid, 9)
+                await proc.wait()
+        for task in tasks:
+            if task is not None:
+                task.cancel()
+        if workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _read(proc: asyncio.subprocess.Process) -> Any:
+    """One message from the zygote; None at end of stream."""
+    assert proc.stdout is not None
+    try:
+        header = await proc.stdout.readexactly(_HEADER.size)
+        (size,) = _HEADER.unpack(header)
+        return json.loads(await proc.stdout.readexactly(size))
+    except asyncio.IncompleteReadError:
+        return None
 
 
 class LocalSandbox:
@@ -143,6 +210,8 @@ class LocalSandbox:
             is evicted past it.
         session_ttl_s: an idle session is deleted after this long.
         max_turns: turns per session.
+        jobs_per_worker: stateless jobs a worker runs at once (more wait their turn
+            there); it clones the next job while others run.
         allow_unsafe: run code even where no isolation beyond rlimits is possible.
         use_namespaces: False forces the rlimits-only mode (for hosts where user
             namespaces are disabled); it then needs ``allow_unsafe``.
@@ -156,6 +225,7 @@ class LocalSandbox:
         max_sessions_per_worker: int = 8,
         session_ttl_s: float = 900.0,
         max_turns: int = 200,
+        jobs_per_worker: int = 2,
         allow_unsafe: bool = False,
         use_namespaces: bool = True,
     ) -> None:
@@ -165,6 +235,7 @@ class LocalSandbox:
             "max_sessions": max_sessions_per_worker,
             "session_ttl_s": session_ttl_s,
             "max_turns": max_turns,
+            "max_jobs": jobs_per_worker,
             "allow_unsafe": allow_unsafe,
             "use_namespaces": use_namespaces,
         }
@@ -210,7 +281,7 @@ class LocalSandbox:
         return self._workers[int(index)]
 
     async def _restart_if_dead(self, worker: _Worker) -> None:
-        if worker.proc is None or worker.proc.returncode is not None:
+        if not worker.running:
             log.warning("sandbox: worker %d died; restarting it", worker.index)
             await worker.start()
 
@@ -221,7 +292,8 @@ class LocalSandbox:
         worker = min(self._workers, key=lambda w: w.pending)
         await self._restart_if_dead(worker)
         reply = await worker.request(
-            {"op": "exec", "code": code, "limits": limits.model_dump()}, limits.timeout_s + 60
+            {"op": "exec", "code": code, "limits": limits.model_dump()},
+            limits.timeout_s + 60,
         )
         _raise_for(reply)
         return ExecutionResult.model_validate(reply)
@@ -245,7 +317,12 @@ class LocalSandbox:
         worker = await self._worker_for(session_id)
         timeout = timeout_s or self.limits.timeout_s
         reply = await worker.request(
-            {"op": "session.exec", "session_id": session_id, "code": code, "timeout_s": timeout},
+            {
+                "op": "session.exec",
+                "session_id": session_id,
+                "code": code,
+                "timeout_s": timeout,
+            },
             timeout + 60,
         )
         _raise_for(reply)

@@ -14,10 +14,24 @@ import traceback
 import types
 from typing import Any
 
-__all__ = ["describe_state", "new_namespace", "run_code"]
+__all__ = ["describe_state", "fresh_randomness", "new_namespace", "run_code"]
 
 _REPR_CHARS = 80
 _DICT_KEYS = 5
+
+
+def fresh_randomness() -> None:
+    """Reseed ``random`` and numpy's global generator from the OS.
+
+    A job or session is a clone of the zygote, so without this every one starts from
+    the zygote's generator states: the same "random" numbers in every job.
+    """
+    import random
+
+    random.seed()
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed()
 
 
 def new_namespace() -> dict[str, Any]:

@@ -1,7 +1,8 @@
-"""The sandbox server process ("zygote"): pre-imports the math stack, forks a child
+"""The sandbox server process ("zygote"): pre-imports the math stack, clones a child
 per job, and keeps stateful sessions. Run by :class:`mathmill.sandbox.local.LocalSandbox`
 as ``python -m mathmill.sandbox.zygote`` with a clean environment; it speaks
-length-prefixed JSON on stdin/stdout and logs to stderr.
+length-prefixed JSON on stdin/stdout (each request carries an ``id`` that its answer
+repeats) and logs to stderr.
 
 Process tree of a stateless job::
 
@@ -14,6 +15,11 @@ When G exits or is killed, the kernel kills every process left in its pid namesp
 holder process H under a reaper init; each turn runs in a fork T of H that takes
 over as the holder on success and is discarded on timeout, crash, memory error or
 output overflow, so the pre-turn state survives without replaying history.
+
+The zygote is one event loop: it runs up to ``max_jobs`` jobs at once (more wait in
+order, :mod:`mathmill.sandbox.stateless`) and only supervises them; when idle it
+clones the next job's process ahead. Each job keeps its own deadline, output caps
+and limits.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import contextlib
 import json
 import logging
 import os
-import select
+import selectors
 import shutil
 import signal
 import socket
@@ -34,12 +40,20 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mathmill.sandbox import isolation as iso
-from mathmill.sandbox.box import Box, detach_output, redirect, spawn_namespaced
+from mathmill.sandbox.box import (
+    Box,
+    job_environment,
+    prepare_landlock,
+    set_environment,
+    spawn_namespaced,
+)
 from mathmill.sandbox.holder import holder_loop
 from mathmill.sandbox.limits import Limits
-from mathmill.sandbox.runtime import describe_state, new_namespace, run_code
-from mathmill.sandbox.supervise import cpu_aware_exit, result_fields, supervise
-from mathmill.sandbox.wire import recv_msg, send_msg
+from mathmill.sandbox.prefork import prepare_for_cloning
+from mathmill.sandbox.runtime import describe_state, new_namespace
+from mathmill.sandbox.sessions import Session, Sessions
+from mathmill.sandbox.stateless import Stateless
+from mathmill.sandbox.wire import MessageReader, send_msg
 
 log = logging.getLogger("mathmill.sandbox")
 
@@ -57,27 +71,17 @@ def _preimport() -> list[str]:
     return loaded
 
 
-def _vm_size() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmSize:"):
-                return int(line.split()[1]) * 1024
-    return 0
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-# -- the zygote ---------------------------------------------------------------------------
+class _VmSize:
+    """This process's address space size, read from a descriptor kept open."""
 
+    def __init__(self) -> None:
+        self._fd = os.open("/proc/self/statm", os.O_RDONLY | os.O_CLOEXEC)
 
-@dataclass
-class Session:
-    sid: str
-    pid: int
-    sock: socket.socket
-    job_root: str
-    created: float
-    last_used: float
-    turns: int = 0
-    cgroup: str | None = None
+    def __call__(self) -> int:
+        return int(os.pread(self._fd, 64, 0).split()[0]) * _PAGE
 
 
 @dataclass
@@ -86,25 +90,42 @@ class Zygote:
 
     workdir: str
     limits: Limits
+    max_jobs: int = 2
     max_sessions: int = 8
     session_ttl_s: float = 900.0
     max_turns: int = 200
     allow_unsafe: bool = False
     use_namespaces: bool = True
     layers: dict[str, Any] = field(default_factory=dict)
-    sessions: dict[str, Session] = field(default_factory=dict)
     cgroups: iso.PidsCgroup | None = None
+    landlock: iso.Landlock | None = None
+    selector: selectors.BaseSelector = field(default_factory=selectors.DefaultSelector)
+    wfd: int = -1
+    shared_root: str | None = None
+    _limits: dict[str, tuple[Limits, dict[str, Any]]] = field(default_factory=dict)
+    _vm_size: _VmSize = field(default_factory=_VmSize)
 
-    def box(self, job_root: str, limits: Limits) -> Box:
-        name = os.path.basename(job_root)
+    def __post_init__(self) -> None:
+        self.jobs = self._stateless()
+        self.sessions = Sessions(
+            self.selector,
+            self._spawn_session,
+            self._reply,
+            max_sessions=self.max_sessions,
+            ttl_s=self.session_ttl_s,
+            max_turns=self.max_turns,
+        )
+
+    def box(self, job_root: str, limits: Limits, name: str) -> Box:
         cgroup = self.cgroups.job(name, limits.max_processes + 2) if self.cgroups else None
         return Box(
             job_root,
             limits,
             bool(self.layers.get("namespaces")),
-            bool(self.layers.get("landlock_abi")),
-            _vm_size(),
+            self.landlock,
+            self._vm_size(),
             cgroup=cgroup,
+            shared_root=job_root == self.shared_root,
         )
 
     # -- probing
@@ -120,6 +141,7 @@ class Zygote:
             "landlock_abi": iso.landlock_abi(),
             "preimported": _preimport(),
         }
+        self.landlock = prepare_landlock()  # once, before any job is cloned
         if not self.use_namespaces:
             layers.update(namespaces=False, proc=False, tmpfs=False, disabled="namespaces")
             return self._finish_probe(layers)
@@ -128,11 +150,14 @@ class Zygote:
         r, w = os.pipe()
 
         def body() -> None:
-            found = {"namespaces": True, **iso.mount_private_proc_and_tmpfs(probe_dir, 1)}
+            found = {
+                "namespaces": True,
+                **iso.mount_private_proc_and_tmpfs(probe_dir, 1),
+            }
             os.write(w, json.dumps(found).encode())
             os._exit(0)
 
-        box = Box(probe_dir, self.limits, namespaces=True, landlock=False, baseline_as=0)
+        box = Box(probe_dir, self.limits, namespaces=True, landlock=None, baseline_as=0)
         try:
             pid = spawn_namespaced(box, {w}, body)
         except OSError as e:
@@ -159,57 +184,32 @@ class Zygote:
         )
         layers["unsafe"] = not layers["isolated"]
         self.layers = layers
+        if layers.get("namespaces") and layers.get("tmpfs"):
+            # Every job mounts its own tmpfs on the same directory: nothing to create
+            # or remove per job, and the zygote's environment is already the jobs'.
+            self.shared_root = os.path.join(self.workdir, "job")
+            os.makedirs(self.shared_root, mode=0o700, exist_ok=True)
+            set_environment(job_environment(self.shared_root))
+        self.jobs = self._stateless()
         return layers
 
-    # -- stateless jobs
-    def execute(self, code: str, limits: Limits) -> dict[str, Any]:
-        if self.layers.get("unsafe") and not self.allow_unsafe:
-            return _refused(self.layers)
-        job_root = os.path.join(self.workdir, "jobs", uuid.uuid4().hex)
-        os.makedirs(job_root, mode=0o700)
-        out_r, out_w = os.pipe()
-        err_r, err_w = os.pipe()
-        res_r, res_w = os.pipe()
-        box = self.box(job_root, limits)
-        start = time.monotonic()
-
-        def body() -> None:
-            box.enter_init()
-            redirect(out_w, err_w)
-            box.harden(cpu=True)
-            report = run_code(code, new_namespace())
-            detach_output()
-            os.write(res_w, json.dumps(report).encode() + b"\n")
-            os._exit(0)
-
-        pid = spawn_namespaced(box, {out_w, err_w, res_w}, body)
-        for fd in (out_w, err_w, res_w):
-            os.close(fd)
-        got = supervise(out_r, err_r, res_r, start + limits.timeout_s, limits.max_output_bytes)
-        if got.timed_out or got.overflow:
-            _kill_group(pid)
-        _, status, usage = os.wait4(pid, 0)
-        wall_ms = (time.monotonic() - start) * 1000
-        shutil.rmtree(job_root, ignore_errors=True)
-        if box.cgroup:
-            iso.PidsCgroup.remove(box.cgroup)
-        result = result_fields(got, cpu_aware_exit(status, usage, limits), wall_ms, usage)
-        result.pop("reported")
-        return result
+    def _stateless(self) -> Stateless:
+        return Stateless(
+            self.selector,
+            self.box,
+            self._reply,
+            limits=self.limits,
+            max_jobs=self.max_jobs,
+            workdir=self.workdir,
+            shared_root=self.shared_root,
+        )
 
     # -- sessions
-    def create_session(self, sid: str | None = None) -> dict[str, Any]:
-        if self.layers.get("unsafe") and not self.allow_unsafe:
-            return _refused(self.layers)
-        while len(self.sessions) >= self.max_sessions:
-            oldest = min(self.sessions.values(), key=lambda s: s.last_used)
-            log.info("sandbox: evicting least recently used session %s", oldest.sid)
-            self.delete_session(oldest.sid)
-        sid = sid or uuid.uuid4().hex[:16]
+    def _spawn_session(self, sid: str) -> Session:
         job_root = os.path.join(self.workdir, "sessions", sid)
         os.makedirs(job_root, mode=0o700, exist_ok=True)
         ours, theirs = socket.socketpair()
-        box = self.box(job_root, self.limits)
+        box = self.box(job_root, self.limits, f"session-{sid}")
         theirs_fd = theirs.fileno()
 
         def body() -> None:
@@ -224,95 +224,27 @@ class Zygote:
                 holder_loop(theirs_fd, box, namespace, describe_state(namespace))
                 os._exit(0)
             os.close(theirs_fd)
+            if box.landlock:
+                box.landlock.close()
             while True:  # PID 1: reap until the holder chain is gone
                 try:
                     os.wait()
                 except ChildProcessError:
                     os._exit(0)
 
-        pid = spawn_namespaced(box, {theirs_fd}, body)
-        theirs.close()
-        now = time.monotonic()
-        self.sessions[sid] = Session(sid, pid, ours, job_root, now, now, cgroup=box.cgroup)
-        return {"session_id": sid}
-
-    def session_exec(self, sid: str, code: str, timeout_s: float) -> dict[str, Any]:
-        session = self.sessions.get(sid)
-        if session is None:
-            return {"error": f"no session {sid!r}", "code": 404}
-        if session.turns >= self.max_turns:
-            return {"error": f"session {sid!r} reached its {self.max_turns} turns", "code": 409}
-        session.turns += 1
-        session.last_used = time.monotonic()
-        reply = self._ask(
-            session, {"op": "exec", "code": code, "timeout_s": timeout_s}, timeout_s + 15
-        )
-        if reply is None:
-            self.delete_session(sid)
-            return {
-                "status": "crashed",
-                "stdout": "",
-                "stderr": "session died; it was removed",
-                "exit_code": None,
-                "wall_ms": 0.0,
-                "state": None,
-                "session_lost": True,
-            }
-        reply["backend"] = "local"
-        return reply
-
-    def session_state(self, sid: str) -> dict[str, Any]:
-        session = self.sessions.get(sid)
-        if session is None:
-            return {"error": f"no session {sid!r}", "code": 404}
-        session.last_used = time.monotonic()
-        reply = self._ask(session, {"op": "state"}, 15)
-        if reply is None:
-            self.delete_session(sid)
-            return {"error": f"session {sid!r} died", "code": 410}
-        return reply
-
-    def _ask(self, session: Session, msg: dict[str, Any], timeout: float) -> dict[str, Any] | None:
-        fd = session.sock.fileno()
         try:
-            send_msg(fd, msg)
-            ready, _, _ = select.select([fd], [], [], timeout)
-            if not ready:
-                log.warning("sandbox: session %s did not answer in %.0fs", session.sid, timeout)
-                return None
-            reply: dict[str, Any] | None = recv_msg(fd)
-            return reply
-        except OSError:
-            return None
+            pid = spawn_namespaced(box, {theirs_fd}, body)
+        except BaseException:
+            ours.close()
+            shutil.rmtree(job_root, ignore_errors=True)
+            if box.cgroup:
+                iso.PidsCgroup.remove(box.cgroup)
+            raise
+        finally:
+            theirs.close()
+        return Session(sid, pid, ours, job_root, cgroup=box.cgroup)
 
-    def delete_session(self, sid: str) -> dict[str, Any]:
-        session = self.sessions.pop(sid, None)
-        if session is None:
-            return {"error": f"no session {sid!r}", "code": 404}
-        session.sock.close()
-        _kill_group(session.pid)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(session.pid, 0)
-        shutil.rmtree(session.job_root, ignore_errors=True)
-        if session.cgroup:
-            iso.PidsCgroup.remove(session.cgroup)
-        return {"deleted": sid}
-
-    def reset_session(self, sid: str) -> dict[str, Any]:
-        if sid not in self.sessions:
-            return {"error": f"no session {sid!r}", "code": 404}
-        self.delete_session(sid)
-        return self.create_session(sid)
-
-    def expire(self) -> None:
-        now = time.monotonic()
-        for sid, session in list(self.sessions.items()):
-            if now - session.last_used > self.session_ttl_s:
-                log.info(
-                    "sandbox: session %s idle for %.0fs, deleted", sid, now - session.last_used
-                )
-                self.delete_session(sid)
-
+    # -- requests
     def health(self) -> dict[str, Any]:
         return {
             "ok": True,
@@ -320,54 +252,114 @@ class Zygote:
             "layers": self.layers,
             "sessions": len(self.sessions),
             "max_sessions": self.max_sessions,
+            "jobs": len(self.jobs.running),
+            "max_jobs": self.max_jobs,
         }
 
-    def handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+    def handle(self, request_id: Any, msg: dict[str, Any]) -> dict[str, Any] | None:
+        """Answer now (a dict) or later (None: a job or a session turn is under way)."""
         op = msg.get("op")
-        if op == "exec":
-            limits = self.limits.model_copy(update=msg.get("limits") or {})
-            return self.execute(msg["code"], Limits.model_validate(limits.model_dump()))
-        if op == "session.create":
-            return self.create_session(msg.get("session_id"))
-        if op == "session.exec":
-            timeout = float(msg.get("timeout_s") or self.limits.timeout_s)
-            return self.session_exec(msg["session_id"], msg["code"], timeout)
-        if op == "session.state":
-            return self.session_state(msg["session_id"])
-        if op == "session.reset":
-            return self.reset_session(msg["session_id"])
-        if op == "session.delete":
-            return self.delete_session(msg["session_id"])
         if op == "health":
             return self.health()
+        if self._refuses_jobs() and op in ("exec", "session.create"):
+            return _refused(self.layers)
+        if op == "exec":
+            limits, fields = self._job_limits(msg.get("limits") or {})
+            self.jobs.submit(request_id, msg["code"], limits, fields)
+            return None
+        if op == "session.create":
+            return self.sessions.create(msg.get("session_id") or uuid.uuid4().hex[:16])
+        if op == "session.exec":
+            timeout = float(msg.get("timeout_s") or self.limits.timeout_s)
+            return self.sessions.exec(request_id, msg["session_id"], msg["code"], timeout)
+        if op == "session.state":
+            return self.sessions.state(request_id, msg["session_id"])
+        if op == "session.reset":
+            return self.sessions.reset(msg["session_id"])
+        if op == "session.delete":
+            return self.sessions.delete(msg["session_id"])
         return {"error": f"unknown op {op!r}", "code": 400}
 
+    def _job_limits(self, update: dict[str, Any]) -> tuple[Limits, dict[str, Any]]:
+        """The zygote's limits with ``update`` applied, validated, and their fields (the
+        few distinct ones are kept: Limits are immutable).
+        """
+        key = json.dumps(update, sort_keys=True)
+        found = self._limits.get(key)
+        if found is None:
+            if len(self._limits) >= 64:
+                self._limits.clear()
+            merged = self.limits.model_copy(update=update)
+            limits = Limits.model_validate(merged.model_dump())
+            found = self._limits[key] = (limits, limits.model_dump())
+        return found
+
+    def _reply(self, request_id: Any, reply: dict[str, Any]) -> None:
+        if self.wfd >= 0:
+            send_msg(self.wfd, {**reply, "id": request_id})
+
+    def _guarded(self, request_id: Any, fn: Any, *args: Any) -> None:
+        try:
+            reply = fn(*args)
+        except Exception as e:  # report and keep serving
+            log.exception("sandbox: request failed")
+            reply = {"error": f"{type(e).__name__}: {e}", "code": 500}
+        if reply is not None:
+            self._reply(request_id, reply)
+
+    def _tick(self, now: float) -> float:
+        return min(self.sessions.tick(now), self.jobs.tick(now))
+
     def serve(self, rfd: int, wfd: int) -> None:
+        """Answer requests from ``rfd`` on ``wfd`` until ``rfd`` closes."""
+        self.wfd = wfd
         send_msg(wfd, {"hello": self.health()})
-        while True:
-            ready, _, _ = select.select([rfd], [], [], 1.0)
-            self.expire()
-            if not ready:
-                continue
-            msg = recv_msg(rfd)
-            if msg is None:
-                break
+        os.set_blocking(rfd, False)
+        reader = MessageReader()
+        closed = False
+
+        def on_request(_fd: int) -> None:
+            nonlocal closed
             try:
-                reply = self.handle(msg)
-            except Exception as e:  # report and keep serving
-                log.exception("sandbox: request failed")
-                reply = {"error": f"{type(e).__name__}: {e}", "code": 500}
-            send_msg(wfd, reply)
-        for sid in list(self.sessions):
-            self.delete_session(sid)
+                data = os.read(rfd, 1 << 20)
+            except BlockingIOError:
+                return
+            if not data:
+                closed = True
+                return
+            for msg in reader.feed(data):
+                request_id = msg.get("id")
+                self._guarded(request_id, self.handle, request_id, msg)
 
+        self.selector.register(rfd, selectors.EVENT_READ, on_request)
+        try:
+            while not closed:
+                self._step()
+        finally:
+            self.close()
 
-def _kill_group(pid: int) -> None:
-    """SIGKILL the process group of ``pid`` and ``pid`` itself (its namespace dies with it)."""
-    with contextlib.suppress(OSError):
-        os.killpg(pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        os.kill(pid, signal.SIGKILL)
+    def _step(self) -> None:
+        """Wait for the next event or deadline, and handle what is ready. When nothing
+        is waiting, clone the next job process ahead of its job.
+        """
+        now = time.monotonic()
+        timeout = max(0.0, self._tick(now) - now)
+        prepare = self.jobs.wants_ready and not self._refuses_jobs()
+        events = self.selector.select(0.0 if prepare else timeout)
+        for key, _ in events:
+            key.data(key.fd)
+        if prepare and not events:
+            self.jobs.prepare()
+        self._tick(time.monotonic())
+        self.jobs.finish()
+
+    def _refuses_jobs(self) -> bool:
+        return bool(self.layers.get("unsafe")) and not self.allow_unsafe
+
+    def close(self) -> None:
+        """Kill every job and session, remove their directories and cgroups."""
+        self.jobs.close()
+        self.sessions.close()
 
 
 def _refused(layers: dict[str, Any]) -> dict[str, Any]:
@@ -394,6 +386,7 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(
         workdir=args.workdir,
         limits=Limits.model_validate(config.get("limits") or {}),
+        max_jobs=int(config.get("max_jobs", 2)),
         max_sessions=int(config.get("max_sessions", 8)),
         session_ttl_s=float(config.get("session_ttl_s", 900)),
         max_turns=int(config.get("max_turns", 200)),
@@ -402,7 +395,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     layers = zygote.probe()
     iso.set_dumpable(False)
-    log.info("sandbox: zygote %d ready; isolation layers: %s", os.getpid(), json.dumps(layers))
+    memory = prepare_for_cloning()
+    log.info(
+        "sandbox: zygote %d ready; isolation layers: %s",
+        os.getpid(),
+        json.dumps(layers),
+    )
+    log.info("sandbox: zygote %d heap on huge pages: %d MiB", os.getpid(), memory["huge_mb"])
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     try:
         zygote.serve(rfd, wfd)
