@@ -85,39 +85,39 @@ def pss_kb(pids: list[int]) -> int:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--executions", type=int, default=200)
-    parser.add_argument("--baseline", type=int, default=16, help="subprocess executions")
-    parser.add_argument("--turns", type=int, default=200)
+    parser.add_argument("--baseline", type=int, default=32, help="subprocess executions")
+    parser.add_argument("--turns", type=int, default=199)
+    parser.add_argument("--rounds", type=int, default=4, help="local/baseline rounds, interleaved")
     parser.add_argument("--sessions", type=int, default=8)
     parser.add_argument("--skip-docker", action="store_true", help="no Docker figures")
     args = parser.parse_args()
 
     print(f"{CORES} cores; code: {CODE}")
-    base = await rate(subprocess_exec, args.baseline, CORES)
-    print(f"fresh python -c:      {base:8.1f} exec/s (baseline)")
-
+    # The machine is shared: the baseline and the local backend are measured in turns
+    # (a share of each per round), and the ratio is each round's, so that a burst of
+    # load elsewhere moves both sides of one ratio.
+    bases, ratios = [], []
     async with LocalSandbox(workers=CORES, max_turns=args.turns + 10) as sandbox:
         await sandbox.execute("print(1)")
 
         async def local() -> str:
             return (await sandbox.execute(CODE)).stdout
 
-        local_rate = await rate(local, args.executions, CORES * 2)
-        ratio = local_rate / base
-        print(f"local backend:        {local_rate:8.1f} exec/s ({ratio:5.1f}x, target >= 20x)")
+        for _ in range(args.rounds):
+            bases.append(await rate(subprocess_exec, args.baseline // args.rounds, CORES))
+            local_rate = await rate(local, args.executions // args.rounds, CORES * 2)
+            ratios.append(local_rate / bases[-1])
+        base = statistics.median(bases)
+        print(f"fresh python -c:      {base:8.1f} exec/s (baseline, median of {args.rounds})")
+        ratio = statistics.median(ratios)
+        spread = f"rounds {min(ratios):.1f}-{max(ratios):.1f}x"
+        print(
+            f"local backend:        {ratio * base:8.1f} exec/s ({ratio:5.1f}x, {spread}; "
+            "target >= 20x)"
+        )
 
-        sid = await sandbox.create_session()
-        await sandbox.run_in_session(sid, "import sympy\nx = 0")
-        latencies = []
-        for _ in range(args.turns):
-            start = time.perf_counter()
-            r = await sandbox.run_in_session(sid, "x += 1")
-            latencies.append((time.perf_counter() - start) * 1000)
-            assert r.status == "ok"
-        latencies.sort()
-        p50 = statistics.median(latencies)
-        p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+        p50, p99 = await session_latency(sandbox, args.turns)
         print(f"session turn latency: p50 {p50:.1f} ms, p99 {p99:.1f} ms (target p50 <= 30 ms)")
-        await sandbox.delete_session(sid)
 
         zygotes = [w.proc.pid for w in sandbox._workers if w.proc is not None]
         before = sum(pss_kb(descendants(z)) for z in zygotes)
@@ -145,7 +145,8 @@ async def main() -> None:
 
 
 async def session_latency(sandbox: Sandbox, turns: int) -> tuple[float, float]:
-    """p50 and p99 of a session turn's latency, ms."""
+    """p50 and p99 of a session turn's latency, ms (``turns`` + 1 turns: keep it under
+    the server's turn limit, 200 by default)."""
     sid = await sandbox.create_session()
     await sandbox.run_in_session(sid, "import sympy\nx = 0")
     latencies = []
@@ -183,7 +184,7 @@ async def docker_figures(base: float, args: argparse.Namespace) -> None:
             return (await box.execute(CODE)).stdout
 
         docker_rate = await rate(docker, args.executions, CORES * 2)
-        p50, p99 = await session_latency(box, args.turns)
+        p50, p99 = await session_latency(box, min(args.turns, 199))
     ratio = docker_rate / base
     print(f"Docker backend:       {docker_rate:8.1f} exec/s ({ratio:5.1f}x), up in {started:.1f} s")
     print(f"Docker session turn:  p50 {p50:.1f} ms, p99 {p99:.1f} ms")

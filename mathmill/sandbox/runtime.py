@@ -26,12 +26,13 @@ def fresh_randomness() -> None:
     A job or session is a clone of the zygote, so without this every one starts from
     the zygote's generator states: the same "random" numbers in every job.
     """
+    import os
     import random
 
     random.seed()
     numpy = sys.modules.get("numpy")
-    if numpy is not None:
-        numpy.random.seed()
+    if numpy is not None:  # 128 bits from the OS (seed() without one reads far more)
+        numpy.random.seed(numpy.frombuffer(os.urandom(16), dtype=numpy.uint32))
 
 
 def new_namespace() -> dict[str, Any]:
