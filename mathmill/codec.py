@@ -22,10 +22,11 @@ from functools import cache
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import pyarrow as pa
+import pydantic_core
 from pydantic import BaseModel, JsonValue
 from pydantic_core import to_jsonable_python
 
-__all__ = ["arrow_schema", "from_table", "to_table"]
+__all__ = ["arrow_schema", "from_table", "to_json_lines", "to_table"]
 
 M = TypeVar("M", bound=BaseModel)
 Conv = Callable[[Any], Any] | None
@@ -175,3 +176,20 @@ def from_table(table: pa.Table, model: type[M]) -> list[M]:
     if decode is not None:
         rows = [decode(row) for row in rows]
     return [model.model_validate(row) for row in rows]
+
+
+def to_json_lines(table: pa.Table, model: type[BaseModel]) -> list[bytes]:
+    """Each row of a table written by :func:`to_table` as the JSON that
+    ``model_dump_json()`` of its record writes, without validating every row into a
+    record first (about 5x faster for a chunk of samples with logprobs). A table whose
+    columns are not the model's fields (written by another version) goes through the
+    records.
+    """
+    if table.column_names != list(model.model_fields):
+        return [r.model_dump_json().encode("utf-8") for r in from_table(table, model)]
+    decode = _compile_model(model).decode
+    rows = table.to_pylist()
+    if decode is not None:
+        rows = [decode(row) for row in rows]
+    # the records' own JSON settings are pydantic's defaults: NaN and infinities as null
+    return [pydantic_core.to_json(row, inf_nan_mode="null") for row in rows]
