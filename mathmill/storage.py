@@ -10,6 +10,11 @@ flushed, fsynced and renamed into place; on S3-compatible storage it is one PUT,
 which becomes visible only when complete. A crash never leaves a half-written file
 under a chunk's name, and hidden temporaries are never listed.
 
+An object store that cannot be reached (connection refused or dropped, timeouts) is
+tried again for up to :attr:`StorageConfig.retry_s` (60 s unless
+``MATHMILL_STORAGE_RETRY_S`` says otherwise), then is a :class:`StorageError` naming the
+endpoint, so a short outage costs a run nothing and a long one stops it cleanly.
+
 >>> import tempfile
 >>> from mathmill.records import Problem
 >>> store = RunStore(tempfile.mkdtemp())
@@ -27,7 +32,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
 
 import fsspec
@@ -42,9 +47,36 @@ from mathmill.records import RECORD_TYPES, Record
 __all__ = ["ChunkRef", "Dataset", "RunStore", "StorageConfig"]
 
 R = TypeVar("R", bound=Record)
+T = TypeVar("T")
 _KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]{0,127}$")
 _SUFFIX = ".parquet"
 _TMP_PREFIX = ".tmp-"
+# Errors of an object store that cannot be reached (refused, dropped, timed out), by
+# class name: botocore's and aiohttp's have no common base with Python's own.
+_UNREACHABLE = frozenset(
+    {
+        "EndpointConnectionError",
+        "ConnectionClosedError",
+        "ConnectTimeoutError",
+        "ReadTimeoutError",
+        "ClientConnectionError",
+        "ServerDisconnectedError",
+        "FSTimeoutError",
+    }
+)
+
+
+# An endpoint this process has not reached yet (a typo, a server not started) is tried
+# for at most FIRST_CONTACT_S: the long wait (retry_s) is for an outage in mid-run.
+FIRST_CONTACT_S = 5.0
+_REACHED: set[str] = set()
+
+
+def _retry_s_default() -> float:
+    try:
+        return max(0.0, float(os.environ.get("MATHMILL_STORAGE_RETRY_S", "60")))
+    except ValueError as e:
+        raise ConfigError("MATHMILL_STORAGE_RETRY_S: expected a number of seconds") from e
 
 
 class StorageConfig(BaseModel):
@@ -66,6 +98,13 @@ class StorageConfig(BaseModel):
     key: SecretStr | None = Field(None, description="Access key id (else from the environment).")
     secret: SecretStr | None = Field(None, description="Secret key (else from the environment).")
     region: str | None = Field(None, description="Region name, if the server needs one.")
+    retry_s: float = Field(
+        default_factory=_retry_s_default,
+        ge=0,
+        description="How long a call to object storage is tried again while its endpoint "
+        "cannot be reached (refused, dropped, timed out) before the run stops "
+        "(default $MATHMILL_STORAGE_RETRY_S, else 60).",
+    )
 
 
 class ChunkRef(BaseModel):
@@ -119,8 +158,59 @@ class RunStore:
         self.config = url if isinstance(url, StorageConfig) else StorageConfig(url=url)
         self.fs, self.root = _filesystem(self.config)
         self.is_local = "file" in _protocols(self.fs)
+        self._down_until = 0.0  # a call ran out of retries: others fail at once until then
+        self._down_reason = ""
         if self.is_local:
             os.makedirs(self.root, exist_ok=True)
+
+    @property
+    def endpoint(self) -> str:
+        """The object store's endpoint, for messages (``S3`` when the default one)."""
+        return self.config.endpoint_url or _protocols(self.fs)[0].upper()
+
+    def _call(self, action: str, path: str, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(path, *args)`` on the filesystem. On object storage, an unreachable
+        endpoint (connection refused or dropped, timeouts) is tried again with backoff
+        for up to ``config.retry_s`` seconds, then is a :class:`StorageError` naming the
+        endpoint and the path; for the next ``retry_s`` seconds other calls then fail
+        at once with the same error instead of each waiting as long (the run stops in
+        one wait, not one per chunk). An endpoint this process never reached is tried
+        for :data:`FIRST_CONTACT_S` at most (a wrong URL fails fast). Other errors pass
+        through unchanged.
+        """
+        if self.is_local:
+            return fn(path, *args)
+        started = time.monotonic()
+        if started < self._down_until:
+            raise StorageError(
+                f"storage endpoint {self.endpoint} unreachable while {action} "
+                f"{self._public(path)} (not tried again: it was down a moment ago: "
+                f"{self._down_reason})"
+            )
+        reached = self.endpoint in _REACHED
+        budget = self.config.retry_s if reached else min(self.config.retry_s, FIRST_CONTACT_S)
+        delay = 0.25
+        while True:
+            try:
+                result = fn(path, *args)
+            except Exception as e:
+                if not _unreachable(e):
+                    _REACHED.add(self.endpoint)  # it answered (e.g. no such object)
+                    raise
+                waited = time.monotonic() - started
+                if waited + delay > budget:
+                    self._down_until = time.monotonic() + budget
+                    self._down_reason = str(e)
+                    hint = "" if reached else "; never reached by this run: is the endpoint right?"
+                    raise StorageError(
+                        f"storage endpoint {self.endpoint} unreachable while {action} "
+                        f"{self._public(path)} (tried for {waited:.0f}s{hint}): {e}"
+                    ) from e
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            else:
+                _REACHED.add(self.endpoint)
+                return result
 
     def __repr__(self) -> str:
         return f"RunStore({self.url!r})"
@@ -136,10 +226,10 @@ class RunStore:
 
     def datasets(self) -> list[str]:
         """Names of the datasets that have at least one chunk."""
-        if not self.fs.exists(self.root):
+        if not self._call("checking", self.root, self.fs.exists):
             return []
         names = []
-        for entry in self.fs.ls(self.root, detail=True):
+        for entry in self._call("listing", self.root, self.fs.ls, True):
             name = entry["name"].rstrip("/").rsplit("/", 1)[-1]
             is_dir = entry["type"] == "directory" and not name.startswith(".")
             if is_dir and self.dataset(name).keys():
@@ -174,13 +264,13 @@ class RunStore:
 
     def exists(self, relpath: str) -> bool:
         """Whether a file exists under the run directory."""
-        return bool(self.fs.exists(f"{self.root}/{relpath}"))
+        return bool(self._call("checking", f"{self.root}/{relpath}", self.fs.exists))
 
     def read_bytes(self, relpath: str) -> bytes:
         """Read a file written with :meth:`write_bytes`."""
         path = f"{self.root}/{relpath}"
         try:
-            data: bytes = self.fs.cat_file(path)
+            data: bytes = self._call("reading", path, self.fs.cat_file)
         except FileNotFoundError as e:
             raise StorageError(f"no file {self._public(path)}") from e
         return data
@@ -229,7 +319,7 @@ class Dataset:
     def keys(self) -> list[str]:
         """Keys of the complete chunks, sorted. Hidden temporaries are never listed."""
         try:
-            names = self.store.fs.ls(self.path, detail=False)
+            names = self.store._call("listing", self.path, self.store.fs.ls, False)
         except FileNotFoundError:
             return []
         keys = []
@@ -242,7 +332,7 @@ class Dataset:
     def ref(self, key: str) -> ChunkRef | None:
         """The reference of chunk ``key``, or None when it was never completed."""
         try:
-            data = self.store.fs.cat_file(self._chunk_path(key))
+            data = self.store._call("reading", self._chunk_path(key), self.store.fs.cat_file)
         except FileNotFoundError:
             return None
         table = self._parse(key, data)
@@ -258,13 +348,14 @@ class Dataset:
 
     def has(self, key: str) -> bool:
         """Whether chunk ``key`` exists (complete: temporaries are never chunks)."""
-        return bool(self.store.fs.exists(self._chunk_path(_check_key(key, "chunk key"))))
+        path = self._chunk_path(_check_key(key, "chunk key"))
+        return bool(self.store._call("checking", path, self.store.fs.exists))
 
     def delete_chunk(self, key: str) -> None:
         """Remove chunk ``key`` (no error when it does not exist)."""
         path = self._chunk_path(_check_key(key, "chunk key"))
         with contextlib.suppress(FileNotFoundError):
-            self.store.fs.rm_file(path)
+            self.store._call("deleting", path, self.store.fs.rm_file)
 
     def remove_temporaries(self, older_than_s: float = 600.0) -> int:
         """Delete the hidden temporaries of writes that never finished (a process killed
@@ -292,7 +383,7 @@ class Dataset:
         key = ref.key if isinstance(ref, ChunkRef) else ref
         path = self._chunk_path(key)
         try:
-            data = self.store.fs.cat_file(path)
+            data = self.store._call("reading", path, self.store.fs.cat_file)
         except FileNotFoundError as e:
             raise StorageError(f"{self}: chunk {key!r} not found at {path}") from e
         if isinstance(ref, ChunkRef):
@@ -336,6 +427,15 @@ class Dataset:
             raise StorageError(f"{self}: chunk {key!r} is not valid Parquet: {e}") from e
 
 
+def _unreachable(error: BaseException) -> bool:
+    """Whether ``error`` says the storage endpoint could not be reached (worth waiting
+    for), as opposed to an answer from it (missing object, access denied, bad request).
+    """
+    if isinstance(error, (ConnectionError, TimeoutError)):
+        return True
+    return any(cls.__name__ in _UNREACHABLE for cls in type(error).__mro__)
+
+
 def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
     proto = fs.protocol
     return (proto,) if isinstance(proto, str) else tuple(proto)
@@ -367,7 +467,9 @@ def _atomic_write(store: RunStore, path: str, data: bytes) -> None:
     if not store.is_local:
         # One PUT: S3 makes the object visible only once it is complete.
         try:
-            store.fs.pipe_file(path, data)
+            store._call("writing", path, store.fs.pipe_file, data)
+        except StorageError:
+            raise
         except Exception as e:  # botocore/aiohttp errors have no common base
             raise StorageError(f"writing {store._public(path)} failed: {e}") from e
         return

@@ -39,7 +39,7 @@ from mathmill.records import (
     stable_id,
 )
 from mathmill.storage import RunStore
-from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks
+from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks, write_run_file
 from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.runtime import IncompleteChunk, use_runtime
 from mathmill.tasks.tir import load_spec, load_task
@@ -266,7 +266,7 @@ async def run_sample(params: SampleParams) -> SampleResult:
 def _write_incomplete_report(store: RunStore, message: str, meter: UsageMeter) -> None:
     """report.md of a run that stopped: why, and the calls made (retries included)."""
     lines = ["# sample run: incomplete", "", message, "", "## LLM usage", "", meter.to_markdown()]
-    store.write_bytes("report.md", ("\n".join(lines) + "\n").encode())
+    write_run_file(store, "report.md", ("\n".join(lines) + "\n").encode(), failed=True)
 
 
 async def _finish(

@@ -40,6 +40,7 @@ from mathmill.tasks.export import (
     export_jsonl,
     remove_stale_chunks,
     report_markdown,
+    write_run_file,
 )
 from mathmill.tasks.generate import CotConfig, ProblemsConfig, TopicsConfig
 from mathmill.tasks.runtime import (
@@ -455,7 +456,7 @@ async def _finish(
     report = report_markdown(
         f"synthesize run: {status}", tracker.counts, rt.pool.meter, timings, outputs, wall
     )
-    store.write_bytes("report.md", report.encode())
+    write_run_file(store, "report.md", report.encode(), failed=bool(failures))
     verified = sum(r.rows for r in by_dataset.get("verified", []))
     unverified = sum(r.rows for r in by_dataset.get("unverified", []))
     result = SynthesizeResult(
@@ -478,7 +479,7 @@ async def _finish(
         "result": result.model_dump(mode="json"),
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
-    store.write_bytes("manifest.json", dump_json(manifest))
+    write_run_file(store, "manifest.json", dump_json(manifest), failed=bool(failures))
     if prefect:
         await acreate_table_artifact(
             count_rows(tracker.counts),

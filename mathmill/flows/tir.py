@@ -24,7 +24,13 @@ from mathmill.flows.resources import open_runtime
 from mathmill.flows.synthesize import IncompleteRun
 from mathmill.records import Attempt, Problem, SamplingParams
 from mathmill.storage import ChunkRef, RunStore
-from mathmill.tasks.export import dump_json, export_jsonl, remove_stale_chunks, report_markdown
+from mathmill.tasks.export import (
+    dump_json,
+    export_jsonl,
+    remove_stale_chunks,
+    report_markdown,
+    write_run_file,
+)
 from mathmill.tasks.runtime import (
     ChunkSpec,
     Runtime,
@@ -218,7 +224,7 @@ async def _finish(
         f"tir run: {status}", tracker.counts, rt.pool.meter, tracker.timing_table(), outputs, wall
     )
     report = report.replace("## Rows by stage", table + "\n\n## Rows by stage", 1)
-    store.write_bytes("report.md", report.encode())
+    write_run_file(store, "report.md", report.encode(), failed=bool(failures))
     result = TirResult(
         out=store.url,
         problems=problems,
@@ -234,7 +240,7 @@ async def _finish(
         "result": result.model_dump(mode="json"),
         "chunks": [r.model_dump(mode="json") for r in refs],
     }
-    store.write_bytes("manifest.json", dump_json(manifest))
+    write_run_file(store, "manifest.json", dump_json(manifest), failed=bool(failures))
     await acreate_table_artifact(stats, key="tir-stats", description=f"tir statistics ({status})")
     await acreate_markdown_artifact(report, key="tir-report", description="tir run report")
     if failures:

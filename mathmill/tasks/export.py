@@ -5,14 +5,41 @@ and the run report.
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 
+from mathmill.codec import to_json_lines
+from mathmill.errors import StorageError
 from mathmill.llm.usage import UsageMeter
-from mathmill.records import Record
+from mathmill.records import RECORD_TYPES
 from mathmill.storage import ChunkRef, RunStore
 
-__all__ = ["count_rows", "export_jsonl", "remove_stale_chunks", "report_markdown"]
+__all__ = [
+    "count_rows",
+    "export_jsonl",
+    "remove_stale_chunks",
+    "report_markdown",
+    "write_run_file",
+]
+
+log = logging.getLogger("mathmill")
+
+
+def write_run_file(store: RunStore, relpath: str, data: bytes, *, failed: bool) -> bool:
+    """Write a run's report or manifest; whether it was written. When the run has
+    already failed (``failed``), a storage error here (the endpoint that failed the
+    chunks is still down) is logged instead of raised, so that the run's own error,
+    which chunks did not finish, why, and how to resume, is the one the user sees.
+    """
+    try:
+        store.write_bytes(relpath, data)
+    except StorageError as e:
+        if not failed:
+            raise
+        log.warning("could not write %s of the stopped run: %s", relpath, e)
+        return False
+    return True
 
 
 def export_jsonl(store: RunStore, relpath: str, refs: Sequence[ChunkRef]) -> str:
@@ -20,9 +47,9 @@ def export_jsonl(store: RunStore, relpath: str, refs: Sequence[ChunkRef]) -> str
 
     def lines() -> Iterator[bytes]:
         for ref in refs:
-            rows: list[Record] = store.dataset(ref.dataset).read_chunk(ref)
-            for row in rows:
-                yield row.model_dump_json().encode("utf-8") + b"\n"
+            table = store.dataset(ref.dataset).read_table(ref)
+            for line in to_json_lines(table, RECORD_TYPES[ref.record_type]):
+                yield line + b"\n"
 
     return store.write_stream(relpath, lines())
 
