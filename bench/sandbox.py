@@ -97,7 +97,7 @@ async def main() -> None:
     # (a share of each per round), and the ratio is each round's, so that a burst of
     # load elsewhere moves both sides of one ratio.
     bases, ratios = [], []
-    async with LocalSandbox(workers=CORES, max_turns=args.turns + 10) as sandbox:
+    async with LocalSandbox(max_turns=args.turns + 10) as sandbox:  # two per core
         await sandbox.execute("print(1)")
 
         async def local() -> str:

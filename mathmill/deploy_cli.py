@@ -62,6 +62,14 @@ def server_up(
         str | None,
         typer.Option(help="API URL browsers reach (behind a proxy, or with --host 0.0.0.0)."),
     ] = None,
+    crash_after: Annotated[
+        float,
+        typer.Option(
+            min=60,
+            help="A flow run whose heartbeats stop for this long (its worker or machine "
+            "died) is marked Crashed by an automation (docs/deploy.md).",
+        ),
+    ] = 300.0,
     database: Annotated[
         str | None,
         typer.Option(
@@ -113,9 +121,9 @@ def server_up(
         console.print(f"work pools: cpu, vllm ({', '.join(created) or 'none'} created)")
         slugs = asyncio.run(register_blocks())
         console.print(f"block types registered: {', '.join(slugs)}")
-        made = asyncio.run(ensure_crash_automation())
+        made = asyncio.run(ensure_crash_automation(crash_after))
         console.print(
-            f"automation: unresponsive runs marked crashed ({'created' if made else 'kept'})"
+            f"automation: runs without a heartbeat for {crash_after:g}s marked crashed ({made})"
         )
     if deploy:
         deploy_file(prefect_file, url)

@@ -77,15 +77,13 @@ async def transaction_turns(wait_s: float = LOCK_WAIT_S) -> AsyncIterator[None]:
     except TimeoutError:
         stats.gave_up += 1
         log.warning("a transaction waited %.3gs for its turn; it goes on without", wait_s)
-    if not acquired:
-        yield
-        return
-    token = _inside.set(True)
+    token = _inside.set(True)  # given up or not: transactions inside it do not wait
     try:
         yield
     finally:
         _inside.reset(token)
-        lock.release()
+        if acquired:
+            lock.release()
 
 
 def _on_sqlite() -> bool:

@@ -308,13 +308,16 @@ CRASH_AUTOMATION = "mathmill: mark unresponsive flow runs crashed"
 # whose process died (its worker or machine killed) sends no more: after UNRESPONSIVE_S
 # without a heartbeat or an end, the automation marks it Crashed.
 HEARTBEAT_S = 30
-UNRESPONSIVE_S = 90
+# Long enough that a live run is not taken for dead (its heartbeats come from a thread
+# of their own; a server down for a while also misses them), short enough to act on.
+UNRESPONSIVE_S = 300
 
 
-async def ensure_crash_automation(within_s: float = UNRESPONSIVE_S) -> bool:
-    """Create :data:`CRASH_AUTOMATION` unless it exists (Prefect's documented zombie-run
-    detection: a proactive trigger on the heartbeat events of each flow run, which
-    changes the run's state to Crashed); whether it was created.
+async def ensure_crash_automation(within_s: float = UNRESPONSIVE_S) -> str:
+    """Create :data:`CRASH_AUTOMATION` (Prefect's documented zombie-run detection: a
+    proactive trigger on the heartbeat events of each flow run, which changes the run's
+    state to Crashed) with the window ``within_s``; ``created``, ``kept`` (it exists
+    with that window) or ``replaced`` (it had another).
     """
     from datetime import timedelta
 
@@ -325,8 +328,13 @@ async def ensure_crash_automation(within_s: float = UNRESPONSIVE_S) -> bool:
     from prefect.events.schemas.events import ResourceSpecification
 
     async with get_client() as client:
-        if await client.read_automations_by_name(CRASH_AUTOMATION):
-            return False
+        outcome = "created"
+        for existing in await client.read_automations_by_name(CRASH_AUTOMATION):
+            window = getattr(existing.trigger, "within", None)
+            if window is not None and window.total_seconds() == within_s:
+                return "kept"
+            await client.delete_automation(existing.id)
+            outcome = "replaced"
         trigger = EventTrigger(
             after={"prefect.flow-run.heartbeat"},
             expect={
@@ -355,7 +363,7 @@ async def ensure_crash_automation(within_s: float = UNRESPONSIVE_S) -> bool:
                 actions=[action],
             )
         )
-    return True
+    return outcome
 
 
 def deploy(prefect_file: Path, url: str, timeout_s: float = 300.0) -> str:

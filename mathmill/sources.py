@@ -132,11 +132,21 @@ def _read_parquet(path: Path, fields: FieldMap) -> Iterator[Problem | ErrorInfo]
             yield problem_from_row(row, fields, f"{path}#row{index}", path.name)
 
 
+def pyarrow_knows_pandas() -> None:
+    """Let pyarrow convert pandas objects again (pandas imported now) after
+    :func:`mathmill.flows.cli.skip_pyarrow_pandas_probe`: HF datasets hands it some.
+    """
+    import pyarrow as pa
+
+    pa.lib._pandas_api.pd  # noqa: B018  (the property imports pandas and turns it on)
+
+
 def _read_hf(
     name: str, config: str | None, split: str, fields: FieldMap, source: str
 ) -> Iterator[Problem | ErrorInfo]:
     import datasets
 
+    pyarrow_knows_pandas()
     try:
         stream: Iterable[dict[str, Any]] = datasets.load_dataset(
             name, config, split=split, streaming=True

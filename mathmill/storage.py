@@ -31,6 +31,7 @@ import io
 import os
 import re
 import time
+import urllib.parse
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any, TypeVar
@@ -70,6 +71,25 @@ _UNREACHABLE = frozenset(
 # for at most FIRST_CONTACT_S: the long wait (retry_s) is for an outage in mid-run.
 FIRST_CONTACT_S = 5.0
 _REACHED: set[str] = set()
+
+
+def _masked(url: str) -> str:
+    """``url`` with user, password and query replaced by ``***``.
+
+    >>> _masked("http://key:secret@minio:9000/?token=x")
+    'http://***@minio:9000/?***'
+    """
+    parts = urllib.parse.urlsplit(url)
+    if not (parts.username or parts.password or parts.query):
+        return url
+    netloc = parts.hostname or ""
+    if parts.port:
+        netloc += f":{parts.port}"
+    if parts.username or parts.password:
+        netloc = "***@" + netloc
+    return urllib.parse.urlunsplit(
+        (parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment)
+    )
 
 
 def _retry_s_default() -> float:
@@ -165,8 +185,19 @@ class RunStore:
 
     @property
     def endpoint(self) -> str:
-        """The object store's endpoint, for messages (``S3`` when the default one)."""
-        return self.config.endpoint_url or _protocols(self.fs)[0].upper()
+        """The object store's endpoint, for messages (``S3`` when the default one), with
+        any user, password or query in the URL masked.
+        """
+        return (
+            _masked(self.config.endpoint_url)
+            if self.config.endpoint_url
+            else (_protocols(self.fs)[0].upper())
+        )
+
+    def _scrub(self, text: str) -> str:
+        """``text`` (an error's) with the endpoint URL's secrets masked."""
+        raw = self.config.endpoint_url
+        return text.replace(raw, self.endpoint) if raw else text
 
     def _call(self, action: str, path: str, fn: Callable[..., T], *args: Any) -> T:
         """``fn(path, *args)`` on the filesystem. On object storage, an unreachable
@@ -200,11 +231,12 @@ class RunStore:
                 waited = time.monotonic() - started
                 if waited + delay > budget:
                     self._down_until = time.monotonic() + budget
-                    self._down_reason = str(e)
+                    self._down_reason = self._scrub(str(e))
                     hint = "" if reached else "; never reached by this run: is the endpoint right?"
                     raise StorageError(
                         f"storage endpoint {self.endpoint} unreachable while {action} "
-                        f"{self._public(path)} (tried for {waited:.0f}s{hint}): {e}"
+                        f"{self._public(path)} (tried for {waited:.0f}s{hint}): "
+                        f"{self._scrub(str(e))}"
                     ) from e
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)

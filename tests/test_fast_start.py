@@ -105,12 +105,15 @@ def test_pandas_still_works_after_the_probe_is_spared() -> None:
         "t = pa.Table.from_pylist([{'a': 1}, {'a': 2}])\n"
         "assert 'pandas' not in sys.modules\n"
         "import pandas as pd\n"
+        "from mathmill.sources import pyarrow_knows_pandas\n"
+        "pyarrow_knows_pandas()  # what reading an HF dataset does first\n"
+        "nullable = pa.array(pd.Series([1, None], dtype='Int64')).type\n"
         "back = pa.Table.from_pandas(pd.DataFrame({'x': [3]}))\n"
-        "print(t.to_pandas()['a'].tolist(), back.num_rows)"
+        "print(t.to_pandas()['a'].tolist(), back.num_rows, nullable)"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "[1, 2] 1"
+    assert done.stdout.strip() == "[1, 2] 1 int64"
 
 
 def _flow_runs(api: str) -> list[dict[str, object]]:

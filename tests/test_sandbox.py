@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 
 import pytest
@@ -68,10 +69,10 @@ async def test_parallel_executions(sandbox: LocalSandbox) -> None:
     assert [r.stdout for r in results] == [f"{i**2}\n" for i in range(12)]
 
 
-async def test_jobs_of_one_worker_run_at_once_and_share_nothing() -> None:
-    # One zygote runs two jobs at once, each in a process of its own with its own
+async def test_jobs_run_at_once_on_two_workers_and_share_nothing() -> None:
+    # Two zygotes run two jobs at once, each in a process of its own with its own
     # directory, environment and deadline; a later job sees nothing they did.
-    async with LocalSandbox(workers=1, jobs_per_worker=2) as sb:
+    async with LocalSandbox(workers=2) as sb:
         slow, stuck = await asyncio.gather(
             sb.execute(
                 "import json, os, time\nprint(time.time())\nopen('mine.txt', 'w').write('a')\n"
@@ -96,6 +97,71 @@ async def test_jobs_of_one_worker_run_at_once_and_share_nothing() -> None:
         assert after.stdout == "[] None False\n"
 
 
+SNOOP = """
+import gc, sys
+found, seen = set(), set()
+def walk(root):
+    todo = [root]
+    while todo:
+        value = todo.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, (bytes, bytearray, memoryview)):
+            value = bytes(value).decode(errors="replace")
+        if isinstance(value, str):
+            if "TOKEN" + "-" in value:
+                found.add(value.strip()[:200])
+            continue
+        todo.extend(gc.get_referents(value))
+frame = sys._getframe()
+while frame is not None:  # up into the zygote's own stack, and all it reaches
+    walk(frame.f_locals)
+    frame = frame.f_back
+for o in gc.get_objects():  # every other container the zygote left in this copy
+    walk(o)
+print(sorted(found))
+"""
+
+
+async def test_a_job_or_session_cannot_read_what_another_job_is_doing() -> None:
+    # A job is a copy of its zygote's memory: the zygote must not hold another job's
+    # code or output while it clones one (it runs one job or turn at a time, and
+    # reads the next request only then). The snoops look for A's token everywhere
+    # the interpreter can reach, from gc's objects to the zygote's own stack.
+    token = "TOKEN-" + os.urandom(8).hex()
+    async with LocalSandbox(workers=1) as sb:
+        a_code = f"import time\nprint({token!r}, flush=True)\ntime.sleep(2)\nprint('done')"
+        a_task = asyncio.create_task(sb.execute(a_code, Limits(timeout_s=10)))
+        await asyncio.sleep(0.5)  # A is running, its first line read by the zygote
+        sid_task = asyncio.create_task(sb.create_session())
+        snoops = [await sb.execute(SNOOP) for _ in range(3)]  # each cloned after the last
+        a = await a_task
+        snoops.append(await sb.run_in_session(await sid_task, SNOOP))
+        assert a.status == "ok" and a.stdout == f"{token}\ndone\n", a
+        for snoop in snoops:
+            assert snoop.status == "ok", snoop
+            assert token not in snoop.stdout, snoop.stdout
+
+
+async def test_a_job_flooding_its_result_pipe_is_stopped(sandbox: LocalSandbox) -> None:
+    # the job can find its result pipe in /proc/self/fd: the zygote caps what it reads
+    code = (
+        "import os\n"
+        "for fd in sorted(map(int, os.listdir('/proc/self/fd'))):\n"
+        "    if fd > 2:\n"
+        "        try:\n"
+        "            while True:\n"
+        "                os.write(fd, b'x' * 65536)\n"
+        "        except OSError:\n"
+        "            pass\n"
+    )
+    flood = await sandbox.execute(code, Limits(timeout_s=20))
+    assert flood.status == "output_limit", flood
+    after = await sandbox.execute("print(6 * 7)")
+    assert after.stdout == "42\n"
+
+
 async def test_every_job_and_session_draws_its_own_random_numbers(sandbox: LocalSandbox) -> None:
     # jobs are clones of one zygote: without a reseed they would share its generators
     code = "import random, numpy\nprint(random.random(), numpy.random.rand())"
@@ -109,7 +175,7 @@ async def test_every_job_and_session_draws_its_own_random_numbers(sandbox: Local
 
 
 async def test_limits_are_per_job_while_jobs_run_at_once() -> None:
-    async with LocalSandbox(workers=1, jobs_per_worker=3) as sb:
+    async with LocalSandbox(workers=3) as sb:
         small, big, disk = await asyncio.gather(
             sb.execute("x = bytearray(200 * 2**20)", Limits(memory_mb=64)),
             sb.execute("x = bytearray(200 * 2**20)\nprint('ok')"),

@@ -35,6 +35,7 @@ from tests.load_support import DEPLOYMENT, Load, sample_reply
 pytestmark = pytest.mark.slow
 LOAD = Load(runs=1, problems=8, chunk=1, samples=2)  # 8 calls, one chunk each
 ANSWERED_BEFORE_KILL = 3
+CRASH_AFTER_S = 90  # `server up --crash-after` (300 s by default)
 CRASH_WAIT_S = 300.0  # heartbeats every 30 s, crashed after 90 s without one, + slack
 
 
@@ -112,20 +113,13 @@ def test_a_killed_worker_crashes_its_run_and_a_new_run_resumes(tmp_path: Path) -
     env = clean_env(tmp_path / "client")
     with server_up(tmp_path, env) as env, FakeOpenAIServer(counting) as fake:
         url = env["PREFECT_API_URL"]
-        up_again = run_cmd(
-            [
-                MATHMILL,
-                "server",
-                "up",
-                "--home",
-                str(tmp_path / "server"),
-                "--port",
-                url.rsplit(":", 1)[1].split("/")[0],
-                "--no-deploy",
-            ],
-            env,
-        )
-        assert "automation: unresponsive runs marked crashed (kept)" in up_again, up_again
+        port = url.rsplit(":", 1)[1].split("/")[0]
+        up = [MATHMILL, "server", "up", "--home", str(tmp_path / "server"), "--port", port]
+        # the first `up` made the automation with its default window; a shorter one here
+        again = run_cmd([*up, "--no-deploy", "--crash-after", str(CRASH_AFTER_S)], env)
+        assert f"heartbeat for {CRASH_AFTER_S}s marked crashed (replaced)" in again, again
+        again = run_cmd([*up, "--no-deploy", "--crash-after", str(CRASH_AFTER_S)], env)
+        assert f"heartbeat for {CRASH_AFTER_S}s marked crashed (kept)" in again, again
         opts = ["--model", "fake", "--max-concurrency", "8"]
         run_cmd([MATHMILL, "blocks", "llm", "fake", "--base-url", fake.base_url, *opts], env)
         wenv = env | {
@@ -168,7 +162,7 @@ def test_a_killed_worker_crashes_its_run_and_a_new_run_resumes(tmp_path: Path) -
         state, message = _wait_for(url, run_id, {"CRASHED", "COMPLETED", "FAILED"}, CRASH_WAIT_S)
         assert state == "CRASHED", (state, message, time.monotonic() - killed_at)
         print(f"marked crashed {time.monotonic() - killed_at:.0f} s after the kill")  # noqa: T201
-        assert "no heartbeat" in message, message
+        assert f"no heartbeat for {CRASH_AFTER_S} s" in message, message
         assert not (set(descendants(os.getpid())) & set(below)), "a killed process lives on"
 
         # the endpoint is back; a new run of the same parameters resumes on a new worker

@@ -41,7 +41,7 @@ class SandboxEndpoint(Block):
     )
     replicas: int = Field(1, ge=1, le=64, description="Containers to start (backend 'docker').")
     workers: int | None = Field(
-        None, ge=1, le=256, description="Local sandbox processes (default: one per core)."
+        None, ge=1, le=256, description="Local sandbox processes (default: two per core)."
     )
     timeout_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run, seconds.")
     memory_mb: int = Field(1024, ge=64, le=65536, description="Memory per run, MiB.")

@@ -198,9 +198,10 @@ def skip_pyarrow_pandas_probe() -> None:
     The first time pyarrow converts a Python list it imports pandas, only to ask
     whether the list is a pandas object. A run's rows are plain lists: here pyarrow
     makes that first probe while pandas cannot be imported, and so does not ask
-    again. Nothing is turned off: an explicit pandas use later (``to_pandas()``, HF
-    datasets) imports pandas as usual. Only for the CLI's own process; where pandas
-    is already imported, nothing changes.
+    again until :func:`mathmill.sources.pyarrow_knows_pandas` (called before HF
+    datasets are read) or a pandas conversion (``to_pandas()``, ``from_pandas()``)
+    brings pandas back. Only for the CLI's own process; where pandas is already
+    imported, nothing changes.
     """
     if "pandas" in sys.modules:
         return

@@ -180,7 +180,7 @@ class SandboxOptions(BaseModel):
         None,
         ge=1,
         le=256,
-        description="Sandbox processes (local: default one per core; docker: per "
+        description="Sandbox processes (local: default two per core; docker: per "
         "container, default 2).",
     )
     timeout_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run.")

@@ -87,17 +87,16 @@ def _read_only_paths() -> list[str]:
 def import_paths() -> set[str]:
     """The directories of ``sys.path`` a job may read, to import what it is offered.
 
-    Not the current directory (``''``), and of a directory that holds the mathmill
-    package itself (a source checkout on PYTHONPATH or an editable install: its tests,
-    configs and maybe a ``.env`` beside it) only the package.
+    Not the current directory (the zygote's own, where jobs and sessions live); and of
+    a directory that holds the mathmill package itself (a source checkout on PYTHONPATH
+    or an editable install: its tests, configs and maybe a ``.env`` beside it) only the
+    package.
     """
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    checkout = os.path.dirname(package)
+    skip = {os.path.realpath(os.path.dirname(package)), os.path.realpath(os.getcwd())}
     paths = {package}  # an editable install finds it by a hook, not by a path
     for entry in sys.path:
-        if not entry or not os.path.isdir(entry):
-            continue
-        if os.path.realpath(entry) != os.path.realpath(checkout):
+        if entry and os.path.isdir(entry) and os.path.realpath(entry) not in skip:
             paths.add(entry)
     return paths
 

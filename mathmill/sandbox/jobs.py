@@ -22,6 +22,7 @@ from mathmill.sandbox.supervise import Supervised, cpu_aware_exit, result_fields
 __all__ = ["Job", "kill_group"]
 
 _CHUNK = 1 << 16
+_RESULT_CAP = 1 << 20  # a result report is a few hundred bytes
 # After PID 1 has exited, the pipes close at once (the kernel killed the rest of its
 # namespace); this bounds the wait should they not.
 _DRAIN_S = 0.2
@@ -96,7 +97,9 @@ class Job:
             return
         buffer = self.buffers[fd]
         buffer += chunk
-        if fd != self.res_fd and len(buffer) > self.limits.max_output_bytes:
+        # the result pipe is the job's too (it can find it in /proc/self/fd): capped
+        cap = _RESULT_CAP if fd == self.res_fd else self.limits.max_output_bytes
+        if len(buffer) > cap:
             self.got.overflow = True
             self._stop()
 
@@ -123,7 +126,8 @@ class Job:
 
     def _stop(self) -> None:
         """Kill the job (its whole namespace) and stop reading its output."""
-        kill_group(self.pid)
+        if self.status is None:  # reaped already: its pid may be another's now
+            kill_group(self.pid)
         for fd in list(self.open):
             self._close(fd)
 

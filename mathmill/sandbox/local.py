@@ -1,9 +1,11 @@
 """The local backend: zygote server processes on this machine (the embedded default).
 
 Each zygote is a separate process started with a clean environment (none of the
-caller's variables: no API keys), one per core by default. Stateless jobs go to the
-least busy zygote, which runs a few at once; a session lives on the zygote that
-created it. Requests to a zygote carry an id, so several are in flight at once.
+caller's variables: no API keys), two per core by default. Stateless jobs go to the
+least busy zygote, which runs one job or session turn at a time (so that no job's
+process is cloned while another's code or output is in the zygote); a session lives
+on the zygote that created it. Requests carry an id; a zygote reads the next one
+when it is quiet.
 
 >>> async with LocalSandbox() as sandbox:  # doctest: +SKIP
 ...     result = await sandbox.execute("print(2**10)")
@@ -86,6 +88,7 @@ class _Worker:
             env["PYTHONPATH"] = _absolute_pythonpath()
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # not its directory on sys.path (nor so in the jobs' Landlock rules)
             "-m",
             "mathmill.sandbox.zygote",
             "--workdir",
@@ -204,14 +207,13 @@ class LocalSandbox:
     """Run code in zygote processes on this machine.
 
     Args:
-        workers: zygote processes (default: one per core).
+        workers: zygote processes (default: two per core). Each runs one job or
+            session turn at a time, and clones the next job's process while quiet.
         limits: default limits of each execution and turn.
         max_sessions_per_worker: sessions a worker keeps; the least recently used one
             is evicted past it.
         session_ttl_s: an idle session is deleted after this long.
         max_turns: turns per session.
-        jobs_per_worker: stateless jobs a worker runs at once (more wait their turn
-            there); it clones the next job while others run.
         allow_unsafe: run code even where no isolation beyond rlimits is possible.
         use_namespaces: False forces the rlimits-only mode (for hosts where user
             namespaces are disabled); it then needs ``allow_unsafe``.
@@ -225,7 +227,6 @@ class LocalSandbox:
         max_sessions_per_worker: int = 8,
         session_ttl_s: float = 900.0,
         max_turns: int = 200,
-        jobs_per_worker: int = 2,
         allow_unsafe: bool = False,
         use_namespaces: bool = True,
     ) -> None:
@@ -235,12 +236,13 @@ class LocalSandbox:
             "max_sessions": max_sessions_per_worker,
             "session_ttl_s": session_ttl_s,
             "max_turns": max_turns,
-            "max_jobs": jobs_per_worker,
+            "max_jobs": 1,
             "allow_unsafe": allow_unsafe,
             "use_namespaces": use_namespaces,
         }
         self.allow_unsafe = allow_unsafe
-        self._workers = [_Worker(i, config) for i in range(workers or os.cpu_count() or 1)]
+        count = workers or 2 * (os.cpu_count() or 1)
+        self._workers = [_Worker(i, config) for i in range(count)]
         self._started = False
         self._start_lock = asyncio.Lock()
 

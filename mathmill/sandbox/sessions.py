@@ -97,6 +97,10 @@ class Sessions:
         self.ttl_s = ttl_s
         self.max_turns = max_turns
 
+    def busy(self) -> bool:
+        """A turn or a state request is in flight or queued, or an answer not yet sent."""
+        return any(s.in_flight or s.asks or s.outgoing for s in self.table.values())
+
     def __len__(self) -> int:
         return len(self.table)
 

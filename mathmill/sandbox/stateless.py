@@ -94,7 +94,7 @@ class Stateless:
         self._shared_root = shared_root
         self._names = itertools.count()
         self._ready: deque[_Ready] = deque()
-        self._prepare_after = 0.0
+        self.prepare_after = 0.0
         self._stale_cgroups: list[str] = []
 
     @property
@@ -109,13 +109,13 @@ class Stateless:
 
     def prepare(self) -> None:
         """Clone a job process ahead (once a second at most after a failure)."""
-        if not self.wants_ready or time.monotonic() < self._prepare_after:
+        if not self.wants_ready or time.monotonic() < self.prepare_after:
             return
         try:
             self._ready.append(self._clone())
         except OSError:
             log.exception("sandbox: could not clone a job process ahead")
-            self._prepare_after = time.monotonic() + 1.0
+            self.prepare_after = time.monotonic() + 1.0
 
     def _clone(self) -> _Ready:
         name = f"job-{next(self._names)}"

@@ -16,10 +16,16 @@ holder process H under a reaper init; each turn runs in a fork T of H that takes
 over as the holder on success and is discarded on timeout, crash, memory error or
 output overflow, so the pre-turn state survives without replaying history.
 
-The zygote is one event loop: it runs up to ``max_jobs`` jobs at once (more wait in
-order, :mod:`mathmill.sandbox.stateless`) and only supervises them; when idle it
-clones the next job's process ahead. Each job keeps its own deadline, output caps
-and limits.
+The zygote is one event loop that supervises its job or session turn (deadline,
+output caps, limits) and, while quiet, clones the next job's process ahead.
+
+A clone copies the zygote's memory, so the zygote never clones while it holds anyone
+else's data: it reads the next request only when quiet (no job running or waiting, no
+session turn in flight or queued), one message at a time, so that when it clones a
+process, for a job ahead or for the job or session it has just read, its memory holds
+no other job's code or output that is still going on. (What earlier, finished work
+left in freed memory may still be there, as in any fork server.) Several jobs run at
+once on several zygotes (``LocalSandbox(workers=...)``), not in one.
 """
 
 from __future__ import annotations
@@ -53,7 +59,7 @@ from mathmill.sandbox.prefork import prepare_for_cloning
 from mathmill.sandbox.runtime import describe_state, new_namespace
 from mathmill.sandbox.sessions import Session, Sessions
 from mathmill.sandbox.stateless import Stateless
-from mathmill.sandbox.wire import MessageReader, send_msg
+from mathmill.sandbox.wire import recv_msg, send_msg
 
 log = logging.getLogger("mathmill.sandbox")
 
@@ -90,7 +96,7 @@ class Zygote:
 
     workdir: str
     limits: Limits
-    max_jobs: int = 2
+    max_jobs: int = 1
     max_sessions: int = 8
     session_ttl_s: float = 900.0
     max_turns: int = 200
@@ -314,29 +320,38 @@ class Zygote:
         """Answer requests from ``rfd`` on ``wfd`` until ``rfd`` closes."""
         self.wfd = wfd
         send_msg(wfd, {"hello": self.health()})
-        os.set_blocking(rfd, False)
-        reader = MessageReader()
         closed = False
+        reading = False
 
         def on_request(_fd: int) -> None:
+            # one whole message (the client writes whole messages): nothing more is
+            # read into this process until it is quiet again
             nonlocal closed
-            try:
-                data = os.read(rfd, 1 << 20)
-            except BlockingIOError:
-                return
-            if not data:
+            msg = recv_msg(rfd)
+            if msg is None:
                 closed = True
                 return
-            for msg in reader.feed(data):
-                request_id = msg.get("id")
-                self._guarded(request_id, self.handle, request_id, msg)
+            request_id = msg.get("id")
+            self._guarded(request_id, self.handle, request_id, msg)
 
-        self.selector.register(rfd, selectors.EVENT_READ, on_request)
         try:
             while not closed:
+                quiet = self.quiet()
+                if quiet != reading:
+                    if quiet:
+                        self.selector.register(rfd, selectors.EVENT_READ, on_request)
+                    else:
+                        self.selector.unregister(rfd)
+                    reading = quiet
                 self._step()
         finally:
             self.close()
+
+    def quiet(self) -> bool:
+        """No job running or waiting and no session turn in flight or queued: nothing
+        of anyone's is in this process's memory but what finished work left.
+        """
+        return not self.jobs.running and not self.jobs.waiting and not self.sessions.busy()
 
     def _step(self) -> None:
         """Wait for the next event or deadline, and handle what is ready. When nothing
@@ -344,7 +359,9 @@ class Zygote:
         """
         now = time.monotonic()
         timeout = max(0.0, self._tick(now) - now)
-        prepare = self.jobs.wants_ready and not self._refuses_jobs()
+        prepare = self.jobs.wants_ready and self.quiet() and not self._refuses_jobs()
+        if prepare and now < self.jobs.prepare_after:  # it failed just now: not a spin
+            timeout, prepare = min(timeout, self.jobs.prepare_after - now), False
         events = self.selector.select(0.0 if prepare else timeout)
         for key, _ in events:
             key.data(key.fd)
@@ -386,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
     zygote = Zygote(
         workdir=args.workdir,
         limits=Limits.model_validate(config.get("limits") or {}),
-        max_jobs=int(config.get("max_jobs", 2)),
+        max_jobs=1,  # one job at a time: see the module's docstring
         max_sessions=int(config.get("max_sessions", 8)),
         session_ttl_s=float(config.get("session_ttl_s", 900)),
         max_turns=int(config.get("max_turns", 200)),
