@@ -162,6 +162,16 @@ async def test_a_job_flooding_its_result_pipe_is_stopped(sandbox: LocalSandbox) 
     assert after.stdout == "42\n"
 
 
+async def test_health_answers_while_every_worker_is_busy() -> None:
+    # a busy zygote reads no request before its job is done: health must not wait
+    async with LocalSandbox(workers=1) as sb:
+        job = asyncio.create_task(sb.execute("import time; time.sleep(30)", Limits(timeout_s=60)))
+        await asyncio.sleep(0.5)
+        health = await asyncio.wait_for(sb.health(), 5)
+        assert health["ok"] and health["layers"]["isolated"], health
+        job.cancel()
+
+
 async def test_every_job_and_session_draws_its_own_random_numbers(sandbox: LocalSandbox) -> None:
     # jobs are clones of one zygote: without a reseed they would share its generators
     code = "import random, numpy\nprint(random.random(), numpy.random.rand())"
