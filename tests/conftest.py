@@ -7,6 +7,7 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pydantic import SecretStr
@@ -38,19 +39,24 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
-@pytest.fixture
-def s3_store(s3_endpoint: str) -> RunStore:
-    """A run directory in a fresh bucket on the loopback S3 server."""
+def s3_client(endpoint: str) -> Any:
+    """A boto3 S3 client on the loopback server, with the tests' keys."""
     import boto3
 
-    bucket = f"mm-{uuid.uuid4().hex[:12]}"
-    boto3.client(
+    return boto3.client(
         "s3",
-        endpoint_url=s3_endpoint,
+        endpoint_url=endpoint,
         aws_access_key_id=S3_KEY,
         aws_secret_access_key=S3_SECRET,
         region_name="us-east-1",
-    ).create_bucket(Bucket=bucket)
+    )
+
+
+@pytest.fixture
+def s3_store(s3_endpoint: str) -> RunStore:
+    """A run directory in a fresh bucket on the loopback S3 server."""
+    bucket = f"mm-{uuid.uuid4().hex[:12]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
     return RunStore(
         StorageConfig(
             url=f"s3://{bucket}/runs/r1",

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer
-from tests.conftest import S3_KEY, S3_SECRET
+from tests.conftest import S3_KEY, S3_SECRET, s3_client
 from tests.deploy_support import MATHMILL, clean_env, run_cmd, server_up, worker
 from tests.synth_world import SynthWorld
 
@@ -42,16 +42,8 @@ class Deployed:
 
 @pytest.fixture(scope="module")
 def deployed(s3_endpoint: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployed]:
-    import boto3
-
     work = tmp_path_factory.mktemp("deploy")
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
+    s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket=BUCKET)
     world = SynthWorld(kinds=("ok", "fix"))
     with server_up(work, clean_env(work / "client")) as env, FakeOpenAIServer(world) as fake:

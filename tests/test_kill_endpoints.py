@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 from pydantic import SecretStr
 
@@ -30,7 +29,7 @@ from mathmill.llm.fake_server import FakeOpenAIServer
 from mathmill.records import SolutionRow
 from mathmill.storage import RunStore, StorageConfig
 from tests.chaos_support import Counting, run_env
-from tests.conftest import S3_KEY, S3_SECRET
+from tests.conftest import S3_KEY, S3_SECRET, s3_client
 from tests.kill_support import OnAnswer, SandboxServer, TcpProxy
 from tests.sandbox_support import free_port
 from tests.synth_world import SynthWorld
@@ -259,13 +258,7 @@ def s3_run(prefect_api: dict[str, str], s3_endpoint: str, tmp_path: Path) -> Ite
     host, _, port = s3_endpoint.removeprefix("http://").partition(":")
     proxy = TcpProxy((host, int(port))).start()
     bucket = f"mm-kill-{uuid.uuid4().hex[:10]}"
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        aws_access_key_id=S3_KEY,
-        aws_secret_access_key=S3_SECRET,
-        region_name="us-east-1",
-    )
+    s3 = s3_client(s3_endpoint)
     s3.create_bucket(Bucket=bucket)
     url = f"s3://{bucket}/run"
     direct = StorageConfig(
