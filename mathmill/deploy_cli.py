@@ -213,9 +213,14 @@ def blocks_llm(
         first = e.errors()[0]
         raise ConfigError(f"invalid endpoint: {first['loc']}: {first['msg']}") from None
     block.save(name, overwrite=True)
-    console.print(
-        f"saved mathmill-llm-endpoint/{name}; live concurrency limit: {block.limit_name(name)}"
-    )
+    limit = block.limit_name(name)
+    said = str(limit)
+    if limit is not None:  # made now, not by the first runs at once
+        from mathmill.llm.live import ensure_limit
+
+        made = asyncio.run(ensure_limit(limit, max_concurrency))
+        said += f" ({'created' if made else 'kept'})"
+    console.print(f"saved mathmill-llm-endpoint/{name}; live concurrency limit: {said}")
 
 
 @blocks_app.command("s3")

@@ -21,11 +21,12 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from mathmill.llm.client import LLMClient, LLMPool
 from mathmill.llm.config import EndpointConfig
 
-__all__ = ["LiveLimits", "poll_interval"]
+__all__ = ["LiveLimits", "create_limit", "ensure_limit", "poll_interval"]
 
 log = logging.getLogger("mathmill.llm.live")
 
@@ -81,8 +82,7 @@ class LiveLimits:
     async def refresh(self, *, create: bool = False) -> None:
         """Read every watched limit once and apply it (creating missing ones if asked)."""
         from prefect.client.orchestration import get_client
-        from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-        from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+        from prefect.exceptions import ObjectNotFound
 
         try:
             async with get_client() as client:
@@ -92,12 +92,7 @@ class LiveLimits:
                     except ObjectNotFound:
                         if not create:
                             continue  # deleted mid-run: keep the last capacity
-                        with contextlib.suppress(ObjectAlreadyExists):
-                            await client.create_global_concurrency_limit(
-                                GlobalConcurrencyLimitCreate(
-                                    name=name, limit=endpoint.max_concurrency
-                                )
-                            )
+                        await create_limit(client, name, endpoint.max_concurrency)
                         log.info(
                             "created global concurrency limit %r = %d for %s",
                             name,
@@ -130,3 +125,34 @@ class LiveLimits:
                 )
                 client.set_concurrency(wanted)
                 self.changes.append((name, wanted))
+
+
+async def create_limit(client: Any, name: str, limit: int) -> None:
+    """Create the global concurrency limit ``name`` unless it exists (``client``: a
+    Prefect client). `mathmill blocks llm` makes it when the block is saved, so that
+    runs starting together do not all try to (Prefect's server answers the losers of
+    that race with an error, not 409).
+    """
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectAlreadyExists
+
+    with contextlib.suppress(ObjectAlreadyExists):
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=limit)
+        )
+
+
+async def ensure_limit(name: str, limit: int) -> bool:
+    """Create the global concurrency limit ``name`` with ``limit`` unless it exists;
+    whether it was created.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_global_concurrency_limit_by_name(name)
+            return False
+        except ObjectNotFound:
+            await create_limit(client, name, limit)
+            return True
