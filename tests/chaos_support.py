@@ -116,12 +116,12 @@ class Pipeline:
     rows: Callable[[Path, str], Rows]
 
 
-def _normalize(value: Any, base_url: str) -> Any:
+def normalize_row(value: Any, base_url: str) -> Any:
     """Without run-specific fields (timestamps), the fake server's port hidden."""
     if isinstance(value, dict):
-        return {k: _normalize(v, base_url) for k, v in value.items() if k != "created_at"}
+        return {k: normalize_row(v, base_url) for k, v in value.items() if k != "created_at"}
     if isinstance(value, list):
-        return [_normalize(v, base_url) for v in value]
+        return [normalize_row(v, base_url) for v in value]
     if isinstance(value, str):
         return value.replace(base_url, "<endpoint>")
     return value
@@ -134,7 +134,7 @@ def jsonl_rows(out: Path, base_url: str, *names: str) -> Rows:
         path = out / name
         lines = path.read_text().splitlines() if path.exists() else []
         rows[name] = sorted(
-            json.dumps(_normalize(json.loads(line), base_url), sort_keys=True) for line in lines
+            json.dumps(normalize_row(json.loads(line), base_url), sort_keys=True) for line in lines
         )
     return rows
 

@@ -28,7 +28,7 @@ from mathmill.errors import StorageError
 from mathmill.llm.fake_server import FakeOpenAIServer
 from mathmill.records import SolutionRow
 from mathmill.storage import RunStore, StorageConfig
-from tests.chaos_support import Counting, run_env
+from tests.chaos_support import Counting, normalize_row, run_env
 from tests.conftest import S3_KEY, S3_SECRET, s3_client
 from tests.kill_support import OnAnswer, SandboxServer, TcpProxy
 from tests.sandbox_support import free_port
@@ -58,16 +58,6 @@ def command(llm_url: str, out: str, config: Path, *extra: str) -> list[str]:
     ]
 
 
-def _normalize(value: Any, llm_url: str) -> Any:
-    if isinstance(value, dict):
-        return {k: _normalize(v, llm_url) for k, v in value.items() if k != "created_at"}
-    if isinstance(value, list):
-        return [_normalize(v, llm_url) for v in value]
-    if isinstance(value, str):
-        return value.replace(llm_url, "<endpoint>")
-    return value
-
-
 def store_rows(store: RunStore, llm_url: str) -> Rows:
     """The run's final rows (Parquet and the JSONL exports), as sorted canonical JSON
     lines without timestamps and with the fake LLM server's address hidden. Use a fresh
@@ -79,14 +69,14 @@ def store_rows(store: RunStore, llm_url: str) -> Rows:
     ]
     rows: Rows = {
         "verified+unverified": sorted(
-            json.dumps(_normalize(r.model_dump(mode="json"), llm_url), sort_keys=True)
+            json.dumps(normalize_row(r.model_dump(mode="json"), llm_url), sort_keys=True)
             for r in parquet
         )
     }
     for name in EXPORTS:
         text = store.read_bytes(name).decode() if store.exists(name) else ""
         rows[name] = sorted(
-            json.dumps(_normalize(json.loads(line), llm_url), sort_keys=True)
+            json.dumps(normalize_row(json.loads(line), llm_url), sort_keys=True)
             for line in text.splitlines()
         )
     return rows
