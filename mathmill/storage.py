@@ -26,6 +26,7 @@ endpoint, so a short outage costs a run nothing and a long one stops it cleanly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
 import os
@@ -183,7 +184,7 @@ class RunStore:
         if self.is_local:
             os.makedirs(self.root, exist_ok=True)
 
-    @property
+    @functools.cached_property
     def endpoint(self) -> str:
         """The object store's endpoint, for messages (``S3`` when the default one), with
         any user, password or query in the URL masked.

@@ -59,7 +59,7 @@ class _Worker:
         self.config = config
         # Jobs beyond what the zygote runs at once wait here, so that a job's wait
         # for its answer starts when the zygote has room for it.
-        self.slots = asyncio.Semaphore(int(config.get("max_jobs", 1)))
+        self.slots = asyncio.Semaphore(1)  # a zygote runs one job at a time
         self.proc: asyncio.subprocess.Process | None = None
         self.pending = 0
         self.hello: dict[str, Any] = {}
@@ -236,7 +236,6 @@ class LocalSandbox:
             "max_sessions": max_sessions_per_worker,
             "session_ttl_s": session_ttl_s,
             "max_turns": max_turns,
-            "max_jobs": 1,
             "allow_unsafe": allow_unsafe,
             "use_namespaces": use_namespaces,
         }
