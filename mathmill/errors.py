@@ -1,4 +1,6 @@
-"""The few exceptions mathmill raises. Every one says what went wrong and where."""
+"""The few exceptions mathmill raises, all of them defined here (the modules that raise
+them re-export theirs). Every one says what went wrong and where.
+"""
 
 from __future__ import annotations
 
@@ -48,3 +50,46 @@ class StructuredOutputError(MathmillError):
 
 class EmbeddedModelError(MathmillError):
     """The embedded local model could not be found, started or reached."""
+
+
+class SandboxError(MathmillError):
+    """The sandbox itself failed (not the code it ran)."""
+
+
+class SandboxUnavailable(SandboxError):
+    """No safe sandbox can run here (or the server is unreachable)."""
+
+
+class SessionNotFound(SandboxError):
+    """The session does not exist (deleted, expired or evicted)."""
+
+
+class IncompleteChunk(MathmillError):
+    """Some rows of a chunk hit a transient failure (endpoint down, timeout, sandbox
+    gone). The chunk is not marked done; its finished LLM calls are in the call
+    cache, so a re-run redoes only what failed.
+    """
+
+
+class IncompleteRun(MathmillError):
+    """Some chunks failed; what finished is kept and a re-run resumes."""
+
+
+class ServerError(MathmillError):
+    """The Prefect server could not be started, reached or set up."""
+
+
+# Internal signals, caught where they are raised; their bases are what their callers
+# catch, so they are not MathmillErrors.
+
+
+class IsolationError(OSError):
+    """A sandbox isolation layer that was expected to work failed."""
+
+
+class GradingTimeout(Exception):
+    """The comparison did not finish in time."""
+
+
+class InvalidEngineRequest(ValueError):
+    """A request the vLLM engine cannot take (too long, bad schema): an error row."""

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mathmill.errors import MathmillError
+from mathmill.errors import ServerError as ServerError
 
 if TYPE_CHECKING:  # pydantic stays out of `mathmill --help`
     from mathmill.server_database import Database
@@ -52,10 +52,6 @@ TUNING = {
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
 }
-
-
-class ServerError(MathmillError):
-    """The Prefect server could not be started, reached or set up."""
 
 
 @dataclass(frozen=True)

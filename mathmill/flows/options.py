@@ -4,6 +4,10 @@ They are strict pydantic models (``extra="forbid"``, bounded fields with descrip
 so the Prefect UI renders them as forms and a bad value fails before the first LLM
 call, naming the field. API keys are never parameters: a role names the environment
 variable that holds its key.
+
+A role's endpoint fields share their descriptions and bounds with the client's
+``EndpointConfig`` and the ``LLMEndpoint`` block (:mod:`mathmill.llm.config`);
+:class:`SandboxOptions` lives in :mod:`mathmill.sandbox.options`, below the blocks.
 """
 
 from __future__ import annotations
@@ -11,13 +15,25 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from mathmill.blocks.storage import block_ref, load_storage
 from mathmill.errors import ConfigError
-from mathmill.llm.config import EndpointConfig, StructuredMode
-from mathmill.sandbox.limits import Limits
+from mathmill.llm.config import (
+    BASE_URL,
+    CACHE_BY_URL,
+    CONCURRENCY_LIMIT,
+    MAX_CONCURRENCY,
+    MAX_RETRIES,
+    MODEL,
+    STRUCTURED_MODE,
+    TIMEOUT_S,
+    EndpointConfig,
+    StructuredMode,
+)
+from mathmill.sandbox.options import SandboxOptions
 from mathmill.storage import StorageConfig
 
 __all__ = ["InputFields", "ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
@@ -29,7 +45,8 @@ T = TypeVar("T")
 
 class ModelRole(BaseModel):
     """Which model plays a role, and how to call it. Unset fields fall back to the
-    flow's default model, then to the role's built-in sampling defaults.
+    flow's default model (the embedded local model when it has no endpoint either),
+    then to the role's built-in sampling defaults.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -41,41 +58,22 @@ class ModelRole(BaseModel):
         "prices); the fields below override it. Not with base_url.",
         examples=["openrouter"],
     )
-    base_url: str | None = Field(
-        None,
-        description="OpenAI-compatible base URL ending in /v1; unset = the default model "
-        "(the embedded local model when no default is set).",
-        examples=["http://127.0.0.1:8000/v1", "https://openrouter.ai/api/v1"],
-    )
-    model: str | None = Field(None, description="Model name.", examples=["gpt-4o-mini"])
+    base_url: Annotated[str | None, BASE_URL] = None
+    model: Annotated[str | None, MODEL] = None
     api_key_env: str | None = Field(
         None,
         pattern=_ENV_NAME,
         description="Name of the environment variable holding the API key (never the key).",
         examples=["OPENAI_API_KEY"],
     )
-    max_concurrency: int | None = Field(
-        None, ge=1, le=4096, description="Requests in flight to this endpoint."
-    )
-    concurrency_limit: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,99}$",
-        description="Prefect global concurrency limit that sets the requests in flight "
-        "live (created with max_concurrency when missing).",
-        examples=["llm-openrouter"],
-    )
-    timeout_s: float | None = Field(None, gt=0, le=3600, description="Per-request timeout.")
-    max_retries: int | None = Field(None, ge=0, le=20, description="Retries per request.")
-    structured_mode: StructuredMode | None = Field(
-        None, description="'json_schema' (OpenAI, vLLM) or 'json_object' (llama.cpp)."
-    )
+    max_concurrency: Annotated[int | None, MAX_CONCURRENCY] = None
+    concurrency_limit: Annotated[str | None, CONCURRENCY_LIMIT] = None
+    timeout_s: Annotated[float | None, TIMEOUT_S] = None
+    max_retries: Annotated[int | None, MAX_RETRIES] = None
+    structured_mode: Annotated[StructuredMode | None, STRUCTURED_MODE] = None
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="Sampling temperature.")
     max_tokens: int | None = Field(None, ge=16, le=131072, description="Tokens per reply.")
-    cache_by_url: bool | None = Field(
-        None,
-        description="Key cached calls on the base URL too (default off: a moved endpoint "
-        "serving the same model replays finished calls on resume).",
-    )
+    cache_by_url: Annotated[bool | None, CACHE_BY_URL] = None
 
     @model_validator(mode="after")
     def _one_endpoint(self) -> ModelRole:
@@ -144,61 +142,6 @@ def resolve_role(
     return base.model_copy(update=update)
 
 
-class SandboxOptions(BaseModel):
-    """Where model-written code runs, and its limits."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    block: str | None = Field(
-        None,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$",
-        description="Name of a saved 'mathmill sandbox' block; its settings replace these.",
-        examples=["sandbox-pool"],
-    )
-    backend: Literal["local", "http", "docker"] = Field(
-        "local",
-        description="'local': fork server on this machine; 'http': a sandbox server; "
-        "'docker': a container of the sandbox image.",
-    )
-    url: str | None = Field(
-        None,
-        description="Base URL of the sandbox server (backend 'http'); several, comma-"
-        "separated, are replicas: runs go to the least busy, each session stays on its own.",
-        examples=["http://sandbox:8090", "http://sb-1:8090,http://sb-2:8090"],
-    )
-    image: str | None = Field(
-        None, description="Sandbox image (backend 'docker').", examples=["mathmill-sandbox:0.1.0"]
-    )
-    replicas: int = Field(
-        1,
-        ge=1,
-        le=64,
-        description="Containers to start (backend 'docker'): runs go to the least busy, "
-        "each session stays on its own.",
-    )
-    workers: int | None = Field(
-        None,
-        ge=1,
-        le=256,
-        description="Sandbox processes (local: default two per core; docker: per "
-        "container, default 2).",
-    )
-    timeout_s: float = Field(10.0, gt=0, le=600, description="Wall-clock limit per run.")
-    memory_mb: int = Field(1024, ge=64, le=65536, description="Memory per run, MiB.")
-    max_sessions: int = Field(
-        16,
-        ge=1,
-        le=1024,
-        description="Stateful sessions open at once (tir trajectories in flight); each "
-        "holds a process of about 20 MiB.",
-    )
-
-    @property
-    def limits(self) -> Limits:
-        """As sandbox :class:`Limits`."""
-        return Limits(timeout_s=self.timeout_s, memory_mb=self.memory_mb)
-
-
 _BLOCK_REF = r"^([a-z0-9-]+/)?[A-Za-z0-9][A-Za-z0-9_-]*$"
 
 
@@ -232,8 +175,6 @@ class StorageFields(BaseModel):
 
     def result_storage(self) -> str | None:
         """``slug/name`` of the block that holds Prefect's task results, if any."""
-        from mathmill.blocks.storage import block_ref
-
         name = self.results_block or self.storage_block
         return block_ref(name) if name else None
 
@@ -247,8 +188,6 @@ class StorageFields(BaseModel):
 
     async def storage_config(self, out: str) -> StorageConfig:
         """Where the run directory ``out`` is: itself, or a path inside ``storage_block``."""
-        from mathmill.blocks.storage import load_storage
-
         return await load_storage(out, self.storage_block, self.storage_endpoint_url)
 
 

@@ -12,7 +12,9 @@ import os
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
+from mathmill.blocks.llm import LLMEndpoint
 from mathmill.blocks.loading import load_block
+from mathmill.blocks.sandbox import SandboxEndpoint
 from mathmill.errors import ConfigError, EmbeddedModelError, MathmillError
 from mathmill.flows.options import ModelRole, SandboxOptions, resolve_role
 from mathmill.llm.cache import CallCache
@@ -65,8 +67,6 @@ async def _docker_sandbox(options: SandboxOptions) -> Sandbox:
 
 async def _sandbox(options: SandboxOptions) -> Sandbox:
     if options.block:
-        from mathmill.blocks.sandbox import SandboxEndpoint
-
         block = await load_block(SandboxEndpoint, options.block, "sandbox.block")
         options = block.options()
     if options.backend == "http":
@@ -88,8 +88,6 @@ async def _sandbox(options: SandboxOptions) -> Sandbox:
 async def _role_endpoints(
     roles: Mapping[str, ModelRole], embedded: EndpointConfig | None
 ) -> dict[str, EndpointConfig]:
-    from mathmill.blocks.llm import LLMEndpoint
-
     blocks: dict[str, EndpointConfig] = {}
     for name, role in roles.items():
         if role.block and role.block not in blocks:

@@ -13,15 +13,13 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from mathmill.errors import GradingTimeout
+
 __all__ = ["GradingTimeout", "call_with_timeout"]
 
 T = TypeVar("T")
 _pool: cf.ProcessPoolExecutor | None = None
 _pool_lock = threading.Lock()
-
-
-class GradingTimeout(Exception):
-    """The comparison did not finish in time."""
 
 
 def _alarm(_signum: int, _frame: Any) -> None:

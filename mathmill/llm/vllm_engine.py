@@ -27,7 +27,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from mathmill.errors import ConfigError
+from mathmill.errors import ConfigError, InvalidEngineRequest
 from mathmill.records import (
     ErrorInfo,
     GenChoice,
@@ -96,10 +96,6 @@ class EngineConfig(BaseModel):
         return self.served_name or Path(self.model.rstrip("/")).name or self.model
 
 
-class _Invalid(ValueError):
-    """A request the engine cannot take (too long, bad schema): an error row."""
-
-
 class VLLMEngine:
     """A loaded ``vllm.LLM`` and the conversion between mathmill rows and vLLM calls."""
 
@@ -162,7 +158,7 @@ class VLLMEngine:
 
     def _sampling(self, request: GenRequest, prompt_len: int) -> Any:
         if prompt_len >= self.max_model_len:
-            raise _Invalid(
+            raise InvalidEngineRequest(
                 f"prompt has {prompt_len} tokens; the engine's max_model_len is "
                 f"{self.max_model_len}"
             )
@@ -199,7 +195,7 @@ class VLLMEngine:
             try:
                 ids = self.prompt_ids(request)
                 batch.append((i, ids, self._sampling(request, len(ids))))
-            except (_Invalid, ValueError, TypeError) as e:
+            except (InvalidEngineRequest, ValueError, TypeError) as e:
                 results[i] = self._error(request, e)
         for i, output in self._run(batch, requests, results):
             results[i] = self._convert(requests[i], output)

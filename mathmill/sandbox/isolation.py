@@ -18,6 +18,8 @@ import struct
 import time
 from collections.abc import Iterable
 
+from mathmill.errors import IsolationError as IsolationError
+
 __all__ = [
     "CLONE_ALL",
     "Landlock",
@@ -63,10 +65,6 @@ _FS_READ = (1 << 0) | (1 << 2) | (1 << 3)  # execute, read_file, read_dir
 _FS_FILE_RW = (1 << 1) | (1 << 2)  # write_file, read_file
 _NET_TCP = (1 << 0) | (1 << 1)  # bind, connect (ABI 4)
 _SCOPE_ALL = (1 << 0) | (1 << 1)  # abstract unix sockets, signals (ABI 6)
-
-
-class IsolationError(OSError):
-    """A layer that was expected to work failed."""
 
 
 def _check(result: int, what: str) -> int:

@@ -8,7 +8,9 @@ from typing import Any, Protocol, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.errors import MathmillError
+from mathmill.errors import SandboxError as SandboxError
+from mathmill.errors import SandboxUnavailable as SandboxUnavailable
+from mathmill.errors import SessionNotFound as SessionNotFound
 from mathmill.records import ExecutionResult
 from mathmill.sandbox.limits import Limits
 
@@ -25,18 +27,6 @@ __all__ = [
     "VariableInfo",
     "session",
 ]
-
-
-class SandboxError(MathmillError):
-    """The sandbox itself failed (not the code it ran)."""
-
-
-class SandboxUnavailable(SandboxError):
-    """No safe sandbox can run here (or the server is unreachable)."""
-
-
-class SessionNotFound(SandboxError):
-    """The session does not exist (deleted, expired or evicted)."""
 
 
 class VariableInfo(BaseModel):
