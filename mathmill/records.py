@@ -443,6 +443,9 @@ class Generation(Record):
         None, description="Every prompt token after the first, with its logprob."
     )
     usage: TokenUsage = Field(default_factory=TokenUsage)
+    latency_ms: float | None = Field(
+        None, ge=0.0, description="Time of the call(s) (endpoint backend)."
+    )
     error: ErrorInfo | None = None
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: UTCDateTime = Field(default_factory=_now)

@@ -164,7 +164,8 @@ def test_runs_share_one_local_server_started_once(tmp_path: Path) -> None:
             env,
         )
         assert failed.returncode == 1, failed.stderr[-3000:]
-        assert failed.stderr.strip().splitlines()[-1].startswith("error: generation did not")
+        last = failed.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: sample: 1 of 2 chunks did not finish"), last
         failed_link = re.search(r"Prefect UI: \S+/runs/flow-run/(\S+)", failed.stdout)
         assert failed_link is not None, failed.stdout
         assert later.returncode == 0, later.stderr[-3000:]
@@ -278,7 +279,7 @@ def test_a_resume_after_the_endpoint_moved_pays_no_call(
         assert moved.requests == []
         assert _rows(out) == before
         # Finished chunks are gone (another run pruned them): the call cache replays.
-        for chunk in (out / "generations").iterdir():
+        for chunk in (out / "samples").iterdir():
             chunk.unlink()
         asyncio.run(sample(params(moved.base_url, out)))
         assert moved.requests == []

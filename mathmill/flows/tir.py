@@ -11,38 +11,22 @@ import asyncio
 import contextlib
 import contextvars
 import json
-import time
 from typing import Any
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
-from mathmill.flows.progress import Tracker
-from mathmill.flows.resources import open_runtime
-from mathmill.flows.synthesize import IncompleteRun
+from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
+from mathmill.pipeline.finish import RunResult
 from mathmill.records import Attempt, Problem, SamplingParams
 from mathmill.storage import ChunkRef, RunStore
-from mathmill.tasks.export import (
-    dump_json,
-    export_jsonl,
-    remove_stale_chunks,
-    report_markdown,
-    write_run_file,
-)
-from mathmill.tasks.runtime import (
-    ChunkSpec,
-    Runtime,
-    StageOutput,
-    code_version,
-    prompt_hashes,
-    use_runtime,
-)
-from mathmill.tasks.tir import TirConfig, TurnHook, load_spec, load_task, tir_task
+from mathmill.tasks.load import LoadConfig, load
+from mathmill.tasks.runtime import Runtime
+from mathmill.tasks.tir import TirConfig, TurnHook, trajectories
 from mathmill.tasks.tir_export import chat_messages, sharegpt, tir_stats
 
-__all__ = ["TirParams", "TirResult", "run_tir", "tir", "turn_hook"]
+__all__ = ["PIPELINE", "TirParams", "TirResult", "run_tir", "tir", "turn_hook"]
 
 SOLVER_DEFAULTS = ModelRole(temperature=0.6, max_tokens=1024)
 turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
@@ -73,17 +57,82 @@ class TirParams(InputFields, StorageFields):
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
 
-class TirResult(BaseModel):
+class TirResult(RunResult):
     """Where a tir run's outputs are, and its statistics."""
 
-    out: str
-    dry_run: bool = False
     problems: int = 0
     stats: dict[str, Any] = Field(default_factory=dict)
-    counts: dict[str, int] = Field(default_factory=dict)
-    usage: dict[str, dict[str, float]] = Field(default_factory=dict)
-    outputs: dict[str, str] = Field(default_factory=dict)
-    wall_s: float = 0.0
+
+
+def _config(params: TirParams) -> TirConfig:
+    solver = params.solver.over(SOLVER_DEFAULTS)
+    return TirConfig(
+        max_turns=params.max_turns,
+        max_nudges=params.max_nudges,
+        max_output_chars=params.max_output_chars,
+        turn_timeout_s=params.sandbox.timeout_s,
+        samples=params.samples,
+        sampling=SamplingParams(
+            temperature=solver.temperature, max_tokens=solver.max_tokens, seed=params.seed
+        ),
+    )
+
+
+def _resources(params: TirParams) -> Resources:
+    return Resources(
+        roles={"solver": params.solver.over(SOLVER_DEFAULTS)},
+        sandbox=params.sandbox,
+        row_concurrency=min(params.concurrency, params.sandbox.max_sessions),
+        # enough chunks to keep `concurrency` trajectories busy, one more for the tails
+        chunk_concurrency=1
+        if params.concurrency == 1
+        else -(-params.concurrency // params.chunk_size) + 1,
+    )
+
+
+def _setup(rt: Runtime, params: TirParams) -> None:
+    rt.extra["sessions"] = asyncio.Semaphore(params.sandbox.max_sessions)
+    rt.extra["on_turn"] = turn_hook.get()
+
+
+def _stats(state: RunState) -> list[dict[str, Any]]:
+    return tir_stats(state.tracker.counts)
+
+
+def _report(state: RunState) -> str:
+    rows = _stats(state)
+    return "\n".join(
+        ["## Statistics", "", "| metric | value |", "|---|---|"]
+        + [f"| {r['metric']} | {r['value']} |" for r in rows]
+    )
+
+
+def _summary(state: RunState) -> dict[str, Any]:
+    return {
+        "problems": state.rows("problems"),
+        "stats": {str(r["metric"]): r["value"] for r in _stats(state)},
+    }
+
+
+PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
+    name="tir",
+    params=TirParams,
+    steps=[
+        Step(load, lambda p: LoadConfig(**p.load_config(p.chunk_size))),
+        Step(trajectories, _config),
+    ],
+    resources=_resources,
+    result=TirResult,
+    exports=("dropped",),
+    listed=("trajectories",),
+    extra_exports=lambda state: _exports(state.rt.store, state.refs, state.params.samples),
+    report=_report,
+    tables=lambda state: [("tir-stats", _stats(state), "tir statistics")],
+    summary=_summary,
+    setup=_setup,
+    description="Tool-integrated reasoning trajectories against a stateful sandbox.",
+)
+"""load → per chunk of problems: trajectories → ShareGPT and chat exports, stats."""
 
 
 @flow(name="tir", validate_parameters=True, log_prints=False)
@@ -94,78 +143,12 @@ async def tir(params: TirParams) -> TirResult:
 
 async def run_tir(params: TirParams) -> TirResult:
     """The tir pipeline: load → per chunk: trajectories → exports, stats, report."""
-    logger = get_run_logger()
-    solver = params.solver.over(SOLVER_DEFAULTS)
-    cfg = TirConfig(
-        max_turns=params.max_turns,
-        max_nudges=params.max_nudges,
-        max_output_chars=params.max_output_chars,
-        turn_timeout_s=params.sandbox.timeout_s,
-        samples=params.samples,
-        sampling=SamplingParams(
-            temperature=solver.temperature, max_tokens=solver.max_tokens, seed=params.seed
-        ),
-    )
+    cfg = PIPELINE.stage_params(params)[-1]
     params.check_input()
     if params.dry_run:
-        logger.info("dry run: %s", cfg.model_dump_json())
+        get_run_logger().info("dry run: %s", cfg.model_dump_json())
         return TirResult(out=params.out, dry_run=True)
-    started = time.perf_counter()
-    storage = await params.storage_config(params.out)
-    sessions = params.sandbox.max_sessions
-    async with open_runtime(
-        storage,
-        {"solver": solver},
-        sandbox=params.sandbox,
-        row_concurrency=min(params.concurrency, sessions),
-    ) as rt:
-        rt.extra["sessions"] = asyncio.Semaphore(sessions)
-        rt.extra["on_turn"] = turn_hook.get()
-        with use_runtime(rt):
-            tracker = Tracker(1, artifacts=False)
-            refs, problems, failures = await _run(params, cfg, rt, tracker)
-            return await _finish(params, rt, tracker, refs, problems, failures, started)
-
-
-def _tir_spec(rt: Runtime, index: int, inputs: list[ChunkRef], **config: Any) -> ChunkSpec:
-    modules = (
-        "mathmill.tasks.tir",
-        "mathmill.tasks.runtime",
-        "mathmill.sources",
-        "mathmill.grading.equivalence",
-        "mathmill.grading.extract",
-    )
-    return ChunkSpec(
-        stage="tir",
-        index=index,
-        inputs=inputs,
-        config=config,
-        prompts=prompt_hashes("tir_system", "tir_user"),
-        code=code_version(*modules),
-        store_url=rt.store.url,
-    )
-
-
-async def _run(
-    params: TirParams, cfg: TirConfig, rt: Runtime, tracker: Tracker
-) -> tuple[list[ChunkRef], int, list[BaseException]]:
-    input_spec = load_spec(rt.store.url, params.load_config(params.chunk_size))
-    load, run_tir_chunk = params.with_results(load_task), params.with_results(tir_task)
-    loaded = await tracker.run("load", load(input_spec, params.chunk_size))
-    chunks = [ref for name, ref in sorted(loaded.refs.items()) if name.startswith("problems")]
-    solver = rt.endpoints["solver"].identity
-
-    async def solve(i: int, ref: ChunkRef) -> StageOutput:
-        spec = _tir_spec(rt, i, [ref], tir=cfg.model_dump(mode="json"), solver=solver)
-        return await tracker.run("tir", run_tir_chunk(spec, cfg))
-
-    results = await asyncio.gather(
-        *(solve(i, ref) for i, ref in enumerate(chunks)), return_exceptions=True
-    )
-    outs = [loaded] + [r for r in results if not isinstance(r, BaseException)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    problems = sum(ref.rows for ref in chunks)
-    return [ref for o in outs for ref in o.refs.values()], problems, failures
+    return await run_pipeline(PIPELINE, params)
 
 
 def _exports(store: RunStore, refs: list[ChunkRef], samples: int) -> dict[str, str]:
@@ -193,60 +176,3 @@ def _exports(store: RunStore, refs: list[ChunkRef], samples: int) -> dict[str, s
 def dump_line(row: Any) -> bytes:
     """One JSONL line."""
     return json.dumps(row, ensure_ascii=False).encode("utf-8") + b"\n"
-
-
-async def _finish(
-    params: TirParams,
-    rt: Runtime,
-    tracker: Tracker,
-    refs: list[ChunkRef],
-    problems: int,
-    failures: list[BaseException],
-    started: float,
-) -> TirResult:
-    logger = get_run_logger()
-    store = rt.store
-    outputs: dict[str, str] = {"trajectories": f"{store.url}/trajectories/"}
-    if not failures:
-        outputs |= _exports(store, refs, params.samples)
-        dropped = [r for r in refs if r.dataset == "dropped"]
-        outputs["dropped.jsonl"] = export_jsonl(store, "dropped.jsonl", dropped)
-        remove_stale_chunks(store, ("problems", "trajectories", "dropped"), refs)
-    outputs["report"] = f"{store.url}/report.md"
-    stats = tir_stats(tracker.counts)
-    status = "complete" if not failures else f"INCOMPLETE ({len(failures)} chunks failed)"
-    table = "\n".join(
-        ["## Statistics", "", "| metric | value |", "|---|---|"]
-        + [f"| {r['metric']} | {r['value']} |" for r in stats]
-    )
-    wall = time.perf_counter() - started
-    report = report_markdown(
-        f"tir run: {status}", tracker.counts, rt.pool.meter, tracker.timing_table(), outputs, wall
-    )
-    report = report.replace("## Rows by stage", table + "\n\n## Rows by stage", 1)
-    write_run_file(store, "report.md", report.encode(), failed=bool(failures))
-    result = TirResult(
-        out=store.url,
-        problems=problems,
-        stats={str(r["metric"]): r["value"] for r in stats},
-        counts=dict(tracker.counts),
-        usage=rt.pool.meter.summary(),
-        outputs=outputs,
-        wall_s=wall,
-    )
-    manifest = {
-        "status": status,
-        "params": params.model_dump(mode="json"),
-        "result": result.model_dump(mode="json"),
-        "chunks": [r.model_dump(mode="json") for r in refs],
-    }
-    write_run_file(store, "manifest.json", dump_json(manifest), failed=bool(failures))
-    await acreate_table_artifact(stats, key="tir-stats", description=f"tir statistics ({status})")
-    await acreate_markdown_artifact(report, key="tir-report", description="tir run report")
-    if failures:
-        raise IncompleteRun(
-            f"{len(failures)} chunks did not finish (first: {failures[0]}); finished "
-            f"trajectories are kept in {store.url}; re-run the same command to resume"
-        ) from failures[0]
-    logger.info("tir: %s", ", ".join(f"{r['metric']}={r['value']}" for r in stats[:4]))
-    return result

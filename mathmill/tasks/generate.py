@@ -7,26 +7,29 @@ them in cached Prefect tasks. Each returns its output rows, the rows it dropped
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from mathmill.grading.extract import extract_answer
-from mathmill.llm.client import LLMClient
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
     AttemptKind,
     Dropped,
     ErrorInfo,
+    Generation,
+    GenRequest,
     Problem,
     SamplingParams,
     Topic,
     normalize_statement,
 )
+from mathmill.tasks.generation import generate, role_model
 from mathmill.tasks.runtime import Runtime, drop, map_rows
 
 __all__ = [
@@ -280,50 +283,69 @@ class CotConfig(BaseModel):
     short_sampling: SamplingParams
 
 
-async def _cot(
-    client: LLMClient, problem: Problem, kind: AttemptKind, index: int, sampling: SamplingParams
-) -> Attempt:
+def _cot_request(
+    problem: Problem, kind: AttemptKind, index: int, sampling: SamplingParams
+) -> GenRequest:
     prompt = load_prompt("synth_long_cot" if kind == "long_cot" else "synth_short_cot")
-    sampling = sampling.model_copy(update={"seed": _seed(sampling, index)})
-    result = await client.chat(
-        [{"role": "user", "content": prompt.render(problem=problem.statement)}],
-        stage=f"cot.{kind.removesuffix('_cot')}",
-        sampling=sampling,
-        raise_on_error=False,
-        cache_salt=f"{kind}:{problem.id}:{index}",
+    return GenRequest(
+        id=f"{kind}:{problem.id}:{index}",  # also the call cache's salt
+        messages=[{"role": "user", "content": prompt.render(problem=problem.statement)}],
+        sampling=sampling.model_copy(update={"seed": _seed(sampling, index)}),
+        metadata={"problem_id": problem.id, "kind": kind, "index": index},
     )
-    answer = extract_answer(result.text, number_fallback=False) if result.ok else None
+
+
+def _cot_attempt(request: GenRequest, gen: Generation, default_model: str) -> Attempt:
+    kind: AttemptKind = request.metadata["kind"]  # type: ignore[assignment]
+    prompt = load_prompt("synth_long_cot" if kind == "long_cot" else "synth_short_cot")
+    choice = gen.choices[0] if gen.choices and gen.error is None else None
+    text = choice.text if choice is not None else None
+    answer = extract_answer(text, number_fallback=False) if text is not None else None
+    metadata: dict[str, JsonValue] = {"cot_type": kind}
+    if choice is not None:
+        metadata["finish_reason"] = choice.finish_reason
     return Attempt(
-        problem_id=problem.id,
+        problem_id=str(request.metadata["problem_id"]),
         kind=kind,
-        model=result.model or client.endpoint.model,
-        sampling=sampling,
+        model=gen.model or default_model,
+        sampling=request.sampling,
         prompt=prompt.ref,
-        sample_index=index,
-        text=result.text if result.ok else None,
+        sample_index=int(request.metadata["index"]),  # type: ignore[arg-type]
+        text=text,
         final_answer=answer.text if answer else None,
-        usage=result.usage,
-        latency_ms=result.latency_ms,
-        error=result.error,
-        metadata={"cot_type": kind, "finish_reason": result.choices[0].finish_reason}
-        if result.choices
-        else {"cot_type": kind},
+        usage=gen.usage,
+        latency_ms=gen.latency_ms,
+        error=gen.error,
+        metadata=metadata,
     )
 
 
 async def generate_cots(rt: Runtime, cfg: CotConfig, problems: list[Problem]) -> StageRows:
-    """The long and short chains of thought of every problem, tagged by ``kind``."""
-    client = rt.client("reasoner")
-    jobs: list[tuple[Problem, AttemptKind, int, SamplingParams]] = []
-    for p in problems:
-        jobs.append((p, "long_cot", 0, cfg.long_sampling))
-        jobs.extend((p, "short_cot", i, cfg.short_sampling) for i in range(cfg.short))
-
-    async def run(job: tuple[Problem, AttemptKind, int, SamplingParams]) -> Attempt:
-        return await _cot(client, *job)
-
+    """The long and short chains of thought of every problem, tagged by ``kind``, on
+    the reasoner's backend (its endpoint, or vLLM: see
+    :func:`mathmill.tasks.generation.generate`).
+    """
+    longs = [_cot_request(p, "long_cot", 0, cfg.long_sampling) for p in problems]
+    shorts = [
+        _cot_request(p, "short_cot", i, cfg.short_sampling)
+        for p in problems
+        for i in range(cfg.short)
+    ]
+    got_long, got_short = await asyncio.gather(
+        generate(rt, "reasoner", longs, stage="cot.long"),
+        generate(rt, "reasoner", shorts, stage="cot.short") if shorts else _none(),
+    )
+    by_id = {g.id: g for g in [*got_long, *got_short]}
+    per_problem = 1 + cfg.short
+    order = [
+        request
+        for i, long in enumerate(longs)
+        for request in [long, *shorts[i * cfg.short : (i + 1) * cfg.short]]
+    ]
+    assert len(order) == per_problem * len(problems)
+    model = role_model(rt, "reasoner")
     out = StageRows()
-    attempts = await map_rows(jobs, run, rt.row_concurrency)
+    attempts = [_cot_attempt(r, by_id[r.id], model) for r in order]
     for a in attempts:
         out.counts[f"cots.{a.kind}"] += 1
         if a.error is not None:
@@ -331,6 +353,10 @@ async def generate_cots(rt: Runtime, cfg: CotConfig, problems: list[Problem]) ->
             out.counts[f"cots.failed_{a.error.kind}"] += 1
     out.rows = attempts
     return out
+
+
+async def _none() -> list[Generation]:
+    return []
 
 
 def _seed(sampling: SamplingParams, index: int) -> int | None:

@@ -17,6 +17,7 @@ only the chunks not yet done.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -49,14 +50,19 @@ from mathmill.tasks.runtime import (
 
 __all__ = [
     "GenBackend",
+    "dispatch",
     "endpoint_generate",
     "endpoint_task",
     "engine_task",
+    "generate",
+    "generate_rows",
     "generation_specs",
     "read_generations",
+    "role_model",
     "write_requests",
 ]
 
+log = logging.getLogger("mathmill.generation")
 BackendKind = Literal["endpoint", "deployment", "engine"]
 _CODE = ("mathmill.tasks.generation", "mathmill.llm.vllm_engine")
 
@@ -238,6 +244,7 @@ def _generation(request: GenRequest, result: ChatResult, known: dict[int, int]) 
         choices=choices,
         prompt_logprobs=_records(result.prompt_logprobs),
         usage=result.usage,
+        latency_ms=result.latency_ms,
         error=result.error,
         metadata=request.metadata,
     )
@@ -319,3 +326,189 @@ async def endpoint_task(spec: ChunkSpec, role: str) -> StageOutput:
         return {"generations": gens}, _counts(spec.stage, gens)
 
     return await run_chunk(spec, compute)
+
+
+# -- the deployment backend, and the dispatch over all three ------------------------
+
+_STORAGE_FIELDS = ("storage_endpoint_url", "storage_block", "results_block")
+
+
+def role_model(rt: Runtime, role: str) -> str:
+    """The model name ``role`` generates with (its engine's, or its endpoint's)."""
+    backend = rt.backends.get(role)
+    if backend is not None and backend.kind != "endpoint" and backend.engine is not None:
+        return backend.engine.model
+    endpoint = rt.endpoints.get(role)
+    return endpoint.model if endpoint is not None else ""
+
+
+def _with_results(storage: Any, task_: Any) -> Any:
+    """``task_`` with its results where the pipeline's storage fields say (if any)."""
+    return task_ if storage is None else storage.with_results(task_)
+
+
+async def generate(
+    rt: Runtime, role: str, requests: Sequence[GenRequest], *, stage: str
+) -> list[Generation]:
+    """The one generation interface of every LLM stage: ``requests`` answered by
+    ``role``'s backend, in request order. ``endpoint`` (the default): the role's
+    OpenAI-compatible server (the embedded model, a vLLM server, an API), one call per
+    request, ``rt.row_concurrency`` in flight, finished calls in the call cache.
+    ``engine``: vLLM in this process, the requests as one batch. ``deployment``: the
+    requests written as chunks and shared out among flow runs of the ``generate``
+    deployment on the vllm pool (:func:`generate_rows`). A request that fails has its
+    error on its row.
+    """
+    backend = rt.backends.get(role)
+    if backend is None or backend.kind == "endpoint":
+        return await endpoint_generate(rt.client(role), requests, stage, rt.row_concurrency)
+    if backend.kind == "engine":
+        assert backend.engine is not None
+        llm = await asyncio.to_thread(get_engine, backend.engine)
+        return await asyncio.to_thread(llm.generate, list(requests))
+    params = rt.params
+    return await generate_rows(
+        rt,
+        requests,
+        backend,
+        stage=stage,
+        role=role,
+        storage=params,
+        out=getattr(params, "out", None),
+    )
+
+
+async def _run_and_wait(backend: GenBackend, params: dict[str, Any]) -> None:
+    """Start one generate flow run and wait for it; raise unless it completes."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments import arun_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        run = await arun_deployment(
+            backend.deployment,
+            parameters={"params": params},
+            timeout=0,
+            tags=["mathmill", "generate"],
+        )
+    except ObjectNotFound as e:
+        raise ConfigError(
+            f"no deployment {backend.deployment!r} on the Prefect server: `mathmill server "
+            "up` deploys it, or set backend.deployment"
+        ) from e
+    what = f"generate flow run {run.name!r} ({run.id})"
+    started = time.monotonic()
+    warned = False
+    async with get_client() as client:
+        while True:
+            state = (await client.read_flow_run(run.id)).state
+            if state is not None and state.is_final():
+                break
+            waited = time.monotonic() - started
+            if not warned and waited > backend.warn_after_s and state and state.is_scheduled():
+                warned = True
+                log.warning(
+                    "%s: no worker has picked it up after %.0fs; is one running? "
+                    "`prefect worker start --pool vllm --type process`",
+                    what,
+                    waited,
+                )
+            if backend.run_timeout_s is not None and waited > backend.run_timeout_s:
+                raise IncompleteChunk(
+                    f"{what} not finished after {backend.run_timeout_s:g}s "
+                    f"(state {state.name if state else 'unknown'}); chunks it finished are "
+                    "kept, re-run to resume"
+                )
+            await asyncio.sleep(1.0)
+    if not state.is_completed():
+        raise IncompleteChunk(
+            f"{what} ended {state.name}: {state.message or ''}; chunks it finished are kept, "
+            "re-run to resume"
+        )
+
+
+async def dispatch(
+    store: RunStore,
+    specs: Sequence[ChunkSpec],
+    backend: GenBackend,
+    storage: Any,
+    out: str,
+) -> int:
+    """Send the chunks not yet done to ``backend.runs`` generate flow runs and wait for
+    them all (a failed run does not stop the others). Returns how many chunks were sent.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    assert backend.engine is not None
+    pending = [s for s in specs if _finished(store, s) is None]
+    if not pending:
+        return 0
+    if not PREFECT_API_URL.value():
+        raise ConfigError(
+            "the deployment backend needs a Prefect server with workers on the vllm pool: "
+            "run `mathmill server up` and export the PREFECT_API_URL it prints"
+        )
+    groups = [pending[i :: backend.runs] for i in range(min(backend.runs, len(pending)))]
+    fields = storage.model_dump(include=set(_STORAGE_FIELDS)) if storage is not None else {}
+    runs = [
+        _run_and_wait(
+            backend,
+            {
+                "out": out,
+                "specs": [s.model_dump(mode="json") for s in group],
+                "engine": backend.engine.model_dump(mode="json"),
+                **fields,
+            },
+        )
+        for group in groups
+    ]
+    results = await asyncio.gather(*runs, return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
+    return len(pending)
+
+
+async def generate_rows(
+    rt: Runtime,
+    requests: Sequence[GenRequest],
+    backend: GenBackend,
+    *,
+    stage: str = "generate",
+    role: str = "generator",
+    storage: Any = None,
+    out: str | None = None,
+) -> list[Generation]:
+    """Generate ``requests`` on ``backend``; results in request order.
+
+    ``storage`` and ``out`` (the pipeline's own parameters: its ``StorageFields``) tell
+    deployment runs, which may be on other machines, where the run directory is.
+    """
+    refs = write_requests(rt.store, stage, requests, backend.chunk_size)
+    if backend.kind == "endpoint":
+        identity = {"endpoint": rt.client(role).endpoint.identity}  # ConfigError if no role
+        specs = generation_specs(rt, stage, refs, identity)
+        http = _with_results(storage, endpoint_task)
+        results = await asyncio.gather(*(http(s, role) for s in specs), return_exceptions=True)
+    else:
+        assert backend.engine is not None
+        specs = generation_specs(rt, stage, refs, {"engine": backend.engine.identity()})
+        if backend.kind == "engine":
+            local = _with_results(storage, engine_task)
+            results = []
+            for s in specs:  # one engine: chunks one after another
+                try:
+                    results.append(await local(s, backend.engine))
+                except Exception as e:
+                    results.append(e)
+        else:
+            # Inside a storage block `out` is the path the worker resolves through the
+            # block; otherwise the worker gets the absolute URL (its cwd differs).
+            block = getattr(storage, "storage_block", None)
+            where = out if out is not None and block else rt.store.url
+            await dispatch(rt.store, specs, backend, storage, where)
+            results = []
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        raise failures[0]
+    return read_generations(rt.store, specs)

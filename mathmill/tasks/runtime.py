@@ -20,18 +20,21 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill import __version__
-from mathmill.errors import ConfigError, MathmillError
+from mathmill.errors import ConfigError, IncompleteChunk, MathmillError
 from mathmill.llm.client import LLMClient, LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.prompts import load_prompt
 from mathmill.records import Dropped, ErrorInfo, Record
 from mathmill.sandbox.protocol import Sandbox
 from mathmill.storage import ChunkRef, RunStore
+
+if TYPE_CHECKING:
+    from mathmill.tasks.generation import GenBackend
 
 __all__ = [
     "ChunkSpec",
@@ -57,13 +60,6 @@ R = TypeVar("R")
 Rec = TypeVar("Rec", bound=Record)
 
 
-class IncompleteChunk(MathmillError):
-    """Some rows of a chunk hit a transient failure (endpoint down, timeout, sandbox
-    gone). The chunk is not marked done; its finished LLM calls are in the call
-    cache, so a re-run redoes only what failed.
-    """
-
-
 @dataclass
 class Runtime:
     """What a run's stages share: the run directory, LLM clients by role, the sandbox."""
@@ -74,6 +70,21 @@ class Runtime:
     sandbox: Sandbox | None = None
     row_concurrency: int = 64
     extra: dict[str, Any] = field(default_factory=dict)
+    backends: dict[str, GenBackend] = field(default_factory=dict)
+    """Roles whose generation runs on vLLM (the engine here, or the ``generate``
+    deployment on the vllm pool) instead of their endpoint."""
+    params: Any = None
+    """The pipeline's params (``out`` and storage fields tell deployment runs on other
+    machines where the run directory is)."""
+
+    def identity(self, role: str) -> Any:
+        """What a role's answers depend on, for cache keys: its endpoint's identity, or
+        the engine's (model, dtype, ...) when it generates on vLLM.
+        """
+        backend = self.backends.get(role)
+        if backend is not None and backend.kind != "endpoint" and backend.engine is not None:
+            return {"engine": backend.engine.identity()}
+        return self.endpoints[role].identity
 
     def client(self, role: str) -> LLMClient:
         """The LLM client of ``role`` (generator, reasoner, coder, critic, rewriter)."""

@@ -1,19 +1,17 @@
-"""The Prefect tasks of the synthesize pipeline: one per stage, each over one chunk.
+"""The stages of the synthesize pipeline, declared for the pipeline kit: topics →
+problems → dedup → chains of thought → code verification.
 
-Each task is a thin wrapper: it reads its input chunks, calls the stage's plain
-function (:mod:`mathmill.tasks.generate`, :mod:`mathmill.tasks.verify`) and hands the
-rows to :func:`~mathmill.tasks.runtime.run_chunk`, which makes the chunk idempotent.
-``cache_key_fn`` adds Prefect's own caching on the same key. ``task.fn`` runs a stage
-without Prefect (see ``bench/synthesize.py``).
+Each is a :func:`~mathmill.pipeline.stage.stage` over one chunk, calling the stage's
+plain function (:mod:`mathmill.tasks.generate`, :mod:`mathmill.tasks.verify`); the kit
+derives the Prefect task, cache key and resume from the declaration.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pydantic import BaseModel, ConfigDict, Field
 
-from prefect import task
-
-from mathmill.records import Attempt, Problem, Topic
+from mathmill.pipeline.stage import Chunk, StageResult, stage
+from mathmill.records import Attempt, Problem, SolutionRow, Topic
 from mathmill.tasks.generate import (
     CotConfig,
     ProblemsConfig,
@@ -23,117 +21,112 @@ from mathmill.tasks.generate import (
     generate_problems,
     generate_topics,
 )
-from mathmill.tasks.runtime import (
-    ChunkSpec,
-    StageOutput,
-    chunk_cache_key,
-    current_runtime,
-    raise_if_transient,
-    read_input,
-    run_chunk,
-    split_rows,
-)
+from mathmill.tasks.runtime import split_rows
 from mathmill.tasks.verify import VerifyConfig, verify_chunk
 
-__all__ = ["cots_task", "dedup_task", "problems_task", "topics_task", "verify_task"]
+__all__ = ["DedupConfig", "cots", "dedup", "problems", "topics", "verify"]
 
 
-@task(
-    name="topics",
-    task_run_name="topics",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+class DedupConfig(BaseModel):
+    """Config of the dedup stage: how many problems are kept, per output chunk."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    chunk_size: int = Field(ge=1, description="Problems per output chunk.")
+    limit: int | None = Field(None, ge=1, description="Keep at most this many problems.")
+
+
+@stage(
+    "topics",
+    params=TopicsConfig,
+    kind="source",
+    roles=("generator",),
+    prompts=("synth_topics",),
+    outputs={"topics": Topic},
 )
-async def topics_task(spec: ChunkSpec, cfg: TopicsConfig) -> StageOutput:
+async def topics(chunk: Chunk, cfg: TopicsConfig) -> StageResult:
     """Generate the run's unique topics."""
-    rt = current_runtime()
+    got = await generate_topics(chunk.rt, cfg)
+    return StageResult(
+        rows={"topics": got.rows},
+        dropped=got.dropped,
+        counts=got.counts,
+        errors=got.errors,
+        attempted=got.counts["topics.calls"],
+    )
 
-    async def compute() -> Any:
-        got = await generate_topics(rt, cfg)
-        raise_if_transient(spec.stage, spec.key, got.errors, got.counts["topics.calls"])
-        return {"topics": got.rows, "dropped": got.dropped}, got.counts
 
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="problems",
-    task_run_name="problems-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+@stage(
+    "problems",
+    params=ProblemsConfig,
+    roles=("generator",),
+    prompts=("synth_problem",),
+    inputs={"topics": Topic},
+    outputs={"problems_raw": Problem},
 )
-async def problems_task(spec: ChunkSpec, cfg: ProblemsConfig) -> StageOutput:
+async def problems(chunk: Chunk, cfg: ProblemsConfig) -> StageResult:
     """Write problems for a slice of the topics."""
-    rt = current_runtime()
+    rows: list[Topic] = chunk.rows("topics")
+    got = await generate_problems(chunk.rt, cfg, rows)
+    return StageResult(
+        rows={"problems_raw": got.rows},
+        dropped=got.dropped,
+        counts=got.counts,
+        errors=got.errors,
+        attempted=len(rows) * cfg.per_topic,
+    )
 
-    async def compute() -> Any:
-        start, end = spec.config["slice"]
-        topics: list[Topic] = read_input(spec.inputs[0], Topic)[start:end]
-        got = await generate_problems(rt, cfg, topics)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(topics) * cfg.per_topic)
-        return {"problems_raw": got.rows, "dropped": got.dropped}, got.counts
 
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="dedup",
-    task_run_name="dedup",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+@stage(
+    "dedup",
+    params=DedupConfig,
+    kind="whole",
+    inputs={"problems_raw": Problem},
+    outputs={"problems": Problem},
 )
-async def dedup_task(spec: ChunkSpec, chunk_size: int, limit: int | None) -> StageOutput:
+async def dedup(chunk: Chunk, cfg: DedupConfig) -> StageResult:
     """Drop duplicate problems across chunks, apply ``limit``, rechunk for solving."""
+    got = dedup_problems(chunk.rows("problems_raw"), cfg.limit)
+    kept: list[Problem] = got.rows  # type: ignore[assignment]
+    return StageResult(
+        rows=dict(split_rows("problems", kept, cfg.chunk_size)),
+        dropped=got.dropped,
+        counts=got.counts,
+    )
 
-    async def compute() -> Any:
-        problems = [p for ref in spec.inputs for p in read_input(ref, Problem)]
-        got = dedup_problems(problems, limit)
-        kept: list[Problem] = got.rows  # type: ignore[assignment]
-        return {"dropped": got.dropped, **split_rows("problems", kept, chunk_size)}, got.counts
 
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="cots",
-    task_run_name="cots-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+@stage(
+    "cots",
+    params=CotConfig,
+    roles=("reasoner",),
+    prompts=("synth_long_cot", "synth_short_cot"),
+    inputs={"problems": Problem},
+    outputs={"cots": Attempt},
 )
-async def cots_task(spec: ChunkSpec, cfg: CotConfig) -> StageOutput:
+async def cots(chunk: Chunk, cfg: CotConfig) -> StageResult:
     """Long and short chains of thought for a chunk of problems."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        problems: list[Problem] = read_input(spec.inputs[0], Problem)
-        got = await generate_cots(rt, cfg, problems)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(got.rows))
-        return {"cots": got.rows}, got.counts
-
-    return await run_chunk(spec, compute)
+    got = await generate_cots(chunk.rt, cfg, chunk.rows("problems"))
+    return StageResult(
+        rows={"cots": got.rows}, counts=got.counts, errors=got.errors, attempted=len(got.rows)
+    )
 
 
-@task(
-    name="verify",
-    task_run_name="verify-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+@stage(
+    "verify",
+    params=VerifyConfig,
+    roles=("coder", "critic", "rewriter"),
+    prompts=("synth_code", "synth_critique", "synth_regen_code", "synth_rewrite"),
+    inputs={"problems": Problem, "cots": Attempt},
+    outputs={"attempts": Attempt, "verified": SolutionRow, "unverified": SolutionRow},
 )
-async def verify_task(spec: ChunkSpec, cfg: VerifyConfig) -> StageOutput:
+async def verify(chunk: Chunk, cfg: VerifyConfig) -> StageResult:
     """Verify a chunk of chains of thought by code, with rewrite rounds."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        problems: list[Problem] = read_input(spec.inputs[0], Problem)
-        cots: list[Attempt] = read_input(spec.inputs[1], Attempt)
-        got = await verify_chunk(rt, cfg, problems, cots)
-        raise_if_transient(spec.stage, spec.key, got.errors, len(cots))
-        got.counts["verify.cots"] = len(cots)
-        outputs = {
-            "attempts": got.attempts,
-            "verified": got.verified,
-            "unverified": got.unverified,
-        }
-        return outputs, got.counts
-
-    return await run_chunk(spec, compute)
+    cot_rows: list[Attempt] = chunk.rows("cots")
+    got = await verify_chunk(chunk.rt, cfg, chunk.rows("problems"), cot_rows)
+    got.counts["verify.cots"] = len(cot_rows)
+    return StageResult(
+        rows={"attempts": got.attempts, "verified": got.verified, "unverified": got.unverified},
+        counts=got.counts,
+        errors=got.errors,
+        attempted=len(cot_rows),
+    )

@@ -17,18 +17,15 @@ import re
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from mathmill.errors import ConfigError
 from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import last_boxed
+from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
-    Dropped,
     ErrorInfo,
     ExecutionResult,
     Problem,
@@ -39,21 +36,7 @@ from mathmill.records import (
     Verdict,
 )
 from mathmill.sandbox.protocol import SandboxError, SessionResult
-from mathmill.sources import FieldMap, read_problems
-from mathmill.tasks.runtime import (
-    ChunkSpec,
-    Runtime,
-    StageOutput,
-    chunk_cache_key,
-    code_version,
-    current_runtime,
-    drop,
-    map_rows,
-    raise_if_transient,
-    read_input,
-    run_chunk,
-    split_rows,
-)
+from mathmill.tasks.runtime import Runtime, map_rows
 
 __all__ = [
     "NUDGE",
@@ -62,12 +45,10 @@ __all__ = [
     "TirRows",
     "TurnEvent",
     "clean_reply",
-    "load_spec",
-    "load_task",
     "run_trajectory",
     "tir_chunk",
-    "tir_task",
     "tool_turn",
+    "trajectories",
 ]
 
 NUDGE = "Execute Python code before answering: write it in <python></python> tags."
@@ -365,79 +346,23 @@ async def tir_chunk(
     return TirRows(attempts, counts, errors)
 
 
-# -- Prefect tasks ------------------------------------------------------------------
-
-
-def load_spec(store_url: str, config: dict[str, Any]) -> ChunkSpec:
-    """The spec of the load stage's one chunk: ``config`` is the flow's
-    ``InputFields.load_config`` (input identity, fields, limit, chunk size).
-    """
-    modules = ("mathmill.tasks.tir", "mathmill.tasks.runtime", "mathmill.sources")
-    return ChunkSpec(
-        stage="load", index=0, config=config, code=code_version(*modules), store_url=store_url
-    )
-
-
-@task(name="load", task_run_name="load", cache_key_fn=chunk_cache_key, persist_result=True)
-async def load_task(spec: ChunkSpec, chunk_size: int) -> StageOutput:
-    """Read the input (``spec.config``: source, split, fields, limit) into chunks of
-    problems; malformed rows go to ``dropped`` with where they were.
-    """
-
-    async def compute() -> Any:
-        c = spec.config
-        fields = FieldMap(
-            statement=c["prompt_field"],
-            answer=c["answer_field"],
-            solution=None,
-            source_id=c["id_field"],
-        )
-        problems: list[Problem] = []
-        dropped: list[Dropped] = []
-        counts: Counter[str] = Counter()
-        seen: set[str] = set()
-        for item in read_problems(c["input"], fields, split=c["split"], limit=c["limit"]):
-            if isinstance(item, ErrorInfo):
-                counts["load.malformed_row"] += 1
-                where = item.message.split(": ", 1)[0]
-                dropped.append(
-                    Dropped(
-                        stage="load",
-                        reason="malformed_row",
-                        detail=item.message,
-                        target_id=where,
-                        record_type="ErrorInfo",
-                        record=item.model_dump(mode="json"),
-                    )
-                )
-            elif item.id in seen:
-                counts["load.duplicate"] += 1
-                dropped.append(drop("load", "duplicate", item, item.id, "same statement"))
-            else:
-                seen.add(item.id)
-                problems.append(item)
-        if not problems:  # a wrong field name or an empty file: say so, do not run empty
-            first = f"; first: {dropped[0].detail}" if dropped else ""
-            raise ConfigError(
-                f"input {c['input']}: no problems in it ({len(dropped)} rows dropped{first})"
-            )
-        counts["load.problems"] = len(problems)
-        return {"dropped": dropped, **split_rows("problems", problems, chunk_size)}, counts
-
-    return await run_chunk(spec, compute)
-
-
-@task(
-    name="tir", task_run_name="tir-{spec.index}", cache_key_fn=chunk_cache_key, persist_result=True
+@stage(
+    "trajectories",
+    params=TirConfig,
+    roles=("solver",),
+    prompts=("tir_system", "tir_user"),
+    inputs={"problems": Problem},
+    outputs={"trajectories": Attempt},
 )
-async def tir_task(spec: ChunkSpec, cfg: TirConfig) -> StageOutput:
-    """The trajectories of one chunk of problems."""
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        problems = read_input(spec.inputs[0], Problem)
-        got = await tir_chunk(rt, cfg, problems, rt.extra["sessions"], rt.extra.get("on_turn"))
-        raise_if_transient(spec.stage, spec.key, got.errors, len(got.attempts))
-        return {"trajectories": got.attempts}, got.counts
-
-    return await run_chunk(spec, compute)
+async def trajectories(chunk: Chunk, cfg: TirConfig) -> StageResult:
+    """The trajectories of one chunk of problems (``cfg.samples`` each)."""
+    rt = chunk.rt
+    got = await tir_chunk(
+        rt, cfg, chunk.rows("problems"), rt.extra["sessions"], rt.extra.get("on_turn")
+    )
+    return StageResult(
+        rows={"trajectories": got.attempts},
+        counts=got.counts,
+        errors=got.errors,
+        attempted=len(got.attempts),
+    )

@@ -1,0 +1,400 @@
+"""A pipeline is a DAG of declared stages over named datasets, with one params model.
+
+:class:`Pipeline` lists its :class:`Step` s (a stage and how its params come from the
+pipeline's); a stage reads the datasets other stages write. :func:`run_pipeline`
+resolves every stage's params before the first call, opens the run's resources, runs
+the DAG and hands the chunks written to :func:`~mathmill.pipeline.finish.finish_run`.
+
+How chunks flow: a ``source`` stage runs once; a ``whole`` stage runs once over every
+chunk of its inputs, when they are all written; a ``chunks`` stage runs once per chunk
+(a *lane*) of its first input, as soon as that chunk is written, so consecutive chunk
+stages are pipelined lane by lane. A whole stage that writes ``"problems/00003"``
+opens one lane per output chunk. At most ``chunk_concurrency`` chunks run at once;
+later stages go first, so finished rows reach the end early. A chunk that fails does
+not stop the others: its lane's later stages are skipped, the run finishes what it
+can, then stops with :class:`~mathmill.errors.IncompleteRun`; a re-run resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import itertools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from pydantic import BaseModel
+
+from mathmill.pipeline.progress import Listener, Tracker
+from mathmill.pipeline.stage import Stage, execute
+from mathmill.storage import ChunkRef
+from mathmill.tasks.runtime import Runtime, StageOutput, use_runtime
+
+__all__ = ["Pipeline", "Resources", "RunState", "Step", "run_pipeline", "run_steps"]
+
+PP = TypeVar("PP", bound=BaseModel)
+RR = TypeVar("RR", bound=BaseModel)
+log = logging.getLogger("mathmill.pipeline")
+
+
+@dataclass(frozen=True)
+class Step:
+    """A stage in a pipeline: its params from the pipeline's params (validated before
+    the run starts), and how its chunks are cut.
+
+    ``slice_rows``: cut each chunk of the first input into slices of this many rows, one
+    chunk each (a few topics make many problems). ``extra``: more spec config, part of
+    the cache key (handed to the stage as ``chunk.extra``).
+    """
+
+    stage: Stage[Any]
+    params: Callable[[Any], BaseModel]
+    slice_rows: Callable[[Any], int] | None = None
+    extra: Callable[[Any], dict[str, Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a run opens: roles to endpoints (``ModelRole``), roles that generate on vLLM
+    instead (``GenBackend``), the sandbox (``SandboxOptions``), rows in flight per
+    chunk, chunks in flight.
+    """
+
+    roles: Mapping[str, Any]
+    sandbox: Any = None
+    backends: Mapping[str, Any] = field(default_factory=dict)
+    row_concurrency: int = 64
+    chunk_concurrency: int = 4
+
+
+@dataclass
+class RunState:
+    """A run as :func:`~mathmill.pipeline.finish.finish_run` and the pipeline's hooks
+    see it.
+    """
+
+    pipeline: Pipeline[Any, Any]
+    params: Any
+    rt: Runtime
+    tracker: Tracker
+    refs: list[ChunkRef]
+    failures: list[BaseException]
+    started: float
+    prefect: bool
+
+    def by_dataset(self) -> dict[str, list[ChunkRef]]:
+        """The run's chunks by dataset, in order."""
+        grouped: dict[str, list[ChunkRef]] = {}
+        for ref in sorted(self.refs, key=lambda r: (r.dataset, r.key)):
+            grouped.setdefault(ref.dataset, []).append(ref)
+        return grouped
+
+    def rows(self, dataset: str) -> int:
+        """Rows the run wrote to ``dataset``."""
+        return sum(r.rows for r in self.refs if r.dataset == dataset)
+
+
+Hook = Callable[[RunState], Any]
+
+
+@dataclass(eq=False)
+class Pipeline(Generic[PP, RR]):
+    """A declared pipeline.
+
+    ``resources``: roles, sandbox and concurrency from the params. ``result``: the
+    result model (a :class:`~mathmill.pipeline.finish.RunResult`); ``summary`` adds its
+    own fields. ``exports``: datasets written whole as ``<name>.jsonl``;
+    ``extra_exports``: other files (name -> URL). ``report``: a markdown section put
+    before the counts; ``tables``: more table artifacts ``(key, rows, description)``.
+    ``listed``: datasets whose directories the result names. ``setup``: runs once the
+    runtime is open (semaphores, hooks in ``rt.extra``). ``params_name``: the flow's
+    parameter name (the manifest's key for the params).
+    """
+
+    name: str
+    params: type[PP]
+    steps: Sequence[Step]
+    resources: Callable[[PP], Resources]
+    result: type[RR]
+    exports: Sequence[str] = ()
+    listed: Sequence[str] = ()
+    extra_exports: Hook | None = None
+    report: Hook | None = None
+    tables: Hook | None = None
+    summary: Hook | None = None
+    setup: Callable[[Runtime, PP], None] | None = None
+    params_name: str = "params"
+    description: str = ""
+
+    def datasets(self) -> list[str]:
+        """Every dataset the pipeline's stages write (``dropped`` included)."""
+        names = [n for s in self.steps for n in s.stage.outputs]
+        return list(dict.fromkeys([*names, "dropped"]))
+
+    def stage_params(self, params: PP) -> list[BaseModel]:
+        """Each step's params, resolved and validated (before any call)."""
+        return [step.params(params) for step in self.steps]
+
+
+async def run_pipeline(
+    pipeline: Pipeline[PP, RR],
+    params: PP,
+    *,
+    prefect: bool = True,
+    listener: Listener | None = None,
+) -> RR:
+    """Run ``pipeline``: resolve its stage params, open the runtime, run the DAG,
+    finish (exports, report, manifest, artifacts). With ``prefect=False`` the stages
+    run as plain functions (no task runs, no artifacts).
+    """
+    from mathmill.flows.resources import open_runtime
+    from mathmill.pipeline.finish import finish_run
+    from mathmill.pipeline.progress import live_listener
+
+    stage_params = pipeline.stage_params(params)
+    started = time.perf_counter()
+    res = pipeline.resources(params)
+    storage = await params.storage_config(params.out)  # type: ignore[attr-defined]
+    listener = listener or live_listener.get()
+    async with open_runtime(
+        storage, res.roles, sandbox=res.sandbox, row_concurrency=res.row_concurrency
+    ) as rt:
+        rt.backends = dict(res.backends)
+        rt.params = params
+        if pipeline.setup is not None:
+            pipeline.setup(rt, params)
+        with use_runtime(rt):
+            tracker = Tracker(artifacts=prefect, listener=listener, meter=rt.pool.meter)
+            if prefect:
+                from prefect.artifacts import acreate_progress_artifact
+
+                tracker.progress_id = await acreate_progress_artifact(
+                    0.0, key=f"{pipeline.name}-progress", description=f"{pipeline.name}: starting"
+                )
+            call = _caller(params, prefect)
+            refs, failures = await run_steps(
+                pipeline.steps, stage_params, params, rt, tracker, call, res.chunk_concurrency
+            )
+            state = RunState(pipeline, params, rt, tracker, refs, failures, started, prefect)
+            result: RR = await finish_run(state)
+            return result
+
+
+Call = Callable[[Stage[Any], Any, BaseModel], Awaitable[StageOutput]]
+
+
+def _caller(params: Any, prefect: bool) -> Call:
+    """A stage chunk as a Prefect task run (results in the params' result storage), or
+    as the plain function.
+    """
+
+    def call(stage_: Stage[Any], spec: Any, stage_params: BaseModel) -> Awaitable[StageOutput]:
+        if not prefect:
+            return execute(stage_, spec, stage_params)
+        task_ = params.with_results(stage_.task) if hasattr(params, "with_results") else stage_.task
+        run: Awaitable[StageOutput] = task_(spec, stage_params)
+        return run
+
+    return call
+
+
+# -- the DAG runner -----------------------------------------------------------------
+
+Lane = asyncio.Future  # resolves to the lane's refs of a dataset, or None (failed upstream)
+
+
+@dataclass
+class _Dataset:
+    """A dataset's lanes, known once its producer has planned (or run) its chunks."""
+
+    lanes: asyncio.Future[list[Lane[list[ChunkRef] | None]]] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class _Gate:
+    """At most ``n`` chunks at once; waiting chunks of later steps go first."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self.waiting: list[tuple[tuple[int, int, int], asyncio.Future[None]]] = []
+        self.order = itertools.count()
+
+    async def acquire(self, step: int, index: int) -> None:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return
+        future = asyncio.get_running_loop().create_future()
+        heapq.heappush(self.waiting, ((-step, index, next(self.order)), future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release()  # handed a slot, then cancelled: pass it on
+            raise
+
+    def release(self) -> None:
+        while self.waiting:
+            _, future = heapq.heappop(self.waiting)
+            if not future.done():
+                future.set_result(None)
+                return
+        self.free += 1
+
+
+async def run_steps(
+    steps: Sequence[Step],
+    stage_params: Sequence[BaseModel],
+    params: Any,
+    rt: Runtime,
+    tracker: Tracker,
+    call: Call,
+    chunk_concurrency: int,
+) -> tuple[list[ChunkRef], list[BaseException]]:
+    """Run the steps' chunks as their inputs become ready; every chunk written and the
+    failures (a failed chunk's later stages are skipped, not failed again).
+    """
+    produced: dict[str, _Dataset] = {}
+    for step in steps:
+        for name in step.stage.outputs:
+            produced.setdefault(name, _Dataset())
+    written: list[ChunkRef] = []
+    failures: list[BaseException] = []
+    gate = _Gate(chunk_concurrency)
+
+    async def one(pos: int, index: int, inputs: list[ChunkRef], **extra: Any) -> StageOutput:
+        step = steps[pos]
+        spec = step.stage.spec(rt, stage_params[pos], index, inputs, **extra)
+        await gate.acquire(pos, index)
+        try:
+            out = await tracker.run(step.stage.name, call(step.stage, spec, stage_params[pos]))
+        finally:
+            gate.release()
+        written.extend(out.refs.values())
+        await tracker.publish(f"{step.stage.name} chunk {index + 1} done")
+        return out
+
+    runners = [
+        _run_step(pos, step, params, produced, one, tracker, failures)
+        for pos, step in enumerate(steps)
+    ]
+    ends = await asyncio.gather(*runners, return_exceptions=True)
+    failures.extend(e for e in ends if isinstance(e, BaseException))
+    return written, failures
+
+
+async def _run_step(
+    pos: int,
+    step: Step,
+    params: Any,
+    produced: dict[str, _Dataset],
+    one: Callable[..., Awaitable[StageOutput]],
+    tracker: Tracker,
+    failures: list[BaseException],
+) -> None:
+    stage_ = step.stage
+    loop = asyncio.get_running_loop()
+    extra = step.extra(params) if step.extra else {}
+    outs = {name: produced[name] for name in stage_.outputs}
+    inputs = list(stage_.inputs)
+    try:
+        if stage_.kind == "chunks":
+            await _run_lanes(pos, step, params, produced, one, tracker, failures, extra)
+            return
+        tracker.plan(stage_.name, 1)
+        refs = await _collect([await produced[name].lanes for name in inputs])
+        out: StageOutput | None = None
+        if refs is not None:
+            try:
+                out = await one(pos, 0, refs, **extra)
+            except Exception as e:
+                failures.append(e)
+        for name, ds in outs.items():
+            # one lane per chunk written; a failed chunk: one lane that says so
+            values = [None] if out is None else [[part] for part in _parts(out, name)]
+            ds.lanes.set_result([_resolved(loop, value) for value in values])
+    finally:
+        for ds in outs.values():  # a bug above must not leave later stages waiting
+            if not ds.lanes.done():
+                ds.lanes.set_result([])
+
+
+async def _run_lanes(
+    pos: int,
+    step: Step,
+    params: Any,
+    produced: dict[str, _Dataset],
+    one: Callable[..., Awaitable[StageOutput]],
+    tracker: Tracker,
+    failures: list[BaseException],
+    extra: dict[str, Any],
+) -> None:
+    """A ``chunks`` stage: one chunk per lane (or slice) of its first input."""
+    stage_ = step.stage
+    loop = asyncio.get_running_loop()
+    first, *others = list(stage_.inputs)
+    first_lanes = await produced[first].lanes
+    side = {name: await produced[name].lanes for name in others}
+    jobs: list[tuple[int, list[Any], tuple[int, int] | None]] = []
+    if step.slice_rows is None:
+        for i, lane in enumerate(first_lanes):
+            # a side input with as many lanes is zipped; another is read whole by each
+            ins: list[Any] = [lane]
+            ins += [ls[i] if len(ls) == len(first_lanes) else ls for ls in side.values()]
+            jobs.append((i, ins, None))
+    else:
+        size = max(1, step.slice_rows(params))
+        for lane in first_lanes:
+            got = await lane
+            if got is None:  # failed upstream: one job that is skipped
+                jobs.append((len(jobs), [lane], None))
+                continue
+            rows = sum(r.rows for r in got)
+            for start in range(0, rows, size):
+                jobs.append((len(jobs), [lane], (start, min(start + size, rows))))
+    tracker.plan(stage_.name, len(jobs))
+    out_lanes = {name: [loop.create_future() for _ in jobs] for name in stage_.outputs}
+    for name, ds in ((n, produced[n]) for n in stage_.outputs):
+        ds.lanes.set_result(out_lanes[name])
+
+    async def job(i: int, ins: list[Any], cut: tuple[int, int] | None) -> None:
+        refs = await _collect(item if isinstance(item, list) else [item] for item in ins)
+        out: StageOutput | None = None
+        if refs is not None:
+            more = extra if cut is None else {**extra, "slice": list(cut)}
+            try:
+                out = await one(pos, i, refs, **more)
+            except Exception as e:
+                failures.append(e)
+        for name, futures in out_lanes.items():
+            futures[i].set_result(None if out is None else _parts(out, name))
+
+    await asyncio.gather(*(job(i, ins, cut) for i, ins, cut in jobs))
+
+
+async def _collect(
+    groups: Iterable[Sequence[Lane[list[ChunkRef] | None]]],
+) -> list[ChunkRef] | None:
+    """The refs of every lane in ``groups``, in order; None when any failed upstream."""
+    refs: list[ChunkRef] | None = []
+    for lanes in groups:
+        for lane in lanes:
+            got = await lane
+            refs = None if got is None or refs is None else [*refs, *got]
+    return refs
+
+
+def _resolved(
+    loop: asyncio.AbstractEventLoop, value: list[ChunkRef] | None
+) -> Lane[list[ChunkRef] | None]:
+    lane: Lane[list[ChunkRef] | None] = loop.create_future()
+    lane.set_result(value)
+    return lane
+
+
+def _parts(out: StageOutput, dataset: str) -> list[ChunkRef]:
+    """The chunks ``out`` wrote to ``dataset`` (``dataset`` or ``dataset/NNNNN``), in order."""
+    return [ref for name, ref in sorted(out.refs.items()) if name.split("/")[0] == dataset]

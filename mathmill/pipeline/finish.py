@@ -1,0 +1,148 @@
+"""The end of every run: JSONL exports, stale chunks removed, the report, the
+manifest, the artifacts (counts table, report, the pipeline's own tables, progress),
+and the incomplete-run error when chunks failed.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from mathmill.pipeline.dag import RunState
+from mathmill.tasks.export import (
+    count_rows,
+    dump_json,
+    export_jsonl,
+    remove_stale_chunks,
+    report_markdown,
+    write_run_file,
+)
+
+__all__ = ["RunResult", "finish_run"]
+
+
+class RunResult(BaseModel):
+    """Where a run's outputs are, its counts, LLM usage and time (every pipeline's
+    result has these fields; a pipeline adds its own).
+    """
+
+    out: str
+    dry_run: bool = False
+    counts: dict[str, int] = Field(default_factory=dict)
+    usage: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="LLM calls, cached calls, tokens, cost by stage."
+    )
+    outputs: dict[str, str] = Field(default_factory=dict)
+    stages: dict[str, dict[str, float]] = Field(
+        default_factory=dict, description="Per stage: chunks, chunks reused, busy seconds."
+    )
+    wall_s: float = 0.0
+
+
+def _logger(prefect: bool) -> Any:
+    if prefect:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    import logging
+
+    return logging.getLogger("mathmill.pipeline")
+
+
+async def finish_run(state: RunState) -> Any:
+    """Write the run's exports, report and manifest, publish its artifacts; raise
+    :class:`~mathmill.errors.IncompleteRun` when chunks failed (what finished is kept).
+    """
+    from mathmill.errors import ConfigError, IncompleteRun
+
+    pipeline, store, failed = state.pipeline, state.rt.store, bool(state.failures)
+    logger = _logger(state.prefect)
+    by_dataset = state.by_dataset()
+    outputs = {name: f"{store.url}/{name}/" for name in pipeline.listed}
+    if not failed:
+        for name in pipeline.exports:
+            outputs[f"{name}.jsonl"] = export_jsonl(
+                store, f"{name}.jsonl", by_dataset.get(name, [])
+            )
+        if pipeline.extra_exports is not None:
+            outputs |= pipeline.extra_exports(state)
+        removed = remove_stale_chunks(store, pipeline.datasets(), state.refs)
+        if removed:
+            logger.info("removed %d chunks left by an earlier run with other settings", removed)
+    outputs["report"] = f"{store.url}/report.md"
+    chunks = sum(s.planned for s in state.tracker.stages.values())
+    status = "complete" if not failed else f"INCOMPLETE ({len(state.failures)} chunks failed)"
+    wall = time.perf_counter() - state.started
+    timings = state.tracker.timing_table()
+    report = report_markdown(
+        f"{pipeline.name} run: {status}",
+        state.tracker.counts,
+        state.rt.pool.meter,
+        timings,
+        outputs,
+        wall,
+    )
+    if pipeline.report is not None:
+        section = pipeline.report(state)
+        report = report.replace("## Rows by stage", section + "\n\n## Rows by stage", 1)
+    write_run_file(store, "report.md", report.encode(), failed=failed)
+    fields = pipeline.summary(state) if pipeline.summary is not None else {}
+    result = pipeline.result(
+        out=store.url,
+        counts=dict(state.tracker.counts),
+        usage=state.rt.pool.meter.summary(),
+        outputs=outputs,
+        stages={
+            name: {"chunks": n, "reused": r, "busy_s": round(t, 3)}
+            for name, (n, r, t) in timings.items()
+        },
+        wall_s=wall,
+        **fields,
+    )
+    manifest = {
+        "status": status,
+        pipeline.params_name: state.params.model_dump(mode="json"),
+        "result": result.model_dump(mode="json"),
+        "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
+    }
+    write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
+    if state.prefect:
+        await _artifacts(state, report, status)
+    if failed:
+        for error in state.failures:  # bad settings: say so, re-running won't help
+            if isinstance(error, ConfigError):
+                raise error
+        first = state.failures[0]
+        raise IncompleteRun(
+            f"{pipeline.name}: {len(state.failures)} of {chunks} chunks did not finish "
+            f"(first: {first}); finished rows are kept in {store.url}; re-run the same "
+            "command to resume"
+        ) from first
+    if state.prefect:
+        await state.tracker.publish("done", finished=True)
+    logger.info("%s: %s", pipeline.name, _headline(result))
+    return result
+
+
+async def _artifacts(state: RunState, report: str, status: str) -> None:
+    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+
+    name = state.pipeline.name
+    await acreate_table_artifact(
+        count_rows(state.tracker.counts),
+        key=f"{name}-counts",
+        description=f"Rows by stage and outcome ({status})",
+    )
+    for key, rows, description in state.pipeline.tables(state) if state.pipeline.tables else []:
+        await acreate_table_artifact(rows, key=key, description=f"{description} ({status})")
+    await acreate_markdown_artifact(report, key=f"{name}-report", description=f"{name} run report")
+
+
+def _headline(result: BaseModel) -> str:
+    """The result's scalar fields, for the log's last line."""
+    skip = {"out", "dry_run", "wall_s"}
+    fields = result.model_dump()
+    parts = [f"{k}={v}" for k, v in fields.items() if k not in skip and isinstance(v, int | float)]
+    return ", ".join([*parts, f"in {fields['out']}"])

@@ -1,0 +1,172 @@
+"""The sample stage: N solutions per problem on the sampler role's backend (an
+endpoint, vLLM here, or the ``generate`` deployment on the vllm pool), each graded
+against the problem's reference answer, with the logprobs of its tokens.
+"""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mathmill.grading.equivalence import grade
+from mathmill.grading.extract import extract_answer
+from mathmill.pipeline.stage import Chunk, StageResult, stage
+from mathmill.prompts import load_prompt
+from mathmill.records import (
+    Generation,
+    GenRequest,
+    Problem,
+    Sample,
+    SampleStatus,
+    SamplingParams,
+    stable_id,
+)
+from mathmill.tasks.generation import generate
+from mathmill.tasks.runtime import split_rows
+
+__all__ = ["SampleConfig", "grade_samples", "sample", "sample_stats"]
+
+SAMPLES_PER_CHUNK = 1000
+
+
+class SampleConfig(BaseModel):
+    """How each problem is sampled."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    sampling: SamplingParams
+    rows_per_chunk: int = Field(SAMPLES_PER_CHUNK, ge=1, description="Samples per output chunk.")
+
+
+@stage(
+    "sample",
+    params=SampleConfig,
+    kind="whole",
+    roles=("sampler",),
+    prompts=("sample_system",),
+    inputs={"problems": Problem},
+    outputs={"samples": Sample},
+)
+async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
+    """Every problem's samples, generated as one batch (the backend chunks it), graded."""
+    problems: list[Problem] = chunk.rows("problems")
+    gens = await generate(chunk.rt, "sampler", _requests(problems, cfg.sampling), stage="sample")
+    rows = grade_samples(problems, gens, cfg.sampling)
+    counts: Counter[str] = Counter(f"sample.{r.status}" for r in rows)
+    return StageResult(
+        rows=dict(split_rows("samples", rows, cfg.rows_per_chunk)),
+        counts=counts,
+        errors=[g.error for g in gens if g.error is not None],
+        attempted=len(gens),
+    )
+
+
+def _requests(problems: Sequence[Problem], sampling: SamplingParams) -> list[GenRequest]:
+    system = load_prompt("sample_system").text
+    return [
+        GenRequest(
+            id=p.id,
+            messages=[
+                {"role": "system", "content": system},
+                {"role": "user", "content": p.statement},
+            ],
+            sampling=sampling,
+        )
+        for p in problems
+    ]
+
+
+def _grade(
+    reference: str | None, text: str, problem: str | None = None
+) -> tuple[SampleStatus, str | None, str]:
+    found = extract_answer(text)
+    if found is None:
+        return "no_answer", None, "no final answer in the text"
+    if reference is None:
+        return "unvalidated", found.text, "no reference answer"
+    verdict = grade(reference, found.text, problem=problem)  # problem: its option list
+    status: SampleStatus = "correct" if verdict.equivalent else "incorrect"
+    return status, found.text, f"{verdict.rule}: {verdict.reason}".strip(": ")
+
+
+def grade_samples(
+    problems: Sequence[Problem], gens: Sequence[Generation], sampling: SamplingParams
+) -> list[Sample]:
+    """One :class:`Sample` per generated solution (or one ``error`` row for a request
+    that failed), graded against the problem's answer; ``sampling`` is what the
+    requests asked for.
+    """
+    prompt = load_prompt("sample_system").ref
+    by_id = {p.id: p for p in problems}
+    rows: list[Sample] = []
+    for g in gens:
+        p = by_id[g.id]
+        base: dict[str, Any] = {"problem_id": p.id, "problem": p.statement, "reference": p.answer}
+        base |= {"model": g.model, "backend": g.backend, "prompt": prompt, "sampling": sampling}
+        if g.error is not None:
+            rows.append(
+                Sample(
+                    id=stable_id(p.id, "error"),
+                    index=0,
+                    text="",
+                    status="error",
+                    reason=g.error.message,
+                    **base,
+                )
+            )
+            continue
+        for c in g.choices:
+            status, answer, reason = _grade(p.answer, c.text, p.statement)
+            lps = c.logprobs
+            total = sum(t.logprob for t in lps) if lps else None
+            rows.append(
+                Sample(
+                    id=stable_id(p.id, str(c.index), g.model),
+                    index=c.index,
+                    text=c.text,
+                    final_answer=answer,
+                    status=status,
+                    reason=reason,
+                    finish_reason=c.finish_reason,
+                    tokens=c.tokens,
+                    logprob_sum=total,
+                    logprob_mean=total / len(lps) if lps and total is not None else None,
+                    logprobs=lps,
+                    **base,
+                )
+            )
+    return rows
+
+
+def sample_stats(rows: Sequence[Sample], problems: int, dropped: int = 0) -> list[dict[str, Any]]:
+    """The run's statistics as table rows (metric, value); ``dropped``: input rows the
+    load stage did not pass on (malformed, duplicate).
+    """
+    per: dict[str, list[Sample]] = defaultdict(list)
+    for r in rows:
+        per[r.problem_id].append(r)
+    graded = [r for r in rows if r.status in ("correct", "incorrect", "no_answer")]
+    correct = sum(r.status == "correct" for r in rows)
+    any_correct = sum(any(s.status == "correct" for s in v) for v in per.values())
+    means = [r.logprob_mean for r in rows if r.logprob_mean is not None]
+
+    def rate(n: int, d: int) -> float:
+        return round(n / d, 4) if d else 0.0
+
+    return [
+        {"metric": "problems", "value": problems},
+        {"metric": "dropped input rows", "value": dropped},
+        {"metric": "samples", "value": sum(r.status != "error" for r in rows)},
+        {"metric": "accuracy (correct / graded samples)", "value": rate(correct, len(graded))},
+        {"metric": "pass@n (a correct sample)", "value": rate(any_correct, len(per))},
+        {"metric": "no answer", "value": sum(r.status == "no_answer" for r in rows)},
+        {"metric": "unvalidated", "value": sum(r.status == "unvalidated" for r in rows)},
+        {"metric": "errors", "value": sum(r.status == "error" for r in rows)},
+        {"metric": "mean tokens", "value": rate(sum(r.tokens for r in rows), len(rows))},
+        {"metric": "mean logprob per token", "value": round(sum(means) / len(means), 4)}
+        if means
+        else {"metric": "mean logprob per token", "value": None},
+    ]
