@@ -12,22 +12,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import importlib.abc
-import json
 import logging
 import os
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from mathmill.errors import ConfigError, MathmillError
+from mathmill.flows.cli_params import (
+    Shortcut,
+    build_params,
+    load_config_file,
+    option,
+    params_command,
+    validation_message,
+)
 
 if TYPE_CHECKING:
-    from pydantic import BaseModel, ValidationError
+    from mathmill.flows.sample import SampleParams
+    from mathmill.flows.synthesize import SynthesizeConfig
+    from mathmill.flows.tir import TirParams
 
 __all__ = [
     "PrefectServer",
@@ -40,80 +48,21 @@ __all__ = [
     "validation_message",
 ]
 
-M = TypeVar("M", bound="BaseModel")
 ServerMode = Literal["local", "ephemeral"]
+PREFECT_SERVER_HELP = (
+    "Where the run is recorded when PREFECT_API_URL is unset: 'local' starts a "
+    "Prefect server once in the background ($MATHMILL_SERVER_HOME, default "
+    "~/.mathmill/server; port $MATHMILL_SERVER_PORT, default 4200) and reuses it, so "
+    "runs keep their history in the UI; 'ephemeral' uses Prefect's temporary server "
+    "for this run only. Default: $MATHMILL_PREFECT_SERVER or local."
+)
 PrefectServer = Annotated[
-    ServerMode | None,
-    typer.Option(
-        "--prefect-server",
-        help="Where the run is recorded when PREFECT_API_URL is unset: 'local' starts a "
-        "Prefect server once in the background ($MATHMILL_SERVER_HOME, default "
-        "~/.mathmill/server; port $MATHMILL_SERVER_PORT, default 4200) and reuses it, so "
-        "runs keep their history in the UI; 'ephemeral' uses Prefect's temporary server "
-        "for this run only. Default: $MATHMILL_PREFECT_SERVER or local.",
-    ),
+    ServerMode | None, typer.Option("--prefect-server", help=PREFECT_SERVER_HELP)
 ]
 run_app = typer.Typer(help="Run a pipeline (a Prefect flow).", no_args_is_help=True)
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # piped or in CI: 80 columns would cut the tables
     console.width = 120
-
-
-def validation_message(error: ValidationError, what: str) -> str:
-    """One line naming each bad field: ``topics: Input should be ...``."""
-    parts = []
-    for e in error.errors():
-        where = ".".join(str(p) for p in e["loc"]) or "(config)"
-        parts.append(f"{where}: {e['msg']}")
-    return f"invalid {what}: " + "; ".join(parts)
-
-
-def load_config_file(path: Path | None) -> dict[str, Any]:
-    """A JSON or YAML file of flow parameters (empty when no file)."""
-    if path is None:
-        return {}
-    try:
-        text = path.read_text("utf-8")
-    except OSError as e:
-        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-    try:
-        if path.suffix in (".yaml", ".yml"):
-            import yaml
-
-            data = yaml.safe_load(text)
-        else:
-            data = json.loads(text)
-    except Exception as e:  # json and yaml raise different errors
-        reason = " ".join(str(e).split())  # YAML's messages span lines
-        raise ConfigError(f"config file {path} does not parse: {reason}") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path}: expected a mapping of parameters")
-    return data
-
-
-def _set(data: dict[str, Any], dotted: str, value: Any) -> None:
-    if value is None:
-        return
-    *parents, leaf = dotted.split(".")
-    node = data
-    for p in parents:
-        node = node.setdefault(p, {})
-    node[leaf] = value
-
-
-def build_params(model: type[M], config: Path | None, values: dict[str, Any], what: str) -> M:
-    """Flow parameters from a config file, overridden by the flags that were given
-    (dotted keys for nested fields); a bad value is one :class:`ConfigError` line.
-    """
-    from pydantic import ValidationError
-
-    data = load_config_file(config)
-    for key, value in values.items():
-        _set(data, key, value)
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(validation_message(e, what)) from None
 
 
 @contextlib.contextmanager
@@ -215,10 +164,13 @@ def skip_pyarrow_pandas_probe() -> None:
         sys.meta_path.remove(blocker)
 
 
-def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tuple[Any, str | None]:
+def run_flow(
+    flow: Any, server: ServerMode | None = None, *, progress: bool = False, **params: Any
+) -> tuple[Any, str | None]:
     """Run a Prefect flow on the server :func:`prefect_api` picks; its result and the
     run's link in the UI (None on a temporary server). The flow's own error is raised
-    as it is, after the link, so the failed run's logs are one click away.
+    as it is, after the link, so the failed run's logs are one click away. With
+    ``progress``, the run's progress is drawn meanwhile (:func:`live_view`).
     """
 
     from prefect.settings import PREFECT_UI_URL
@@ -237,7 +189,34 @@ def run_flow(flow: Any, server: ServerMode | None = None, **params: Any) -> tupl
     skip_pyarrow_pandas_probe()
     with prefect_api(server) as api:
         quiet_known_errors()
-        return asyncio.run(_run(api))
+        with live_view(progress, str(getattr(flow, "name", "run"))):
+            return asyncio.run(_run(api))
+
+
+@contextlib.contextmanager
+def live_view(enabled: bool, title: str) -> Iterator[None]:
+    """The run's progress in the terminal for the block's duration
+    (:class:`~mathmill.pipeline.progress.LiveProgress` as ``live_listener``, which the
+    flow run's context inherits); a plain line per stage when stdout is no terminal.
+    """
+    if not enabled:
+        yield
+        return
+    from mathmill.pipeline.progress import LiveProgress, live_listener
+
+    with LiveProgress(console, title=title) as view:
+        token = live_listener.set(view)
+        try:
+            yield
+        finally:
+            live_listener.reset(token)
+
+
+def show_progress(options: Mapping[str, Any]) -> bool:
+    """Whether a run command draws its progress: not with ``--no-progress`` (or
+    ``MATHMILL_PROGRESS=0``), nor with ``--debug`` (its turns print instead).
+    """
+    return bool(options.get("progress", True)) and not options.get("debug")
 
 
 def print_ui(link: str | None) -> None:
@@ -246,11 +225,13 @@ def print_ui(link: str | None) -> None:
         console.print(f"Prefect UI: {link}", markup=False, highlight=False)
 
 
-def run_synthesize_config(cfg: Any, server: ServerMode | None = None) -> tuple[Any, str | None]:
+def run_synthesize_config(
+    cfg: Any, server: ServerMode | None = None, *, progress: bool = False
+) -> tuple[Any, str | None]:
     """Run the synthesize flow for a validated config; its result and UI link."""
     from mathmill.flows.synthesize import synthesize
 
-    return run_flow(synthesize, server, config=cfg)
+    return run_flow(synthesize, server, progress=progress, config=cfg)
 
 
 def print_result(result: Any, link: str | None = None) -> None:
@@ -287,70 +268,6 @@ def usage_table(usage: dict[str, dict[str, float]]) -> Table:
     return table
 
 
-Opt = typer.Option
-
-
-@run_app.command("synthesize")
-def synthesize_command(
-    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
-    topics: Annotated[int | None, Opt(help="Unique topics to generate.")] = None,
-    problems_per_topic: Annotated[int | None, Opt(help="Problems per topic.")] = None,
-    short_cots: Annotated[int | None, Opt(help="Short CoTs per problem.")] = None,
-    rounds: Annotated[int | None, Opt(help="Feedback-rewrite rounds.")] = None,
-    domains: Annotated[str | None, Opt(help="Comma-separated domains.")] = None,
-    chunk_size: Annotated[int | None, Opt(help="Problems per chunk (task).")] = None,
-    concurrency: Annotated[int | None, Opt(help="Rows in flight per chunk.")] = None,
-    limit: Annotated[int | None, Opt(help="Solve at most this many problems.")] = None,
-    seed: Annotated[int | None, Opt(help="Base seed.")] = None,
-    base_url: Annotated[str | None, Opt(help="Default endpoint for every role.")] = None,
-    model: Annotated[str | None, Opt(help="Default model for every role.")] = None,
-    api_key_env: Annotated[
-        str | None, Opt(help="Env var holding the API key (never the key itself).")
-    ] = None,
-    max_tokens: Annotated[int | None, Opt(help="Max tokens per reply, every role.")] = None,
-    max_concurrency: Annotated[int | None, Opt(help="Requests in flight per endpoint.")] = None,
-    sandbox_url: Annotated[str | None, Opt(help="Use a sandbox server at this URL.")] = None,
-    sandbox_timeout: Annotated[float | None, Opt(help="Seconds per code run.")] = None,
-    storage_endpoint_url: Annotated[str | None, Opt(help="S3-compatible endpoint.")] = None,
-    config: Annotated[
-        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
-    ] = None,
-    dry_run: Annotated[bool, Opt("--dry-run", help="Validate and print the plan.")] = False,
-    prefect_server: PrefectServer = None,
-) -> None:
-    """Generate problems and chains of thought, verify them by code, write the dataset."""
-    from mathmill.flows.synthesize import SynthesizeConfig, plan
-
-    values = {
-        "out": out,
-        "topics": topics,
-        "problems_per_topic": problems_per_topic,
-        "short_cots": short_cots,
-        "rounds": rounds,
-        "domains": [d.strip() for d in domains.split(",") if d.strip()] if domains else None,
-        "chunk_size": chunk_size,
-        "concurrency": concurrency,
-        "limit": limit,
-        "seed": seed,
-        "storage_endpoint_url": storage_endpoint_url,
-        "models.default.base_url": base_url,
-        "models.default.model": model,
-        "models.default.api_key_env": api_key_env,
-        "models.default.max_tokens": max_tokens,
-        "models.default.max_concurrency": max_concurrency,
-        "sandbox.url": sandbox_url,
-        "sandbox.backend": "http" if sandbox_url else None,
-        "sandbox.timeout_s": sandbox_timeout,
-        "dry_run": dry_run or None,
-    }
-    cfg = build_params(SynthesizeConfig, config, values, "synthesize parameters")
-    if cfg.dry_run:
-        console.print_json(plan(cfg).model_dump_json())
-        console.print("dry run: nothing was called")
-        return
-    print_result(*run_synthesize_config(cfg, prefect_server))
-
-
 _ROLE_STYLE = {"user": "yellow", "assistant": "cyan", "tool": "green", "final": "bold magenta"}
 
 
@@ -381,61 +298,111 @@ def print_tir_result(result: Any, link: str | None = None) -> None:
     print_ui(link)
 
 
-@run_app.command("tir")
-def tir_command(
-    input: Annotated[
-        str | None, Opt("--input", help="JSONL/Parquet file, dataset directory or hf:NAME.")
-    ] = None,
-    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
-    limit: Annotated[int | None, Opt(help="At most this many problems.")] = None,
-    split: Annotated[str | None, Opt(help="Dataset split (directories, hf:).")] = None,
-    id_field: Annotated[str | None, Opt(help="Input field with the id.")] = None,
-    prompt_field: Annotated[str | None, Opt(help="Input field with the problem.")] = None,
-    answer_field: Annotated[str | None, Opt(help="Input field with the answer.")] = None,
-    samples: Annotated[int | None, Opt(help="Trajectories per problem.")] = None,
-    max_turns: Annotated[int | None, Opt(help="Model replies per trajectory.")] = None,
-    max_output_chars: Annotated[int | None, Opt(help="<repl> output cap.")] = None,
-    concurrency: Annotated[int | None, Opt(help="Trajectories in flight.")] = None,
-    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
-    model: Annotated[str | None, Opt(help="Model name.")] = None,
-    api_key_env: Annotated[str | None, Opt(help="Env var holding the API key.")] = None,
-    max_tokens: Annotated[int | None, Opt(help="Max tokens per reply.")] = None,
-    temperature: Annotated[float | None, Opt(help="Sampling temperature.")] = None,
-    sandbox_url: Annotated[str | None, Opt(help="Use a sandbox server at this URL.")] = None,
-    sandbox_timeout: Annotated[float | None, Opt(help="Seconds per code block.")] = None,
-    config: Annotated[
-        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
-    ] = None,
-    debug: Annotated[bool, Opt("--debug", help="Print every turn in colour.")] = False,
-    dry_run: Annotated[bool, Opt("--dry-run", help="Validate and count; call nothing.")] = False,
-    prefect_server: PrefectServer = None,
-) -> None:
-    """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
-    from mathmill.flows.tir import TirParams, tir, turn_hook
+def print_sample_result(result: Any, link: str | None = None) -> None:
+    """The statistics and where the exports are."""
+    table = Table(title="sample statistics")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for metric, value in result.stats.items():
+        table.add_row(metric, str(value))
+    console.print(table)
+    for name, path in result.outputs.items():
+        console.print(f"  {name:16} {path}", markup=False, highlight=False)
+    console.print(f"{result.problems} problems, {result.samples} samples in {result.wall_s:.1f}s")
+    print_ui(link)
 
-    values = {
-        "input": input,
-        "out": out,
-        "limit": limit,
-        "split": split,
-        "id_field": id_field,
-        "prompt_field": prompt_field,
-        "answer_field": answer_field,
-        "samples": samples,
-        "max_turns": max_turns,
-        "max_output_chars": max_output_chars,
-        "concurrency": 1 if debug else concurrency,
-        "solver.base_url": base_url,
-        "solver.model": model,
-        "solver.api_key_env": api_key_env,
-        "solver.max_tokens": max_tokens,
-        "solver.temperature": temperature,
-        "sandbox.url": sandbox_url,
-        "sandbox.backend": "http" if sandbox_url else None,
-        "sandbox.timeout_s": sandbox_timeout,
-        "dry_run": dry_run or None,
-    }
-    params = build_params(TirParams, config, values, "tir parameters")
+
+# -- the pipelines: options from their params models (mathmill.flows.cli_params) ----------
+
+# Shortcut flags for common nested fields (flag -> dotted path); every other field has its
+# own flag (top-level) or `--set PATH=VALUE`. A shortcut takes its flag from a top-level
+# field of the same name (sample's --chunk-size), which then gets one of its own here.
+SANDBOX_URL = Shortcut("sandbox.url", also={"sandbox.backend": "http"})
+SYNTHESIZE_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "models.default.base_url",
+    "--model": "models.default.model",
+    "--api-key-env": "models.default.api_key_env",
+    "--max-tokens": "models.default.max_tokens",
+    "--max-concurrency": "models.default.max_concurrency",
+    "--sandbox-url": SANDBOX_URL,
+    "--sandbox-timeout": "sandbox.timeout_s",
+}
+TIR_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "solver.base_url",
+    "--model": "solver.model",
+    "--api-key-env": "solver.api_key_env",
+    "--max-tokens": "solver.max_tokens",
+    "--temperature": "solver.temperature",
+    "--sandbox-url": SANDBOX_URL,
+    "--sandbox-timeout": "sandbox.timeout_s",
+}
+SAMPLE_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "model.base_url",
+    "--model": "model.model",
+    "--api-key-env": "model.api_key_env",
+    "--backend": "backend.kind",
+    "--engine-model": "backend.engine.model",
+    "--tensor-parallel": "backend.engine.tensor_parallel_size",
+    "--max-model-len": "backend.engine.max_model_len",
+    "--runs": "backend.runs",
+    "--chunk-size": "backend.chunk_size",
+    "--load-chunk-size": "chunk_size",
+}
+
+
+PREFECT_SERVER = option("prefect_server", PrefectServer)
+DEBUG = option(
+    "debug",
+    Annotated[bool, typer.Option("--debug", help="Print every turn in colour (no progress view).")],
+    False,
+)
+PROGRESS = option(
+    "progress",
+    Annotated[
+        bool,
+        typer.Option(
+            "--progress/--no-progress",
+            envvar="MATHMILL_PROGRESS",
+            help="Show the run's progress: per stage chunks, rows and ETA, and the LLM "
+            "calls, tokens and cost (a plain line per stage when stdout is not a terminal).",
+        ),
+    ],
+    True,
+)
+
+
+def synthesize_model() -> type[SynthesizeConfig]:
+    """The synthesize flow's parameters (imports the flow)."""
+    from mathmill.flows.synthesize import SynthesizeConfig
+
+    return SynthesizeConfig
+
+
+def run_synthesize(cfg: SynthesizeConfig, options: Mapping[str, Any]) -> None:
+    """Generate problems and chains of thought, verify them by code, write the dataset."""
+    from mathmill.flows.synthesize import plan
+
+    if cfg.dry_run:
+        console.print_json(plan(cfg).model_dump_json())
+        console.print("dry run: nothing was called")
+        return
+    progress = show_progress(options)
+    print_result(*run_synthesize_config(cfg, options["prefect_server"], progress=progress))
+
+
+def tir_model() -> type[TirParams]:
+    """The tir flow's parameters (imports the flow)."""
+    from mathmill.flows.tir import TirParams
+
+    return TirParams
+
+
+def run_tir(params: TirParams, options: Mapping[str, Any]) -> None:
+    """Tool-integrated reasoning trajectories against a stateful Python sandbox."""
+    from mathmill.flows.tir import tir, turn_hook
+
+    if options["debug"]:
+        params = params.model_copy(update={"concurrency": 1})  # turns print in order
     params.check_input()
     if params.dry_run:
         from mathmill.sources import FieldMap, read_problems
@@ -448,78 +415,54 @@ def tir_command(
         )
         console.print("dry run: nothing was called")
         return
-    if debug:
+    if options["debug"]:
         turn_hook.set(print_turn)
-    print_tir_result(*run_flow(tir, prefect_server, params=params))
+    progress = show_progress(options)
+    print_tir_result(*run_flow(tir, options["prefect_server"], progress=progress, params=params))
 
 
-@run_app.command("sample")
-def sample_command(
-    input: Annotated[
-        str | None, Opt("--input", help="JSONL/Parquet file, dataset directory or hf:NAME.")
-    ] = None,
-    out: Annotated[str | None, Opt(help="Run directory or s3:// URL (re-run to resume).")] = None,
-    limit: Annotated[int | None, Opt(help="At most this many problems.")] = None,
-    samples: Annotated[int | None, Opt(help="Solutions per problem (n).")] = None,
-    temperature: Annotated[float | None, Opt(help="Sampling temperature.")] = None,
-    max_tokens: Annotated[int | None, Opt(help="Tokens per solution.")] = None,
-    seed: Annotated[int | None, Opt(help="Sampling seed.")] = None,
-    top_logprobs: Annotated[int | None, Opt(help="Alternatives kept per token.")] = None,
-    backend: Annotated[
-        str | None, Opt(help="endpoint (default), deployment (vllm pool) or engine (here).")
-    ] = None,
-    engine_model: Annotated[
-        str | None, Opt(help="Model folder or HF name for vLLM (deployment, engine).")
-    ] = None,
-    tensor_parallel: Annotated[int | None, Opt(help="GPUs per engine.")] = None,
-    max_model_len: Annotated[int | None, Opt(help="Engine context length.")] = None,
-    runs: Annotated[int | None, Opt(help="generate flow runs at once (deployment).")] = None,
-    chunk_size: Annotated[int | None, Opt(help="Requests per generation chunk.")] = None,
-    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
-    model: Annotated[str | None, Opt(help="Model name at the endpoint.")] = None,
-    api_key_env: Annotated[str | None, Opt(help="Env var holding the API key.")] = None,
-    config: Annotated[
-        Path | None, Opt("--config", help="JSON/YAML file of flow parameters (flags win).")
-    ] = None,
-    dry_run: Annotated[bool, Opt("--dry-run", help="Validate; call nothing.")] = False,
-    prefect_server: PrefectServer = None,
-) -> None:
+def sample_model() -> type[SampleParams]:
+    """The sample flow's parameters (imports the flow)."""
+    from mathmill.flows.sample import SampleParams
+
+    return SampleParams
+
+
+def run_sample(params: SampleParams, options: Mapping[str, Any]) -> None:
     """N solutions per problem with token logprobs, graded against the answers."""
-    from mathmill.flows.sample import SampleParams, sample
+    from mathmill.flows.sample import sample
 
-    values = {
-        "input": input,
-        "out": out,
-        "limit": limit,
-        "samples": samples,
-        "temperature": temperature,
-        "max_tokens": max_tokens,
-        "seed": seed,
-        "top_logprobs": top_logprobs,
-        "backend.kind": backend,
-        "backend.engine.model": engine_model,
-        "backend.engine.tensor_parallel_size": tensor_parallel,
-        "backend.engine.max_model_len": max_model_len,
-        "backend.runs": runs,
-        "backend.chunk_size": chunk_size,
-        "model.base_url": base_url,
-        "model.model": model,
-        "model.api_key_env": api_key_env,
-        "dry_run": dry_run or None,
-    }
-    params = build_params(SampleParams, config, values, "sample parameters")
     params.check_input()
     if params.dry_run:
         console.print("dry run: parameters are valid, nothing was called")
         return
-    result, link = run_flow(sample, prefect_server, params=params)
-    table = Table(title="sample statistics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for metric, value in result.stats.items():
-        table.add_row(metric, str(value))
-    console.print(table)
-    for name, path in result.outputs.items():
-        console.print(f"  {name:16} {path}", markup=False, highlight=False)
-    console.print(f"{result.problems} problems, {result.samples} samples in {result.wall_s:.1f}s")
-    print_ui(link)
+    progress = show_progress(options)
+    print_sample_result(
+        *run_flow(sample, options["prefect_server"], progress=progress, params=params)
+    )
+
+
+params_command(
+    run_app,
+    "synthesize",
+    synthesize_model,
+    run_synthesize,
+    shortcuts=SYNTHESIZE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "tir",
+    tir_model,
+    run_tir,
+    shortcuts=TIR_FLAGS,
+    extra=[DEBUG, PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "sample",
+    sample_model,
+    run_sample,
+    shortcuts=SAMPLE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)

@@ -258,11 +258,11 @@ class LiveProgress:
         for justify in ("right", "right", "left", "right"):
             grid.add_column(justify=justify, no_wrap=True)
         for name, fig in self._snapshot:
-            notes = Text()
-            if fig.reused:
-                notes.append(f"{fig.reused} reused ", style="dim")
-            if fig.failed:
-                notes.append(f"{fig.failed} failed", style="red")
+            notes = Text(" ").join(
+                Text(f"{n} {what}", style=style)
+                for n, what, style in ((fig.reused, "reused", "dim"), (fig.failed, "failed", "red"))
+                if n
+            )
             bar = ProgressBar(total=max(fig.planned, 1), completed=fig.done, width=30)
             grid.add_row(
                 name,
@@ -277,6 +277,8 @@ class LiveProgress:
         head = Text(self.title or "run", style="bold")
         if planned:
             head.append(f" {100.0 * ended / planned:.1f}% ({ended}/{planned} chunks)")
+        else:
+            head.append(": starting", style="dim")
         parts: list[RenderableType] = [head, grid]
         usage = llm_line(tracker.meter if tracker is not None else None)
         if usage:
