@@ -80,6 +80,7 @@ def worker(
             "process",
             "--limit",
             str(limit),
+            *(["--name", name] if name else []),
         ],
         env=dict(env),
         cwd=work,

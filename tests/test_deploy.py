@@ -85,8 +85,10 @@ def _body(d: Deployed, key: str) -> bytes:
     return data
 
 
-def _deployment_run(d: Deployed, name: str, config: dict[str, object]) -> str:
-    param = ["--param", f"config={json.dumps(config)}"]
+def _deployment_run(
+    d: Deployed, name: str, config: dict[str, object], param_name: str = "config"
+) -> str:
+    param = ["--param", f"{param_name}={json.dumps(config)}"]
     return _run(
         [sys.executable, "-m", "prefect", "deployment", "run", name, "--watch", *WATCH, *param],
         d.env,
@@ -160,12 +162,19 @@ def test_the_scheduler_makes_the_nightly_runs(deployed: Deployed) -> None:
 
 
 def test_a_refresh_run_writes_a_dated_version_and_latest(deployed: Deployed) -> None:
-    config = {"synthesize": _config(out="datasets/nightly"), "version": "2026-11-22"}
-    out = _deployment_run(deployed, "refresh/nightly", config)
+    synth = {k: v for k, v in _config().items() if k != "storage_block"}
+    params = {
+        "root": "datasets/nightly",
+        "storage_block": "data",
+        "version": "2026-11-22",
+        "pipelines": [{"pipeline": "synthesize", "params": synth}],
+    }
+    out = _deployment_run(deployed, "refresh/nightly", params, "params")
     assert "Completed" in out, out
     latest = json.loads(_body(deployed, "mm/datasets/nightly/latest.json"))
-    assert latest["version"] == "2026-11-22" and latest["verified"] == 8
+    assert latest["version"] == "2026-11-22"
+    assert latest["pipelines"]["synthesize"]["verified"] == 8
     assert latest["path"].endswith("/mm/datasets/nightly/2026-11-22")
-    assert _keys(deployed, "mm/datasets/nightly/2026-11-22/verified/")
+    assert _keys(deployed, "mm/datasets/nightly/2026-11-22/synthesize/verified/")
     versions = _body(deployed, "mm/datasets/nightly/versions.jsonl").decode().splitlines()
     assert [json.loads(v)["version"] for v in versions] == ["2026-11-22"]

@@ -134,6 +134,7 @@ PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
     report=_report,
     tables=lambda state: [("sample-stats", _stats(state), "sample statistics")],
     summary=_summary,
+    ref="mathmill.flows.sample:PIPELINE",
     description="N solutions per problem with logprobs, graded against the answers.",
 )
 """load → sample (generate on the sampler's backend, grade) → exports."""

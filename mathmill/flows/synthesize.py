@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mathmill.errors import IncompleteRun
 from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
+from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import SamplingParams
 from mathmill.tasks import synthesize as stages
@@ -72,7 +73,7 @@ class Models(BaseModel):
         }
 
 
-class SynthesizeConfig(StorageFields):
+class SynthesizeConfig(FanOutFields, StorageFields):
     """Parameters of the synthesize flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -238,6 +239,7 @@ PIPELINE: Pipeline[SynthesizeConfig, SynthesizeResult] = Pipeline(
     listed=("verified", "unverified", "dropped"),
     summary=_summary,
     params_name="config",
+    ref="mathmill.flows.synthesize:PIPELINE",
     description="Generate problems and solutions; keep those whose answer code reproduces.",
 )
 """topics → problems (slices of the topics) → dedup → per chunk: cots → verify."""

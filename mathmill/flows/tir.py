@@ -18,6 +18,7 @@ from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
+from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import Attempt, Problem, SamplingParams
 from mathmill.storage import ChunkRef, RunStore
@@ -35,7 +36,7 @@ turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
 """Set by ``mathmill run tir --debug`` to print each turn as it happens."""
 
 
-class TirParams(InputFields, StorageFields):
+class TirParams(InputFields, FanOutFields, StorageFields):
     """Parameters of the tir flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -130,6 +131,7 @@ PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
     tables=lambda state: [("tir-stats", _stats(state), "tir statistics")],
     summary=_summary,
     setup=_setup,
+    ref="mathmill.flows.tir:PIPELINE",
     description="Tool-integrated reasoning trajectories against a stateful sandbox.",
 )
 """load → per chunk of problems: trajectories → ShareGPT and chat exports, stats."""

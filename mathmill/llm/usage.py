@@ -104,6 +104,32 @@ class UsageMeter:
             with self._lock:
                 self._stages.setdefault(name, StageUsage()).add(s)
 
+    @classmethod
+    def from_summary(cls, summary: dict[str, dict[str, float]]) -> UsageMeter:
+        """A meter holding what :meth:`summary` wrote (another process's usage).
+
+        >>> meter = UsageMeter()
+        >>> meter.record("cot", model="m", prompt_tokens=10, latency_ms=4.0)
+        >>> UsageMeter.from_summary(meter.summary()).summary() == meter.summary()
+        True
+        """
+        meter = cls()
+        for name, row in summary.items():
+            if name == "total":
+                continue
+            calls = int(row.get("calls", 0))
+            meter._stages[name] = StageUsage(
+                calls=calls,
+                cached=int(row.get("cached", 0)),
+                errors=int(row.get("errors", 0)),
+                retries=int(row.get("retries", 0)),
+                prompt_tokens=int(row.get("prompt_tokens", 0)),
+                completion_tokens=int(row.get("completion_tokens", 0)),
+                latency_ms=float(row.get("mean_latency_ms", 0.0)) * calls,
+                cost_usd=float(row.get("cost_usd", 0.0)),
+            )
+        return meter
+
     def summary(self) -> dict[str, dict[str, float]]:
         """Per-stage figures and ``total`` as plain numbers (for results and JSON)."""
         rows = [*self.stages().items(), ("total", self.total())]

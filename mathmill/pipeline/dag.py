@@ -18,11 +18,12 @@ can, then stops with :class:`~mathmill.errors.IncompleteRun`; a re-run resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
 import logging
 import time
-from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -31,9 +32,9 @@ from pydantic import BaseModel
 from mathmill.pipeline.progress import Listener, Tracker
 from mathmill.pipeline.stage import Stage, execute
 from mathmill.storage import ChunkRef
-from mathmill.tasks.runtime import Runtime, StageOutput, use_runtime
+from mathmill.tasks.runtime import ChunkSpec, Runtime, StageOutput, use_runtime
 
-__all__ = ["Pipeline", "Resources", "RunState", "Step", "run_pipeline", "run_steps"]
+__all__ = ["Pipeline", "Resources", "RunState", "Step", "open_pipeline_runtime", "run_pipeline"]
 
 PP = TypeVar("PP", bound=BaseModel)
 RR = TypeVar("RR", bound=BaseModel)
@@ -128,6 +129,8 @@ class Pipeline(Generic[PP, RR]):
     setup: Callable[[Runtime, PP], None] | None = None
     params_name: str = "params"
     description: str = ""
+    ref: str = ""
+    """Where workers import it from (``module:attribute``), for fan-out."""
 
     def datasets(self) -> list[str]:
         """Every dataset the pipeline's stages write (``dropped`` included)."""
@@ -137,6 +140,34 @@ class Pipeline(Generic[PP, RR]):
     def stage_params(self, params: PP) -> list[BaseModel]:
         """Each step's params, resolved and validated (before any call)."""
         return [step.params(params) for step in self.steps]
+
+    def step(self, stage: str) -> Step:
+        """The step of stage ``stage``."""
+        for step in self.steps:
+            if step.stage.name == stage:
+                return step
+        raise KeyError(f"pipeline {self.name} has no stage {stage!r}")
+
+
+@contextlib.asynccontextmanager
+async def open_pipeline_runtime(
+    pipeline: Pipeline[PP, Any], params: PP
+) -> AsyncIterator[tuple[Runtime, Resources]]:
+    """The run's resources (run directory, endpoints or vLLM backends per role, the
+    sandbox), set up as the pipeline asks; closed on exit.
+    """
+    from mathmill.flows.resources import open_runtime
+
+    res = pipeline.resources(params)
+    storage = await params.storage_config(params.out)  # type: ignore[attr-defined]
+    async with open_runtime(
+        storage, res.roles, sandbox=res.sandbox, row_concurrency=res.row_concurrency
+    ) as rt:
+        rt.backends = dict(res.backends)
+        rt.params = params
+        if pipeline.setup is not None:
+            pipeline.setup(rt, params)
+        yield rt, res
 
 
 async def run_pipeline(
@@ -150,22 +181,13 @@ async def run_pipeline(
     finish (exports, report, manifest, artifacts). With ``prefect=False`` the stages
     run as plain functions (no task runs, no artifacts).
     """
-    from mathmill.flows.resources import open_runtime
     from mathmill.pipeline.finish import finish_run
     from mathmill.pipeline.progress import live_listener
 
     stage_params = pipeline.stage_params(params)
     started = time.perf_counter()
-    res = pipeline.resources(params)
-    storage = await params.storage_config(params.out)  # type: ignore[attr-defined]
     listener = listener or live_listener.get()
-    async with open_runtime(
-        storage, res.roles, sandbox=res.sandbox, row_concurrency=res.row_concurrency
-    ) as rt:
-        rt.backends = dict(res.backends)
-        rt.params = params
-        if pipeline.setup is not None:
-            pipeline.setup(rt, params)
+    async with open_pipeline_runtime(pipeline, params) as (rt, res):
         with use_runtime(rt):
             tracker = Tracker(artifacts=prefect, listener=listener, meter=rt.pool.meter)
             if prefect:
@@ -174,10 +196,8 @@ async def run_pipeline(
                 tracker.progress_id = await acreate_progress_artifact(
                     0.0, key=f"{pipeline.name}-progress", description=f"{pipeline.name}: starting"
                 )
-            call = _caller(params, prefect)
-            refs, failures = await run_steps(
-                pipeline.steps, stage_params, params, rt, tracker, call, res.chunk_concurrency
-            )
+            runner = _Runner(pipeline, stage_params, params, rt, tracker, prefect)
+            refs, failures = await runner.run(res.chunk_concurrency)
             state = RunState(pipeline, params, rt, tracker, refs, failures, started, prefect)
             result: RR = await finish_run(state)
             return result
@@ -245,108 +265,147 @@ class _Gate:
         self.free += 1
 
 
-async def run_steps(
-    steps: Sequence[Step],
-    stage_params: Sequence[BaseModel],
-    params: Any,
-    rt: Runtime,
-    tracker: Tracker,
-    call: Call,
-    chunk_concurrency: int,
-) -> tuple[list[ChunkRef], list[BaseException]]:
-    """Run the steps' chunks as their inputs become ready; every chunk written and the
-    failures (a failed chunk's later stages are skipped, not failed again).
-    """
-    produced: dict[str, _Dataset] = {}
-    for step in steps:
-        for name in step.stage.outputs:
-            produced.setdefault(name, _Dataset())
-    written: list[ChunkRef] = []
-    failures: list[BaseException] = []
-    gate = _Gate(chunk_concurrency)
+class _Runner:
+    """One run of a pipeline's DAG: each step's chunks as their inputs become ready."""
 
-    async def one(pos: int, index: int, inputs: list[ChunkRef], **extra: Any) -> StageOutput:
-        step = steps[pos]
-        spec = step.stage.spec(rt, stage_params[pos], index, inputs, **extra)
-        await gate.acquire(pos, index)
+    def __init__(
+        self,
+        pipeline: Pipeline[Any, Any],
+        stage_params: Sequence[BaseModel],
+        params: Any,
+        rt: Runtime,
+        tracker: Tracker,
+        prefect: bool,
+    ) -> None:
+        self.pipeline = pipeline
+        self.steps = pipeline.steps
+        self.stage_params = stage_params
+        self.params = params
+        self.rt = rt
+        self.tracker = tracker
+        self.call = _caller(params, prefect)
+        self.written: list[ChunkRef] = []
+        self.failures: list[BaseException] = []
+        self.produced: dict[str, _Dataset] = {}
+        self.gate = _Gate(1)
+
+    async def run(self, chunk_concurrency: int) -> tuple[list[ChunkRef], list[BaseException]]:
+        """Every chunk written, and the failures (a failed chunk's later stages are
+        skipped, not failed again).
+        """
+        self.gate = _Gate(chunk_concurrency)
+        for step in self.steps:
+            for name in step.stage.outputs:
+                self.produced.setdefault(name, _Dataset())
+        ends = await asyncio.gather(
+            *(self._step(pos) for pos in range(len(self.steps))), return_exceptions=True
+        )
+        self.failures.extend(e for e in ends if isinstance(e, BaseException))
+        return self.written, self.failures
+
+    def spec(self, pos: int, index: int, inputs: list[ChunkRef], **extra: Any) -> ChunkSpec:
+        """The spec of chunk ``index`` of step ``pos``."""
+        return self.steps[pos].stage.spec(self.rt, self.stage_params[pos], index, inputs, **extra)
+
+    async def local(self, pos: int, spec: ChunkSpec) -> StageOutput:
+        """One chunk in this flow run (a gate slot held while it runs)."""
+        stage_ = self.steps[pos].stage
+        await self.gate.acquire(pos, spec.index)
         try:
-            out = await tracker.run(step.stage.name, call(step.stage, spec, stage_params[pos]))
+            return await self.tracker.run(
+                stage_.name, self.call(stage_, spec, self.stage_params[pos])
+            )
         finally:
-            gate.release()
-        written.extend(out.refs.values())
-        await tracker.publish(f"{step.stage.name} chunk {index + 1} done")
-        return out
+            self.gate.release()
 
-    runners = [
-        _run_step(pos, step, params, produced, one, tracker, failures)
-        for pos, step in enumerate(steps)
-    ]
-    ends = await asyncio.gather(*runners, return_exceptions=True)
-    failures.extend(e for e in ends if isinstance(e, BaseException))
-    return written, failures
+    async def done(self, pos: int, index: int, out: StageOutput) -> None:
+        self.written.extend(out.refs.values())
+        await self.tracker.publish(f"{self.steps[pos].stage.name} chunk {index + 1} done")
 
+    async def _step(self, pos: int) -> None:
+        step = self.steps[pos]
+        stage_ = step.stage
+        outs = {name: self.produced[name] for name in stage_.outputs}
+        try:
+            if stage_.kind == "chunks":
+                await self._lanes(pos)
+                return
+            extra = step.extra(self.params) if step.extra else {}
+            self.tracker.plan(stage_.name, 1)
+            refs = await _collect([await self.produced[n].lanes for n in stage_.inputs])
+            out: StageOutput | None = None
+            if refs is not None:
+                try:
+                    out = await self.local(pos, self.spec(pos, 0, refs, **extra))
+                    await self.done(pos, 0, out)
+                except Exception as e:
+                    self.failures.append(e)
+            loop = asyncio.get_running_loop()
+            for name, ds in outs.items():
+                # one lane per chunk written; a failed chunk: one lane that says so
+                values = [None] if out is None else [[part] for part in _parts(out, name)]
+                ds.lanes.set_result([_resolved(loop, value) for value in values])
+        finally:
+            for ds in outs.values():  # a bug above must not leave later stages waiting
+                if not ds.lanes.done():
+                    ds.lanes.set_result([])
 
-async def _run_step(
-    pos: int,
-    step: Step,
-    params: Any,
-    produced: dict[str, _Dataset],
-    one: Callable[..., Awaitable[StageOutput]],
-    tracker: Tracker,
-    failures: list[BaseException],
-) -> None:
-    stage_ = step.stage
-    loop = asyncio.get_running_loop()
-    extra = step.extra(params) if step.extra else {}
-    outs = {name: produced[name] for name in stage_.outputs}
-    inputs = list(stage_.inputs)
-    try:
-        if stage_.kind == "chunks":
-            await _run_lanes(pos, step, params, produced, one, tracker, failures, extra)
-            return
-        tracker.plan(stage_.name, 1)
-        refs = await _collect([await produced[name].lanes for name in inputs])
-        out: StageOutput | None = None
-        if refs is not None:
-            try:
-                out = await one(pos, 0, refs, **extra)
-            except Exception as e:
-                failures.append(e)
-        for name, ds in outs.items():
-            # one lane per chunk written; a failed chunk: one lane that says so
-            values = [None] if out is None else [[part] for part in _parts(out, name)]
-            ds.lanes.set_result([_resolved(loop, value) for value in values])
-    finally:
-        for ds in outs.values():  # a bug above must not leave later stages waiting
-            if not ds.lanes.done():
-                ds.lanes.set_result([])
+    async def _lanes(self, pos: int) -> None:
+        """A ``chunks`` stage: one chunk per lane (or slice) of its first input, in
+        this flow run or fanned out.
+        """
+        step = self.steps[pos]
+        stage_ = step.stage
+        extra = step.extra(self.params) if step.extra else {}
+        jobs = await self._jobs(step)
+        self.tracker.plan(stage_.name, len(jobs))
+        loop = asyncio.get_running_loop()
+        out_lanes = {name: [loop.create_future() for _ in jobs] for name in stage_.outputs}
+        for name in stage_.outputs:
+            self.produced[name].lanes.set_result(out_lanes[name])
+        fan = getattr(self.params, "fan_out", None)
+        remote = (
+            _Batch(self, pos, len(jobs)) if fan is not None and fan.applies(stage_.name) else None
+        )
 
+        async def job(i: int, ins: list[Any], cut: tuple[int, int] | None) -> None:
+            refs = await _collect(item if isinstance(item, list) else [item] for item in ins)
+            out: StageOutput | None = None
+            if refs is None:
+                if remote is not None:
+                    remote.skip()
+            else:
+                spec = self.spec(
+                    pos, i, refs, **(extra if cut is None else {**extra, "slice": list(cut)})
+                )
+                try:
+                    if remote is not None:
+                        out = await self.tracker.run(stage_.name, remote.submit(spec))
+                    else:
+                        out = await self.local(pos, spec)
+                    await self.done(pos, i, out)
+                except Exception as e:
+                    out = None
+                    self.failures.append(e)
+            for name, futures in out_lanes.items():
+                futures[i].set_result(None if out is None else _parts(out, name))
 
-async def _run_lanes(
-    pos: int,
-    step: Step,
-    params: Any,
-    produced: dict[str, _Dataset],
-    one: Callable[..., Awaitable[StageOutput]],
-    tracker: Tracker,
-    failures: list[BaseException],
-    extra: dict[str, Any],
-) -> None:
-    """A ``chunks`` stage: one chunk per lane (or slice) of its first input."""
-    stage_ = step.stage
-    loop = asyncio.get_running_loop()
-    first, *others = list(stage_.inputs)
-    first_lanes = await produced[first].lanes
-    side = {name: await produced[name].lanes for name in others}
-    jobs: list[tuple[int, list[Any], tuple[int, int] | None]] = []
-    if step.slice_rows is None:
-        for i, lane in enumerate(first_lanes):
-            # a side input with as many lanes is zipped; another is read whole by each
-            ins: list[Any] = [lane]
-            ins += [ls[i] if len(ls) == len(first_lanes) else ls for ls in side.values()]
-            jobs.append((i, ins, None))
-    else:
-        size = max(1, step.slice_rows(params))
+        await asyncio.gather(*(job(i, ins, cut) for i, ins, cut in jobs))
+
+    async def _jobs(self, step: Step) -> list[tuple[int, list[Any], tuple[int, int] | None]]:
+        """The chunks of a ``chunks`` step: (index, input lanes, row slice)."""
+        first, *others = list(step.stage.inputs)
+        first_lanes = await self.produced[first].lanes
+        side = {name: await self.produced[name].lanes for name in others}
+        jobs: list[tuple[int, list[Any], tuple[int, int] | None]] = []
+        if step.slice_rows is None:
+            for i, lane in enumerate(first_lanes):
+                # a side input with as many lanes is zipped; another is read whole by each
+                ins: list[Any] = [lane]
+                ins += [ls[i] if len(ls) == len(first_lanes) else ls for ls in side.values()]
+                jobs.append((i, ins, None))
+            return jobs
+        size = max(1, step.slice_rows(self.params))
         for lane in first_lanes:
             got = await lane
             if got is None:  # failed upstream: one job that is skipped
@@ -355,24 +414,53 @@ async def _run_lanes(
             rows = sum(r.rows for r in got)
             for start in range(0, rows, size):
                 jobs.append((len(jobs), [lane], (start, min(start + size, rows))))
-    tracker.plan(stage_.name, len(jobs))
-    out_lanes = {name: [loop.create_future() for _ in jobs] for name in stage_.outputs}
-    for name, ds in ((n, produced[n]) for n in stage_.outputs):
-        ds.lanes.set_result(out_lanes[name])
+        return jobs
 
-    async def job(i: int, ins: list[Any], cut: tuple[int, int] | None) -> None:
-        refs = await _collect(item if isinstance(item, list) else [item] for item in ins)
-        out: StageOutput | None = None
-        if refs is not None:
-            more = extra if cut is None else {**extra, "slice": list(cut)}
-            try:
-                out = await one(pos, i, refs, **more)
-            except Exception as e:
-                failures.append(e)
-        for name, futures in out_lanes.items():
-            futures[i].set_result(None if out is None else _parts(out, name))
 
-    await asyncio.gather(*(job(i, ins, cut) for i, ins, cut in jobs))
+class _Batch:
+    """The chunks of a fanned-out stage: collected until every job has its spec (or
+    is skipped), then sent to the deployment together.
+    """
+
+    def __init__(self, runner: _Runner, pos: int, expected: int) -> None:
+        self.runner = runner
+        self.pos = pos
+        self.expected = expected
+        self.waiting: list[tuple[ChunkSpec, asyncio.Future[StageOutput]]] = []
+        self.ended = 0
+        self.sending: asyncio.Task[None] | None = None
+
+    def skip(self) -> None:
+        self.ended += 1
+        self._maybe_send()
+
+    async def submit(self, spec: ChunkSpec) -> StageOutput:
+        future: asyncio.Future[StageOutput] = asyncio.get_running_loop().create_future()
+        self.waiting.append((spec, future))
+        self.ended += 1
+        self._maybe_send()
+        return await future
+
+    def _maybe_send(self) -> None:
+        if self.ended == self.expected and self.waiting and self.sending is None:
+            self.sending = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        from mathmill.pipeline.fanout import fan_out_chunks
+
+        r = self.runner
+        specs = [spec for spec, _ in self.waiting]
+        try:
+            outs = await fan_out_chunks(
+                r.pipeline, r.steps[self.pos].stage.name, specs, r.params, r.params.fan_out, r.rt
+            )
+        except BaseException as e:  # no server, no deployment: every chunk says why
+            outs = [e] * len(specs)
+        for (_, future), out in zip(self.waiting, outs, strict=True):
+            if isinstance(out, BaseException):
+                future.set_exception(out)
+            else:
+                future.set_result(out)
 
 
 async def _collect(

@@ -17,7 +17,6 @@ only the chunks not yet done.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -30,6 +29,7 @@ from mathmill.errors import ConfigError
 from mathmill.llm.client import ChatResult, LLMClient
 from mathmill.llm.client import TokenLogprob as ClientLogprob
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
+from mathmill.pipeline.remote import require_server, run_and_wait
 from mathmill.records import GenChoice, Generation, GenRequest, SamplingParams, TokenLogprob
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.runtime import (
@@ -62,7 +62,6 @@ __all__ = [
     "write_requests",
 ]
 
-log = logging.getLogger("mathmill.generation")
 BackendKind = Literal["endpoint", "deployment", "engine"]
 _CODE = ("mathmill.tasks.generation", "mathmill.llm.vllm_engine")
 
@@ -378,53 +377,8 @@ async def generate(
     )
 
 
-async def _run_and_wait(backend: GenBackend, params: dict[str, Any]) -> None:
-    """Start one generate flow run and wait for it; raise unless it completes."""
-    from prefect.client.orchestration import get_client
-    from prefect.deployments import arun_deployment
-    from prefect.exceptions import ObjectNotFound
-
-    try:
-        run = await arun_deployment(
-            backend.deployment,
-            parameters={"params": params},
-            timeout=0,
-            tags=["mathmill", "generate"],
-        )
-    except ObjectNotFound as e:
-        raise ConfigError(
-            f"no deployment {backend.deployment!r} on the Prefect server: `mathmill server "
-            "up` deploys it, or set backend.deployment"
-        ) from e
-    what = f"generate flow run {run.name!r} ({run.id})"
-    started = time.monotonic()
-    warned = False
-    async with get_client() as client:
-        while True:
-            state = (await client.read_flow_run(run.id)).state
-            if state is not None and state.is_final():
-                break
-            waited = time.monotonic() - started
-            if not warned and waited > backend.warn_after_s and state and state.is_scheduled():
-                warned = True
-                log.warning(
-                    "%s: no worker has picked it up after %.0fs; is one running? "
-                    "`prefect worker start --pool vllm --type process`",
-                    what,
-                    waited,
-                )
-            if backend.run_timeout_s is not None and waited > backend.run_timeout_s:
-                raise IncompleteChunk(
-                    f"{what} not finished after {backend.run_timeout_s:g}s "
-                    f"(state {state.name if state else 'unknown'}); chunks it finished are "
-                    "kept, re-run to resume"
-                )
-            await asyncio.sleep(1.0)
-    if not state.is_completed():
-        raise IncompleteChunk(
-            f"{what} ended {state.name}: {state.message or ''}; chunks it finished are kept, "
-            "re-run to resume"
-        )
+def _dump(specs: Sequence[ChunkSpec]) -> list[dict[str, Any]]:
+    return [s.model_dump(mode="json") for s in specs]
 
 
 async def dispatch(
@@ -437,28 +391,22 @@ async def dispatch(
     """Send the chunks not yet done to ``backend.runs`` generate flow runs and wait for
     them all (a failed run does not stop the others). Returns how many chunks were sent.
     """
-    from prefect.settings import PREFECT_API_URL
-
     assert backend.engine is not None
     pending = [s for s in specs if _finished(store, s) is None]
     if not pending:
         return 0
-    if not PREFECT_API_URL.value():
-        raise ConfigError(
-            "the deployment backend needs a Prefect server with workers on the vllm pool: "
-            "run `mathmill server up` and export the PREFECT_API_URL it prints"
-        )
+    require_server("the deployment backend", "vllm")
     groups = [pending[i :: backend.runs] for i in range(min(backend.runs, len(pending)))]
     fields = storage.model_dump(include=set(_STORAGE_FIELDS)) if storage is not None else {}
+    engine = backend.engine.model_dump(mode="json")
     runs = [
-        _run_and_wait(
-            backend,
-            {
-                "out": out,
-                "specs": [s.model_dump(mode="json") for s in group],
-                "engine": backend.engine.model_dump(mode="json"),
-                **fields,
-            },
+        run_and_wait(
+            backend.deployment,
+            {"params": {"out": out, "specs": _dump(group), "engine": engine, **fields}},
+            kind="generate",
+            pool="vllm",
+            run_timeout_s=backend.run_timeout_s,
+            warn_after_s=backend.warn_after_s,
         )
         for group in groups
     ]

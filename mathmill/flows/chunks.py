@@ -1,0 +1,105 @@
+"""The ``chunks`` flow: a worker's share of a fanned-out stage.
+
+A pipeline run with ``fan_out.deployment`` set sends each chunked stage's pending
+chunks to flow runs of this flow's deployment (on the ``cpu`` pool); each one opens
+the pipeline's resources (endpoints, sandbox, run directory) on its worker, runs its
+chunks through the stage's task (the same cache key and idempotent output as in the
+pipeline's own flow run) and records its LLM usage in the run directory for the
+pipeline's report. See :mod:`mathmill.pipeline.fanout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+from typing import Any
+
+from prefect import flow, get_run_logger
+from pydantic import BaseModel, ConfigDict, Field
+
+from mathmill.errors import ConfigError, IncompleteRun
+from mathmill.flows.registry import PIPELINES
+from mathmill.pipeline.dag import Pipeline, open_pipeline_runtime
+from mathmill.pipeline.fanout import usage_path
+from mathmill.tasks.runtime import ChunkSpec, StageOutput, use_runtime
+
+__all__ = ["ChunksParams", "ChunksResult", "chunks", "load_pipeline"]
+
+
+class ChunksParams(BaseModel):
+    """One flow run's share of a stage's chunks. Pipelines fill them in."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pipeline: str = Field(description="A pipeline name, or its 'module:attribute'.")
+    stage: str = Field(description="The stage whose chunks these are.")
+    specs: list[ChunkSpec] = Field(description="The chunks to run.")
+    run: dict[str, Any] = Field(description="The pipeline run's params.")
+
+
+class ChunksResult(BaseModel):
+    """What one chunks flow run did."""
+
+    chunks: int = 0
+    reused: int = 0
+    counts: dict[str, int] = Field(default_factory=dict)
+
+
+def load_pipeline(ref: str) -> Pipeline[Any, Any]:
+    """The pipeline named ``ref`` (a name in the registry, or ``module:attribute``)."""
+    known = PIPELINES.get(ref)
+    module, _, attribute = (known.ref if known else ref).partition(":")
+    try:
+        found = getattr(importlib.import_module(module), attribute)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ConfigError(f"pipeline {ref!r}: cannot import it ({e})") from e
+    if not isinstance(found, Pipeline):
+        raise ConfigError(f"pipeline {ref!r}: {type(found).__name__} is not a Pipeline")
+    return found
+
+
+@flow(name="chunks", validate_parameters=True, log_prints=False)
+async def chunks(params: ChunksParams) -> ChunksResult:
+    """Run a share of a fanned-out stage's chunks on this worker."""
+    from prefect.runtime import flow_run
+
+    logger = get_run_logger()
+    pipeline = load_pipeline(params.pipeline)
+    run_params = pipeline.params.model_validate(params.run)
+    step = pipeline.step(params.stage)
+    stage_params = step.params(run_params)
+    task = run_params.with_results(step.stage.task)
+    result = ChunksResult(chunks=len(params.specs))
+    async with open_pipeline_runtime(pipeline, run_params) as (rt, res):
+        with use_runtime(rt):
+            gate = asyncio.Semaphore(res.chunk_concurrency)
+
+            async def one(spec: ChunkSpec) -> StageOutput:
+                async with gate:
+                    out: StageOutput = await task(spec, stage_params)
+                    return out
+
+            outs = await asyncio.gather(*(one(s) for s in params.specs), return_exceptions=True)
+            usage = rt.pool.meter.summary()
+            rt.store.write_bytes(usage_path(str(flow_run.id)), json.dumps(usage).encode())
+    failures = [o for o in outs if isinstance(o, BaseException)]
+    for out in outs:
+        if isinstance(out, StageOutput):
+            result.reused += int(out.reused)
+            for key, n in out.counts.items():
+                result.counts[key] = result.counts.get(key, 0) + n
+    logger.info(
+        "%s %s: %d chunks (%d done before), %d failed",
+        pipeline.name,
+        params.stage,
+        result.chunks,
+        result.reused,
+        len(failures),
+    )
+    if failures:
+        raise IncompleteRun(
+            f"{pipeline.name} {params.stage}: {len(failures)} of {len(params.specs)} chunks "
+            f"did not finish (first: {failures[0]}); re-run the pipeline to resume"
+        ) from failures[0]
+    return result
