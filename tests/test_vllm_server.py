@@ -148,3 +148,54 @@ def test_the_sample_flow_on_a_vllm_server_endpoint(
     ]
     assert len(rows) == 15 and all(r["backend"] == "http" and r["logprobs"] for r in rows)
     assert all(r["sampling"]["n"] == 3 and r["model"] == NAME for r in rows)
+
+
+def test_synthesize_cots_on_the_engine_match_the_endpoint(
+    server: str, vllm_config: EngineConfig, prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    """synthesize's chains of thought on vLLM in this process (``backends.reasoner``)
+    and on the vLLM server serving the same model: the same seeded requests, the same
+    text (greedy here, so where the model allows means always on one machine). The
+    other roles answer from the scripted world.
+    """
+    from mathmill.flows.synthesize import SynthesizeConfig, synthesize
+    from mathmill.llm.fake_server import FakeOpenAIServer
+    from mathmill.records import Attempt
+    from mathmill.storage import RunStore
+    from tests.synth_world import SynthWorld
+
+    def run(out: Path, fake_url: str, **reasoner: object) -> list[Attempt]:
+        cfg = SynthesizeConfig.model_validate(
+            {
+                "out": str(out),
+                "topics": 2,
+                "problems_per_topic": 2,
+                "short_cots": 1,
+                "rounds": 0,
+                "models": {
+                    "default": {"base_url": fake_url, "model": "fake", "max_retries": 0},
+                    "reasoner": {"temperature": 0.0, "max_tokens": 24}
+                    | ({"base_url": server, "model": NAME} if not reasoner else {}),
+                },
+                "sandbox": {"timeout_s": 2.0, "workers": 2},
+                **reasoner,
+            }
+        )
+        result = asyncio.run(synthesize(config=cfg))
+        assert result.counts["cots.long_cot"] == result.plan.problems
+        cots = RunStore(str(out)).dataset("cots").read_all(Attempt)
+        return sorted(cots, key=lambda a: (a.problem_id, a.kind, a.sample_index))
+
+    engine = vllm_config.model_dump(mode="json")
+    with FakeOpenAIServer(SynthWorld(kinds=("ok",))) as fake:
+        here = run(
+            tmp_path / "engine",
+            fake.base_url,
+            backends={"reasoner": {"kind": "engine", "engine": engine}},
+        )
+        there = run(tmp_path / "endpoint", fake.base_url)
+    assert here and len(here) == len(there)
+    assert all(a.model == vllm_config.label and a.error is None for a in here)
+    assert all(a.text for a in here) and all(a.usage.completion_tokens > 0 for a in here)
+    assert [a.text for a in here] == [a.text for a in there]
+    assert [a.usage.completion_tokens for a in here] == [a.usage.completion_tokens for a in there]

@@ -22,7 +22,7 @@ from mathmill.llm.client import LLMPool
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
 from mathmill.storage import RunStore
 from mathmill.tasks.generation import (
-    engine_task,
+    engine_generate,
 )
 from mathmill.tasks.runtime import (
     ChunkSpec,
@@ -76,7 +76,7 @@ async def generate(params: GenerateParams) -> GenerateResult:
     store = RunStore(await params.storage_config(params.out))
     rt = Runtime(store=store, pool=LLMPool(), endpoints={})
     result = GenerateResult(chunks=len(params.specs))
-    task = params.with_results(engine_task)
+    task = params.with_results(engine_generate.task)
     with use_runtime(rt):
         for spec in params.specs:
             if spec.store_url != store.url:

@@ -14,19 +14,21 @@ LLM calls are kept in a call cache. Re-running the same command resumes.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Literal
 
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import IncompleteRun
 from mathmill.flows.options import ModelRole, SandboxOptions, StorageFields
+from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import SamplingParams
 from mathmill.tasks import synthesize as stages
 from mathmill.tasks.generate import CotConfig, ProblemsConfig, TopicsConfig
+from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.synthesize import DedupConfig
 from mathmill.tasks.verify import VerifyConfig
 
@@ -73,7 +75,7 @@ class Models(BaseModel):
         }
 
 
-class SynthesizeConfig(FanOutFields, StorageFields):
+class SynthesizeConfig(FanOutFields, BudgetFields, StorageFields):
     """Parameters of the synthesize flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -103,6 +105,13 @@ class SynthesizeConfig(FanOutFields, StorageFields):
     seed: int = Field(0, ge=0, description="Base seed; each sample gets its own.")
     dry_run: bool = Field(False, description="Validate and print the plan; call nothing.")
     models: Models = Field(default_factory=Models)
+    backends: dict[Literal["reasoner"], GenBackend] = Field(
+        default_factory=dict,
+        description="Roles whose calls run on vLLM instead of their endpoint: 'engine' "
+        "(vLLM in this process) or 'deployment' (the generate deployment on the vllm "
+        "pool), with the model to load. The chains of thought (reasoner) can.",
+        examples=[{"reasoner": {"kind": "deployment", "engine": {"model": "/models/qwen"}}}],
+    )
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
 
 
@@ -134,8 +143,9 @@ def plan(cfg: SynthesizeConfig) -> Plan:
     per_round = 3 if cfg.regenerate_code else 2
     written = cfg.topics * cfg.problems_per_topic  # all are written; `limit` cuts after dedup
     calls = -(-cfg.topics // 10) * 2 + written + cots * (per_round + cfg.rounds * (1 + per_round))
+    vllm = {str(name): backend for name, backend in cfg.backends.items()}
     roles = {
-        name: f"{_where(role)} {role.model or ''}".strip()
+        name: _on_vllm(vllm[name]) if name in vllm else f"{_where(role)} {role.model or ''}".strip()
         for name, role in cfg.models.merged().items()
     }
     return Plan(
@@ -146,6 +156,11 @@ def plan(cfg: SynthesizeConfig) -> Plan:
         max_llm_calls=calls,
         roles=roles,
     )
+
+
+def _on_vllm(backend: GenBackend) -> str:
+    model = backend.engine.model if backend.engine is not None else ""
+    return f"vllm {backend.kind} {model}".strip()
 
 
 def _where(role: ModelRole) -> str:
@@ -203,8 +218,12 @@ def _verify(cfg: SynthesizeConfig) -> VerifyConfig:
 
 
 def _resources(cfg: SynthesizeConfig) -> Resources:
+    on_vllm: dict[str, GenBackend] = {
+        str(role): backend for role, backend in cfg.backends.items() if backend.kind != "endpoint"
+    }
     return Resources(
-        roles=_roles(cfg),
+        roles={name: role for name, role in _roles(cfg).items() if name not in on_vllm},
+        backends=on_vllm,
         sandbox=cfg.sandbox,
         row_concurrency=cfg.concurrency,
         chunk_concurrency=cfg.chunk_concurrency,

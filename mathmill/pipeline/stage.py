@@ -136,6 +136,7 @@ class Stage(Generic[P]):
     inputs: Mapping[str, type[Record]] = field(default_factory=dict)
     outputs: Mapping[str, type[Record]] = field(default_factory=dict)
     description: str = ""
+    extra_code: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind != "source" and not self.inputs:
@@ -148,7 +149,7 @@ class Stage(Generic[P]):
         """SHA-256 over the source of the stage's module and the mathmill modules it
         imports (see :func:`stage_code`), and the mathmill version.
         """
-        return stage_code(self.fn.__module__)
+        return stage_code(self.fn.__module__, *self.extra_code)
 
     @functools.cached_property
     def task(self) -> Any:
@@ -202,13 +203,16 @@ def stage(
     prompts: Sequence[str] = (),
     inputs: Mapping[str, type[Record]] | None = None,
     outputs: Mapping[str, type[Record]] | None = None,
+    code: Sequence[str] = (),
 ) -> Callable[[StageFn[P]], Stage[P]]:
     """Declare a stage: decorate its ``async def fn(chunk, params) -> StageResult``.
 
     ``inputs`` and ``outputs`` map dataset names to record types, in order (the first
     input decides the chunking of a ``chunks`` stage). ``roles`` are the LLM roles it
     calls (their endpoints are in its cache key), ``prompts`` the template ids it
-    renders (their hashes too).
+    renders (their hashes too). ``code``: modules whose source joins the cache key
+    besides those found from the stage's imports (plumbing that decides rows, such as
+    the vLLM engine's request mapping).
     """
 
     def declare(fn: StageFn[P]) -> Stage[P]:
@@ -222,6 +226,7 @@ def stage(
             inputs=dict(inputs or {}),
             outputs=dict(outputs or {}),
             description=(fn.__doc__ or "").strip().split("\n\n")[0],
+            extra_code=tuple(code),
         )
 
     return declare
@@ -266,14 +271,14 @@ def _read_inputs(stage_: Stage[Any], spec: ChunkSpec, rt: Runtime) -> dict[str, 
 
 
 @functools.cache
-def stage_code(module: str) -> str:
+def stage_code(module: str, *extra: str) -> str:
     """SHA-256 over the mathmill version and the source files of ``module`` and every
     mathmill module it imports, at any depth (found by reading the import statements,
     not by importing), plumbing packages excepted: a stage's cache key changes when the
     code that decides its rows does.
     """
     digest = hashlib.sha256(__version__.encode())
-    for name in sorted(_closure(module)):
+    for name in sorted(_closure(module) | set(extra)):
         digest.update(name.encode())
         digest.update(_source(name))
     return digest.hexdigest()

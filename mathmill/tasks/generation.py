@@ -22,7 +22,6 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
 
-from prefect import task
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mathmill.errors import ConfigError
@@ -30,30 +29,23 @@ from mathmill.llm.client import ChatResult, LLMClient
 from mathmill.llm.client import TokenLogprob as ClientLogprob
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
 from mathmill.pipeline.remote import require_server, run_and_wait
+from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import GenChoice, Generation, GenRequest, SamplingParams, TokenLogprob
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.runtime import (
     ChunkSpec,
     IncompleteChunk,
     Runtime,
-    StageOutput,
     _finished,
-    chunk_cache_key,
-    code_version,
-    current_runtime,
     fingerprint,
     map_rows,
-    raise_if_transient,
-    read_input,
-    run_chunk,
 )
 
 __all__ = [
     "GenBackend",
     "dispatch",
     "endpoint_generate",
-    "endpoint_task",
-    "engine_task",
+    "engine_generate",
     "generate",
     "generate_rows",
     "generation_specs",
@@ -63,7 +55,6 @@ __all__ = [
 ]
 
 BackendKind = Literal["endpoint", "deployment", "engine"]
-_CODE = ("mathmill.tasks.generation", "mathmill.llm.vllm_engine")
 
 
 class GenBackend(BaseModel):
@@ -125,8 +116,10 @@ def write_requests(
 def generation_specs(
     rt: Runtime, stage: str, refs: Sequence[ChunkRef], identity: dict[str, Any]
 ) -> list[ChunkSpec]:
-    """One chunk spec per request chunk: the cache key of its generations."""
-    code = code_version(*_CODE)
+    """One chunk spec per request chunk: the cache key of its generations (the
+    requests' hash, the backend's identity, the engine stage's code).
+    """
+    code = engine_generate.code
     return [
         ChunkSpec(
             stage=stage,
@@ -169,26 +162,23 @@ def _counts(stage: str, gens: Sequence[Generation]) -> Counter[str]:
 # -- the engine backend (in a generate flow run, or in the pipeline's process) -------
 
 
-@task(
-    name="generate",
-    task_run_name="{spec.stage}-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
+@stage(
+    "generate",
+    params=EngineConfig,
+    inputs={"requests": GenRequest},
+    outputs={"generations": Generation},
+    code=("mathmill.llm.vllm_engine",),
 )
-async def engine_task(spec: ChunkSpec, engine: EngineConfig) -> StageOutput:
+async def engine_generate(chunk: Chunk, engine: EngineConfig) -> StageResult:
     """One chunk of requests through the process's vLLM engine (loaded on first use)."""
-
-    async def compute() -> Any:
-        requests = read_input(spec.inputs[0], GenRequest)
-        started = time.perf_counter()
-        # Off the event loop: loading and generating block for a long time.
-        llm = await asyncio.to_thread(get_engine, engine)
-        gens = await asyncio.to_thread(llm.generate, requests)
-        counts = _counts(spec.stage, gens)
-        counts[f"{spec.stage}.engine_ms"] = int((time.perf_counter() - started) * 1000)
-        return {"generations": gens}, counts
-
-    return await run_chunk(spec, compute)
+    requests: list[GenRequest] = chunk.rows("requests")
+    started = time.perf_counter()
+    # Off the event loop: loading and generating block for a long time.
+    llm = await asyncio.to_thread(get_engine, engine)
+    gens = await asyncio.to_thread(llm.generate, requests)
+    counts = _counts(chunk.spec.stage, gens)
+    counts[f"{chunk.spec.stage}.engine_ms"] = int((time.perf_counter() - started) * 1000)
+    return StageResult(rows={"generations": gens}, counts=counts)
 
 
 # -- the endpoint backend --------------------------------------------------------------
@@ -305,33 +295,6 @@ async def endpoint_generate(
     return await map_rows(requests, one, concurrency)
 
 
-@task(
-    name="generate-http",
-    task_run_name="{spec.stage}-{spec.index}",
-    cache_key_fn=chunk_cache_key,
-    persist_result=True,
-)
-async def endpoint_task(spec: ChunkSpec, role: str) -> StageOutput:
-    """One chunk of requests through the role's endpoint; a transient failure (endpoint
-    down, timeout) leaves the chunk incomplete, its finished calls cached.
-    """
-    rt = current_runtime()
-
-    async def compute() -> Any:
-        requests = read_input(spec.inputs[0], GenRequest)
-        gens = await endpoint_generate(rt.client(role), requests, spec.stage, rt.row_concurrency)
-        errors = [g.error for g in gens if g.error is not None]
-        raise_if_transient(spec.stage, spec.key, errors, len(gens))
-        return {"generations": gens}, _counts(spec.stage, gens)
-
-    return await run_chunk(spec, compute)
-
-
-# -- the deployment backend, and the dispatch over all three ------------------------
-
-_STORAGE_FIELDS = ("storage_endpoint_url", "storage_block", "results_block")
-
-
 def role_model(rt: Runtime, role: str) -> str:
     """The model name ``role`` generates with (its engine's, or its endpoint's)."""
     backend = rt.backends.get(role)
@@ -371,10 +334,12 @@ async def generate(
         requests,
         backend,
         stage=stage,
-        role=role,
         storage=params,
         out=getattr(params, "out", None),
     )
+
+
+_STORAGE_FIELDS = ("storage_endpoint_url", "storage_block", "results_block")
 
 
 def _dump(specs: Sequence[ChunkSpec]) -> list[dict[str, Any]]:
@@ -423,40 +388,24 @@ async def generate_rows(
     backend: GenBackend,
     *,
     stage: str = "generate",
-    role: str = "generator",
     storage: Any = None,
     out: str | None = None,
 ) -> list[Generation]:
-    """Generate ``requests`` on ``backend``; results in request order.
+    """Generate ``requests`` on the ``generate`` deployment (``backend.kind`` is
+    ``deployment``); results in request order. The requests are written as chunks of
+    ``backend.chunk_size``; the chunks not yet done are shared out among
+    ``backend.runs`` flow runs.
 
     ``storage`` and ``out`` (the pipeline's own parameters: its ``StorageFields``) tell
     deployment runs, which may be on other machines, where the run directory is.
     """
+    assert backend.kind == "deployment"
+    assert backend.engine is not None
     refs = write_requests(rt.store, stage, requests, backend.chunk_size)
-    if backend.kind == "endpoint":
-        identity = {"endpoint": rt.client(role).endpoint.identity}  # ConfigError if no role
-        specs = generation_specs(rt, stage, refs, identity)
-        http = _with_results(storage, endpoint_task)
-        results = await asyncio.gather(*(http(s, role) for s in specs), return_exceptions=True)
-    else:
-        assert backend.engine is not None
-        specs = generation_specs(rt, stage, refs, {"engine": backend.engine.identity()})
-        if backend.kind == "engine":
-            local = _with_results(storage, engine_task)
-            results = []
-            for s in specs:  # one engine: chunks one after another
-                try:
-                    results.append(await local(s, backend.engine))
-                except Exception as e:
-                    results.append(e)
-        else:
-            # Inside a storage block `out` is the path the worker resolves through the
-            # block; otherwise the worker gets the absolute URL (its cwd differs).
-            block = getattr(storage, "storage_block", None)
-            where = out if out is not None and block else rt.store.url
-            await dispatch(rt.store, specs, backend, storage, where)
-            results = []
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        raise failures[0]
+    specs = generation_specs(rt, stage, refs, {"engine": backend.engine.identity()})
+    # Inside a storage block `out` is the path the worker resolves through the block;
+    # otherwise the worker gets the absolute URL (its cwd differs).
+    block = getattr(storage, "storage_block", None)
+    where = out if out is not None and block else rt.store.url
+    await dispatch(rt.store, specs, backend, storage, where)
     return read_generations(rt.store, specs)

@@ -18,13 +18,10 @@ import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from importlib import import_module
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill import __version__
 from mathmill.errors import ConfigError, IncompleteChunk, MathmillError
 from mathmill.llm.client import LLMClient, LLMPool
 from mathmill.llm.config import EndpointConfig
@@ -42,7 +39,6 @@ __all__ = [
     "Runtime",
     "StageOutput",
     "chunk_cache_key",
-    "code_version",
     "current_runtime",
     "drop",
     "fingerprint",
@@ -127,18 +123,6 @@ def fingerprint(value: Any) -> str:
         value = value.model_dump(mode="json")
     text = json.dumps(value, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def code_version(*modules: str) -> str:
-    """SHA-256 over the source files of ``modules`` and the mathmill version: a stage's
-    cache key changes when its code does.
-    """
-    digest = hashlib.sha256(__version__.encode())
-    for name in modules:
-        file = getattr(import_module(name), "__file__", None)
-        if file:
-            digest.update(Path(file).read_bytes())
-    return digest.hexdigest()
 
 
 def prompt_hashes(*template_ids: str) -> dict[str, str]:
