@@ -163,9 +163,10 @@ class ErrorInfo(Record):
     @property
     def transient(self) -> bool:
         """Whether trying again later may succeed: timeouts, connection errors, 408, 409,
-        429 and 5xx. A 400 (e.g. context too long) or an invalid reply is permanent.
+        429 and 5xx, and a call not sent because the run's budget was spent. A 400
+        (e.g. context too long) or an invalid reply is permanent.
         """
-        if self.kind in ("timeout", "connection", "bad_response", "sandbox"):
+        if self.kind in ("timeout", "connection", "bad_response", "sandbox", "budget"):
             return True
         if self.kind == "status" and self.status is not None:
             return self.status in (408, 409, 429) or self.status >= 500

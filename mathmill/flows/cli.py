@@ -256,15 +256,20 @@ def print_result(result: Any, link: str | None = None) -> None:
 
 
 def usage_table(usage: dict[str, dict[str, float]]) -> Table:
-    """LLM usage by stage as a rich table (cached = replayed from the call cache)."""
+    """LLM usage by stage as a rich table (cached = replayed from the call cache; GPU s:
+    vLLM engine time; sbx s: sandbox execution time).
+    """
     table = Table(title="LLM usage by stage")
     table.add_column("stage", no_wrap=True)
     columns = ("calls", "cached", "errors", "retries", "prompt_tokens", "completion_tokens")
-    for title in ("calls", "cached", "err", "retry", "in tok", "out tok", "ms", "USD"):
+    titles = ("calls", "cached", "err", "retry", "in tok", "out tok", "ms", "USD", "GPU s", "sbx s")
+    for title in titles:
         table.add_column(title, justify="right", no_wrap=True)
     for name, u in usage.items():
         cells = [str(int(u[c])) for c in columns]
-        table.add_row(name, *cells, f"{u['mean_latency_ms']:.0f}", f"{u['cost_usd']:.4f}")
+        cells += [f"{u['mean_latency_ms']:.0f}", f"{u['cost_usd']:.4f}"]
+        cells += [f"{u.get('gpu_s', 0.0):.1f}", f"{u.get('sandbox_s', 0.0):.1f}"]
+        table.add_row(name, *cells)
     return table
 
 

@@ -5,11 +5,14 @@ Pipelines do not call it directly: a stage calls
 ``deployment`` has its request chunks shared out among ``backend.runs`` flow runs of
 this flow's deployment (``run_deployment``); each run loads the engine once and works
 through its chunks, writing each chunk's generations next to the pipeline's other
-outputs, so a re-run dispatches only what is missing.
+outputs, so a re-run dispatches only what is missing. Each run records its usage
+(calls, tokens, engine seconds) in the run directory for the pipeline's report and
+budget.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -20,6 +23,8 @@ from mathmill.errors import ConfigError
 from mathmill.flows.options import StorageFields
 from mathmill.llm.client import LLMPool
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
+from mathmill.pipeline.fanout import usage_path
+from mathmill.records import Generation
 from mathmill.storage import RunStore
 from mathmill.tasks.generation import (
     engine_generate,
@@ -85,9 +90,12 @@ async def generate(params: GenerateParams) -> GenerateResult:
                     "out and storage_block must name the caller's run directory"
                 )
             out: StageOutput = await task(spec, params.engine)
+            load_s = 0.0  # the engine's load time, in the first chunk that ran it
             if result.engine_load_s is None and not out.reused:
-                result.engine_load_s = get_engine(params.engine).load_s
+                result.engine_load_s = load_s = get_engine(params.engine).load_s
             _add(result, spec.stage, out)
+            if not out.reused:
+                _record_usage(rt, spec.stage, out, load_s)
             logger.info(
                 "chunk %s: %s requests, %s completion tokens%s",
                 spec.key,
@@ -105,6 +113,31 @@ async def generate(params: GenerateParams) -> GenerateResult:
         result.tokens_per_s,
     )
     return result
+
+
+def _record_usage(rt: Runtime, stage: str, out: StageOutput, load_s: float) -> None:
+    """Count a generated chunk in the run's meter (a call per request with its tokens,
+    the engine's seconds without its load) and record the meter in the run directory,
+    where the pipeline's dispatch adds it to its own (``usage_path``).
+    """
+    from prefect.runtime import flow_run
+
+    meter, store = rt.pool.meter, rt.store
+    engine_s = max(0.0, out.counts.get(f"{stage}.engine_ms", 0) / 1000.0 - load_s)
+    meter.record_gpu(stage, engine_s)
+    for name, ref in out.refs.items():
+        if name.split("/")[0] != "generations":
+            continue
+        for g in store.dataset("generations").read_chunk(ref, Generation):
+            meter.record(
+                stage,
+                model=g.model,
+                prompt_tokens=g.usage.prompt_tokens,
+                completion_tokens=g.usage.completion_tokens,
+                latency_ms=engine_s * 1000.0,
+                error=g.error is not None,
+            )
+    store.write_bytes(usage_path(str(flow_run.id)), json.dumps(meter.summary()).encode())
 
 
 def _add(result: GenerateResult, stage: str, out: StageOutput) -> None:

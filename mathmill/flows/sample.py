@@ -18,6 +18,7 @@ from prefect import flow, get_run_logger
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
+from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import Sample, SamplingParams
@@ -29,7 +30,7 @@ from mathmill.tasks.sample import sample as sample_stage
 __all__ = ["PIPELINE", "SampleParams", "SampleResult", "grade_samples", "run_sample", "sample"]
 
 
-class SampleParams(InputFields, StorageFields):
+class SampleParams(InputFields, BudgetFields, StorageFields):
     """Parameters of the sample flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
+from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
@@ -36,7 +37,7 @@ turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
 """Set by ``mathmill run tir --debug`` to print each turn as it happens."""
 
 
-class TirParams(InputFields, FanOutFields, StorageFields):
+class TirParams(InputFields, FanOutFields, BudgetFields, StorageFields):
     """Parameters of the tir flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)

@@ -11,8 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import last_boxed
+from mathmill.grading.reference import check_answer
 from mathmill.records import ExecutionResult, Verdict
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.protocol import Sandbox
@@ -91,13 +91,13 @@ async def check_code(
     computed, source = _computed(execution.stdout)
     if computed is None:
         return failed("no_output", "the code printed nothing and assigned no answer")
-    result = grade(expected, computed)
+    verdict = check_answer(expected, computed)
     return CodeCheck(
-        status="verified" if result.equivalent else "wrong_answer",
+        status="verified" if verdict.status == "correct" else "wrong_answer",
         expected=expected,
         computed=computed,
         source=source,
-        rule=result.rule,
-        reason=result.reason,
+        rule=verdict.rule,
+        reason=verdict.reason,
         execution=execution,
     )

@@ -199,6 +199,9 @@ class LLMClient:
 
     Methods raise :class:`~mathmill.errors.EndpointError` on final failure unless
     ``raise_on_error=False``, in which case the failure is returned in ``result.error``.
+    A request that is not a cache hit is not sent once the meter's budget is spent
+    (:meth:`~mathmill.llm.usage.UsageMeter.budget_reached`): it fails at once with
+    kind ``budget``.
     """
 
     def __init__(
@@ -368,6 +371,17 @@ class LLMClient:
         )
         return ChatResult(self.endpoint.model, [], TokenUsage(), latency, err.attempts, error=info)
 
+    def _refused(self, stage: str, start: float, why: str, raise_on_error: bool) -> ChatResult:
+        """A call not sent because the run's budget is spent: a transient failure (the
+        chunk stays incomplete; a re-run with a larger budget sends it).
+        """
+        err = EndpointError(f"{stage}: {why}; request not sent", kind="budget", attempts=0)
+        if raise_on_error:
+            raise err
+        info = ErrorInfo(kind="budget", message=str(err), stage=stage, attempts=0)
+        latency = (time.perf_counter() - start) * 1000.0
+        return ChatResult(self.endpoint.model, [], TokenUsage(), latency, 0, error=info)
+
     async def chat(
         self,
         messages: Sequence[Message],
@@ -428,6 +442,8 @@ class LLMClient:
             key = self.cache.key(kind, self.endpoint.cache_scope, body, salt=cache_salt)
             if (hit := self.cache.get(key)) is not None:
                 return self._replay(stage, start, hit)
+        if (spent := self.meter.budget_reached()) is not None:
+            return self._refused(stage, start, spent, raise_on_error)
         body["extra_headers"] = {"X-Mathmill-Stage": stage}
         try:
             response, attempts = await self._request(kind, body)

@@ -29,6 +29,7 @@ from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
+from mathmill.pipeline.budget import open_budget, save_spend
 from mathmill.pipeline.progress import Listener, Tracker
 from mathmill.pipeline.stage import Stage, execute
 from mathmill.storage import ChunkRef
@@ -165,6 +166,7 @@ async def open_pipeline_runtime(
     ) as rt:
         rt.backends = dict(res.backends)
         rt.params = params
+        open_budget(rt, params)  # the budget, and what earlier runs here spent
         if pipeline.setup is not None:
             pipeline.setup(rt, params)
         yield rt, res
@@ -320,6 +322,7 @@ class _Runner:
 
     async def done(self, pos: int, index: int, out: StageOutput) -> None:
         self.written.extend(out.refs.values())
+        save_spend(self.rt)
         await self.tracker.publish(f"{self.steps[pos].stage.name} chunk {index + 1} done")
 
     async def _step(self, pos: int) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
+from mathmill.pipeline.budget import budget_message, save_spend
 from mathmill.pipeline.dag import RunState
 from mathmill.tasks.export import (
     count_rows,
@@ -108,6 +109,7 @@ async def finish_run(state: RunState) -> Any:
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
     write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
+    save_spend(state.rt)
     if state.prefect:
         await _artifacts(state, report, status)
     if failed:
@@ -115,6 +117,11 @@ async def finish_run(state: RunState) -> Any:
             if isinstance(error, ConfigError):
                 raise error
         first = state.failures[0]
+        if (spent := budget_message(state.rt)) is not None:
+            raise IncompleteRun(
+                f"{pipeline.name}: {len(state.failures)} of {chunks} chunks did not finish: "
+                f"{spent}; finished rows are kept in {store.url}"
+            ) from first
         raise IncompleteRun(
             f"{pipeline.name}: {len(state.failures)} of {chunks} chunks did not finish "
             f"(first: {first}); finished rows are kept in {store.url}; re-run the same "

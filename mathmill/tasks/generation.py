@@ -30,7 +30,14 @@ from mathmill.llm.client import TokenLogprob as ClientLogprob
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
 from mathmill.pipeline.remote import require_server, run_and_wait
 from mathmill.pipeline.stage import Chunk, StageResult, stage
-from mathmill.records import GenChoice, Generation, GenRequest, SamplingParams, TokenLogprob
+from mathmill.records import (
+    ErrorInfo,
+    GenChoice,
+    Generation,
+    GenRequest,
+    SamplingParams,
+    TokenLogprob,
+)
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.runtime import (
     ChunkSpec,
@@ -326,8 +333,27 @@ async def generate(
         return await endpoint_generate(rt.client(role), requests, stage, rt.row_concurrency)
     if backend.kind == "engine":
         assert backend.engine is not None
+        meter = rt.pool.meter
+        if (spent := meter.budget_reached()) is not None:  # checked before each batch
+            why = ErrorInfo(kind="budget", message=f"{stage}: {spent}", stage=stage, attempts=0)
+            model = backend.engine.model
+            return [Generation(id=r.id, model=model, backend="vllm", error=why) for r in requests]
         llm = await asyncio.to_thread(get_engine, backend.engine)
-        return await asyncio.to_thread(llm.generate, list(requests))
+        started = time.perf_counter()
+        gens: list[Generation] = await asyncio.to_thread(llm.generate, list(requests))
+        took = time.perf_counter() - started
+        meter.record_gpu(stage, took)
+        for g in gens:  # one call per request, as on an endpoint
+            u = g.usage
+            meter.record(
+                stage,
+                model=g.model,
+                prompt_tokens=u.prompt_tokens,
+                completion_tokens=u.completion_tokens,
+                latency_ms=took * 1000.0,
+                error=g.error is not None,
+            )
+        return gens
     params = rt.params
     return await generate_rows(
         rt,
@@ -355,11 +381,26 @@ async def dispatch(
 ) -> int:
     """Send the chunks not yet done to ``backend.runs`` generate flow runs and wait for
     them all (a failed run does not stop the others). Returns how many chunks were sent.
+    The runs' usage (tokens, engine seconds) joins the current run's meter; none is sent
+    once its budget is spent.
     """
+    import json
+
+    from mathmill.errors import MathmillError
+    from mathmill.llm.usage import UsageMeter
+    from mathmill.pipeline.fanout import usage_path
+    from mathmill.tasks.runtime import current_runtime
+
     assert backend.engine is not None
     pending = [s for s in specs if _finished(store, s) is None]
     if not pending:
         return 0
+    try:
+        meter: UsageMeter | None = current_runtime().pool.meter
+    except MathmillError:  # called outside a run
+        meter = None
+    if meter is not None and (spent := meter.budget_reached()) is not None:
+        raise IncompleteChunk(f"{len(pending)} generation chunks not sent: {spent}")
     require_server("the deployment backend", "vllm")
     groups = [pending[i :: backend.runs] for i in range(min(backend.runs, len(pending)))]
     fields = storage.model_dump(include=set(_STORAGE_FIELDS)) if storage is not None else {}
@@ -376,6 +417,10 @@ async def dispatch(
         for group in groups
     ]
     results = await asyncio.gather(*runs, return_exceptions=True)
+    for flow_run_id in results:  # each run recorded its usage in the run directory
+        path = usage_path(str(flow_run_id))
+        if meter is not None and isinstance(flow_run_id, str) and store.exists(path):
+            meter.merge(UsageMeter.from_summary(json.loads(store.read_bytes(path))))
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         raise failures[0]

@@ -11,8 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import extract_answer
+from mathmill.grading.reference import check_answer
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -83,13 +83,10 @@ def _grade(
     reference: str | None, text: str, problem: str | None = None
 ) -> tuple[SampleStatus, str | None, str]:
     found = extract_answer(text)
-    if found is None:
-        return "no_answer", None, "no final answer in the text"
-    if reference is None:
-        return "unvalidated", found.text, "no reference answer"
-    verdict = grade(reference, found.text, problem=problem)  # problem: its option list
-    status: SampleStatus = "correct" if verdict.equivalent else "incorrect"
-    return status, found.text, f"{verdict.rule}: {verdict.reason}".strip(": ")
+    verdict = check_answer(reference, found.text if found else None, problem=problem)
+    status: SampleStatus = verdict.status  # type: ignore[assignment]
+    reason = f"{verdict.rule}: {verdict.reason}".strip(": ") if verdict.rule else verdict.reason
+    return status, verdict.predicted, reason
 
 
 def grade_samples(

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
-from mathmill.grading.equivalence import grade
 from mathmill.grading.extract import last_boxed
+from mathmill.grading.reference import check_answer
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -222,6 +222,7 @@ async def _loop(
         final = _FINAL.search(reply)
         if code is not None:
             run = await sandbox.run_in_session(session, code.group(1), cfg.turn_timeout_s)
+            rt.pool.meter.record_sandbox("tir.exec", run.wall_ms / 1000.0)
             t.counts["code_blocks"] += 1
             t.counts["code_errors"] += run.status != "ok"
             content = tool_turn(run, _state(run), cfg.max_output_chars, cfg.turn_timeout_s)
@@ -270,17 +271,7 @@ def _attempt(
     reason: str,
 ) -> Attempt:
     if status is None:  # a final answer: grade it
-        if problem.answer is None:
-            verdict = Verdict(status="unvalidated", predicted=t.final, reason="no expected answer")
-        else:
-            graded = grade(problem.answer, t.final, problem=problem.statement)
-            verdict = Verdict(
-                status="correct" if graded.equivalent else "incorrect",
-                expected=problem.answer,
-                predicted=t.final,
-                rule=graded.rule,
-                reason=graded.reason,
-            )
+        verdict = check_answer(problem.answer, t.final, problem=problem.statement)
     else:
         verdict = Verdict(status="failed", expected=problem.answer, reason=reason)
     metadata: dict[str, JsonValue] = {

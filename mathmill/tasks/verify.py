@@ -196,6 +196,7 @@ async def verify_attempt(
     except SandboxError as e:
         calls.error = ErrorInfo(kind="sandbox", message=str(e), stage="verify.execute")
         return _finish(attempt, calls, update, _verdict("llm_error", f"sandbox failed: {e}"))
+    rt.pool.meter.record_sandbox("verify.exec", check.execution.wall_ms / 1000.0)
     update["execution"] = check.execution
     verdict = check.verdict()
     if cfg.leak_check:
