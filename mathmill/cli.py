@@ -197,7 +197,8 @@ def demo(
         f"{topics} topics x {problems_per_topic} problems, 1 long + {short_cots} short CoTs, "
         f"{rounds} rewrite round(s); writing to {out}"
     )
-    print_result(*run_synthesize_config(cfg, prefect_server))
+    progress = os.environ.get("MATHMILL_PROGRESS", "1").strip().lower() not in ("0", "false", "no")
+    print_result(*run_synthesize_config(cfg, prefect_server, progress=progress))
 
 
 @vllm_app.command("convert")

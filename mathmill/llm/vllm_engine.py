@@ -133,6 +133,7 @@ class VLLMEngine:
         started = time.perf_counter()
         self.llm: Any = vllm.LLM(**kwargs)
         self.load_s = time.perf_counter() - started
+        self._busy = threading.Lock()  # vllm.LLM is not thread-safe: one batch at a time
         self.tokenizer: Any = self.llm.get_tokenizer()
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
         self._vllm = vllm
@@ -211,7 +212,8 @@ class VLLMEngine:
             return []
         prompts = [{"prompt_token_ids": ids} for _, ids, _ in batch]
         try:
-            outputs = self.llm.generate(prompts, [sp for _, _, sp in batch], use_tqdm=False)
+            with self._busy:  # stages call from several threads (long and short CoTs)
+                outputs = self.llm.generate(prompts, [sp for _, _, sp in batch], use_tqdm=False)
             return [(i, out) for (i, _, _), out in zip(batch, outputs, strict=True)]
         except ValueError:
             if len(batch) == 1:
@@ -221,7 +223,8 @@ class VLLMEngine:
         done = []
         for i, ids, sp in batch:
             try:
-                out = self.llm.generate([{"prompt_token_ids": ids}], [sp], use_tqdm=False)
+                with self._busy:
+                    out = self.llm.generate([{"prompt_token_ids": ids}], [sp], use_tqdm=False)
                 done.append((i, out[0]))
             except ValueError as e:
                 results[i] = self._error(requests[i], e)
