@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mathmill.flows.synthesize import SynthesizeConfig, run_synthesize, synthesize
+from mathmill.flows.synthesize import SynthesizeParams, run_synthesize, synthesize
 from mathmill.llm.fake_server import FakeOpenAIServer
 from tests.synth_world import SynthWorld
 
@@ -33,8 +33,8 @@ ROWS_PER_TOPIC = 10  # 2 problems x (1 long + 4 short CoTs)
 KINDS = ("ok", "ok", "ok", "fix", "stuck", "crash", "leak", "noanswer")
 
 
-def config(base_url: str, out: str, rows: int, chunk_size: int) -> SynthesizeConfig:
-    return SynthesizeConfig.model_validate(
+def config(base_url: str, out: str, rows: int, chunk_size: int) -> SynthesizeParams:
+    return SynthesizeParams.model_validate(
         {
             "out": out,
             "topics": -(-rows // ROWS_PER_TOPIC),
@@ -108,7 +108,7 @@ def main() -> None:
 
             cfg = config(fake.base_url, str(work / f"flow-{i}"), args.rows, args.chunk_size)
             start = time.perf_counter()
-            state = asyncio.run(synthesize(config=cfg, return_state=True))
+            state = asyncio.run(synthesize(params=cfg, return_state=True))
             flow_s.append(time.perf_counter() - start)
             result = state.result()  # type: ignore[union-attr]
             assert result.verified + result.unverified == rows, "the two modes disagree"

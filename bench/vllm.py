@@ -75,9 +75,9 @@ async def flow(cfg: EngineConfig, reqs: list[GenRequest], chunk: int) -> tuple[f
     """Seconds and generated tokens of the generate flow on the same requests."""
     from mathmill.flows.generate import GenerateParams, generate
     from mathmill.llm.client import LLMPool
+    from mathmill.pipeline.chunks import Runtime
     from mathmill.storage import RunStore
     from mathmill.tasks.generation import generation_specs, write_requests
-    from mathmill.tasks.runtime import Runtime
 
     out = tempfile.mkdtemp(prefix="mathmill-bench-vllm-")
     rt = Runtime(store=RunStore(out), pool=LLMPool(), endpoints={})

@@ -115,8 +115,8 @@ def sandbox_serve(
     ] = False,
 ) -> None:
     """Serve the sandbox over HTTP (the Pythonformer REPL API)."""
+    from mathmill.sandbox.http_server import serve
     from mathmill.sandbox.limits import Limits
-    from mathmill.sandbox.server import serve
 
     serve(
         host=host,
@@ -174,8 +174,8 @@ def demo(
     """Run the synthesize flow with small numbers on the embedded model (no keys, no GPU):
     topics, problems, chains of thought, code verification in the sandbox, rewrites.
     """
-    from mathmill.flows.cli import print_result, run_synthesize_config
-    from mathmill.flows.synthesize import SynthesizeConfig
+    from mathmill.flows.cli import print_result, run_synthesize_params
+    from mathmill.flows.synthesize import SynthesizeParams
 
     default: dict[str, object] = {"max_tokens": max_tokens}
     endpoint = _endpoint(base_url, model, api_key_env)
@@ -183,7 +183,7 @@ def demo(
         default |= {"base_url": endpoint.base_url, "model": endpoint.model}
         if os.environ.get(api_key_env):
             default["api_key_env"] = api_key_env
-    cfg = SynthesizeConfig(
+    cfg = SynthesizeParams(
         out=out,
         topics=topics,
         problems_per_topic=problems_per_topic,
@@ -198,7 +198,7 @@ def demo(
         f"{rounds} rewrite round(s); writing to {out}"
     )
     progress = os.environ.get("MATHMILL_PROGRESS", "1").strip().lower() not in ("0", "false", "no")
-    print_result(*run_synthesize_config(cfg, prefect_server, progress=progress))
+    print_result(*run_synthesize_params(cfg, prefect_server, progress=progress))
 
 
 @vllm_app.command("convert")

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from mathmill.errors import ConfigError
-from mathmill.server import default_home
+from mathmill.local_server import default_home
 
 __all__ = ["blocks_app", "server_app"]
 
@@ -87,7 +87,7 @@ def server_up(
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from mathmill.blocks import register_blocks
-    from mathmill.server import (
+    from mathmill.local_server import (
         ServerHome,
         api_url,
         create_pools,
@@ -95,8 +95,8 @@ def server_up(
         healthy,
         start_server,
     )
-    from mathmill.server import deploy as deploy_file
-    from mathmill.server_database import resolve_database
+    from mathmill.local_server import deploy as deploy_file
+    from mathmill.local_server_database import resolve_database
 
     server_home = ServerHome(home.expanduser())
     db = resolve_database(database, server_home)  # a bad URL stops here, before anything
@@ -138,7 +138,7 @@ def server_up(
 @server_app.command("down")
 def server_down(home: Home = DEFAULT_HOME) -> None:
     """Stop the server `mathmill server up` started from HOME."""
-    from mathmill.server import ServerHome, stop_server
+    from mathmill.local_server import ServerHome, stop_server
 
     stopped = stop_server(ServerHome(home.expanduser()))
     console.print("server stopped" if stopped else "no server was running from " + str(home))
@@ -149,7 +149,7 @@ def server_status(home: Home = DEFAULT_HOME, port: Port = 4200) -> None:
     """Whether the local server (the one `mathmill run` starts and reuses) answers; its
     UI, process and log. Exits 1 when none answers.
     """
-    from mathmill.server import ServerHome, api_url, healthy
+    from mathmill.local_server import ServerHome, api_url, healthy
 
     server_home = ServerHome(home.expanduser())
     url = api_url("127.0.0.1", port)

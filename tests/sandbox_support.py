@@ -24,7 +24,9 @@ import mathmill
 
 REPO = Path(mathmill.__file__).resolve().parents[1]
 NOBODY = 65534
-_IMPORTS = "import mathmill.sandbox.server, numpy, sympy, scipy, pandas, fastapi, uvicorn, typer"
+_IMPORTS = (
+    "import mathmill.sandbox.http_server, numpy, sympy, scipy, pandas, fastapi, uvicorn, typer"
+)
 
 
 def free_port() -> int:

@@ -14,8 +14,8 @@ from mathmill.blocks import LLMEndpoint, SandboxEndpoint, block_ref, block_types
 from mathmill.blocks.storage import storage_from_block, storage_url
 from mathmill.errors import ConfigError
 from mathmill.flows.options import ModelRole, resolve_role
-from mathmill.flows.synthesize import SynthesizeConfig, plan
-from mathmill.server import ServerHome, server_env
+from mathmill.flows.synthesize import SynthesizeParams, plan
+from mathmill.local_server import ServerHome, server_env
 
 
 def test_llm_endpoint_block_becomes_an_endpoint_with_a_live_limit() -> None:
@@ -55,7 +55,7 @@ def test_a_role_overrides_its_block_and_never_inherits_another_endpoint(
     on_block = ModelRole(block="a").over(ModelRole(base_url="http://b/v1", model="other"))
     assert (on_block.block, on_block.base_url, on_block.model) == ("a", None, None)
     assert (
-        plan(SynthesizeConfig(models={"critic": {"block": "a"}}))
+        plan(SynthesizeParams(models={"critic": {"block": "a"}}))
         .roles["critic"]
         .startswith("block a")
     )
@@ -113,12 +113,12 @@ def test_run_directories_inside_storage_blocks(tmp_path: Path) -> None:
 
 
 def test_result_storage_follows_the_storage_block() -> None:
-    assert SynthesizeConfig().result_storage() is None
-    assert SynthesizeConfig(storage_block="data").result_storage() == "s3-bucket/data"
-    cfg = SynthesizeConfig(storage_block="data", results_block="local-file-system/res")
+    assert SynthesizeParams().result_storage() is None
+    assert SynthesizeParams(storage_block="data").result_storage() == "s3-bucket/data"
+    cfg = SynthesizeParams(storage_block="data", results_block="local-file-system/res")
     assert cfg.result_storage() == "local-file-system/res"
     with pytest.raises(ValidationError, match="storage_block"):
-        SynthesizeConfig(storage_block="bad name")
+        SynthesizeParams(storage_block="bad name")
 
 
 def test_block_types_include_prefect_aws_s3() -> None:

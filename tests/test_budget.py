@@ -23,10 +23,10 @@ from mathmill.llm.fake_server import FakeOpenAIServer, RecordedRequest, Reply
 from mathmill.llm.usage import SpendLimit, UsageMeter
 from mathmill.llm.vllm_engine import EngineConfig
 from mathmill.pipeline.budget import BUDGET_PATH, Budget, budget_message
+from mathmill.pipeline.chunks import Runtime, use_runtime
 from mathmill.records import ErrorInfo, Generation, GenRequest, TokenUsage
 from mathmill.storage import RunStore
 from mathmill.tasks.generation import GenBackend, dispatch, generate, generation_specs
-from mathmill.tasks.runtime import Runtime, use_runtime
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEMS = ROOT / "tests" / "data" / "problems" / "amc23_5.jsonl"
@@ -304,13 +304,13 @@ def test_budget_message_names_the_field_to_raise(tmp_path: Path) -> None:
 def test_budget_is_set_from_the_command_line() -> None:
     from mathmill.flows.cli_params import build_params, parse_set
     from mathmill.flows.sample import SampleParams
-    from mathmill.flows.synthesize import SynthesizeConfig
+    from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
 
     pairs = parse_set(SampleParams, ["input=x.jsonl", "budget.max_usd=2.5"])
     params = build_params(SampleParams, None, pairs, "sample params")
     assert params.budget == Budget(max_usd=2.5)  # type: ignore[attr-defined]
-    for model in (SynthesizeConfig, TirParams, SampleParams):
+    for model in (SynthesizeParams, TirParams, SampleParams):
         assert model.model_fields["budget"].default is None
 
 

@@ -213,7 +213,8 @@ def test_set_reaches_the_validated_model() -> None:
         (
             ["--set", "topicz=3"],
             "invalid synthesize parameters: --set topicz: no such parameter (the top level "
-            "has: storage_endpoint_url, storage_block, results_block, budget, fan_out, out, topics,",
+            "has: storage_endpoint_url, storage_block, results_block, budget, fan_out, out, "
+            "topics,",
         ),
         (
             ["--set", "topics"],

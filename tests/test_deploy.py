@@ -86,7 +86,7 @@ def _body(d: Deployed, key: str) -> bytes:
 
 
 def _deployment_run(
-    d: Deployed, name: str, config: dict[str, object], param_name: str = "config"
+    d: Deployed, name: str, config: dict[str, object], param_name: str = "params"
 ) -> str:
     param = ["--param", f"{param_name}={json.dumps(config)}"]
     return _run(

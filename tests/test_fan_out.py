@@ -56,7 +56,7 @@ def _config(base_url: str, out: Path, fan_out: bool = True) -> Any:
 def _run(cfg: Any) -> Any:
     from mathmill.flows.synthesize import synthesize
 
-    return asyncio.run(synthesize(config=cfg))
+    return asyncio.run(synthesize(params=cfg))
 
 
 async def _chunk_runs(url: str, out: Path) -> list[Any]:

@@ -91,7 +91,7 @@ def test_synthesize_under_faults(prefect_api: dict[str, str], tmp_path: Path) ->
         cfg = world_config(fake.base_url, str(out), topics=8)
         models = {"default": {**ROLE, "base_url": fake.base_url}}
         cfg = cfg.model_copy(update={"models": type(cfg.models)(**models)})
-        _state, elapsed = run_under_faults(synthesize, config=cfg)
+        _state, elapsed = run_under_faults(synthesize, params=cfg)
         outcomes = fake.outcomes()
     for kind in ("status:429", "status:500", "malformed", "truncated", "hang"):
         assert kind in outcomes, kind
@@ -103,7 +103,7 @@ def test_synthesize_under_faults(prefect_api: dict[str, str], tmp_path: Path) ->
         cfg2 = cfg.model_copy(
             update={"models": type(cfg.models)(default={**ROLE, "base_url": fake.base_url})}
         )
-        result = asyncio.run(synthesize(config=cfg2))
+        result = asyncio.run(synthesize(params=cfg2))
     assert world.paid_twice() == {}
     store = RunStore(str(out))
     problems = store.dataset("problems").read_all(Problem)

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from mathmill.llm.fake_server import FakeOpenAIServer, RecordedRequest, Reply
 from mathmill.llm.usage import UsageMeter
+from mathmill.pipeline.chunks import StageOutput
 from mathmill.pipeline.progress import (
     LiveProgress,
     StageProgress,
@@ -29,7 +30,6 @@ from mathmill.pipeline.progress import (
     plain_line,
 )
 from mathmill.storage import ChunkRef
-from mathmill.tasks.runtime import StageOutput
 
 ROOT = Path(__file__).resolve().parent.parent
 PROBLEMS = ROOT / "tests" / "data" / "problems" / "amc23_5.jsonl"

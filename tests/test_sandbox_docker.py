@@ -261,7 +261,7 @@ def test_synthesize_run_in_the_container_verifies_as_the_local_sandbox_does(
             topics=5,
             sandbox={"backend": "docker", "image": docker_image, "timeout_s": 1.0},
         )
-        result = asyncio.run(synthesize(config=cfg))
+        result = asyncio.run(synthesize(params=cfg))
     store = RunStore(str(tmp_path / "run"))
     rows = [
         *store.dataset("verified").read_all(SolutionRow),

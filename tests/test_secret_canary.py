@@ -124,7 +124,7 @@ def test_the_canary_key_is_used_and_never_written(
         models["default"]["api_key_env"] = ENV_NAME
         state = asyncio.run(
             synthesize(
-                config=cfg.model_copy(update={"models": type(cfg.models)(**models)}),
+                params=cfg.model_copy(update={"models": type(cfg.models)(**models)}),
                 return_state=True,
             )
         )

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from mathmill.server import ServerError, ServerHome, server_env
-from mathmill.server_database import (
+from mathmill.local_server import ServerError, ServerHome, server_env
+from mathmill.local_server_database import (
     DATABASE_ENV,
     Database,
     mask_url,

@@ -12,16 +12,16 @@ from pydantic import SecretStr, ValidationError
 
 from mathmill.errors import ConfigError
 from mathmill.flows.options import ModelRole, resolve_role
-from mathmill.flows.synthesize import SynthesizeConfig, plan
+from mathmill.flows.synthesize import SynthesizeParams, plan
 from mathmill.llm.cache import CallCache
 from mathmill.llm.client import LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.llm.fake_server import FakeOpenAIServer, Fault, Reply
+from mathmill.pipeline.chunks import ChunkSpec, map_rows
 from mathmill.records import ErrorInfo, Problem, SamplingParams
 from mathmill.storage import ChunkRef
-from mathmill.tasks.generate import canonical_text, dedup_problems, solution_leak
-from mathmill.tasks.runtime import ChunkSpec, map_rows
 from mathmill.tasks.verify import extract_code
+from mathmill.tasks.writing import canonical_text, dedup_problems, solution_leak
 
 
 async def test_call_cache_replays_finished_calls_without_sending_them(
@@ -148,12 +148,12 @@ def test_role_resolution_reads_the_key_from_the_named_variable(
 
 def test_config_is_strict_and_roles_fall_back_to_the_default() -> None:
     with pytest.raises(ValidationError, match="short_cots"):
-        SynthesizeConfig(short_cots=-1)
+        SynthesizeParams(short_cots=-1)
     with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
-        SynthesizeConfig.model_validate({"topic": 3})
+        SynthesizeParams.model_validate({"topic": 3})
     with pytest.raises(ValidationError, match="api_key_env"):
-        SynthesizeConfig.model_validate({"models": {"default": {"api_key_env": "sk-abc-123!"}}})
-    cfg = SynthesizeConfig.model_validate(
+        SynthesizeParams.model_validate({"models": {"default": {"api_key_env": "sk-abc-123!"}}})
+    cfg = SynthesizeParams.model_validate(
         {
             "models": {
                 "default": {"base_url": "http://d/v1", "model": "big", "max_tokens": 300},

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from mathmill.errors import MathmillError
-from mathmill.flows.synthesize import SynthesizeConfig, SynthesizeResult, synthesize
+from mathmill.flows.synthesize import SynthesizeParams, SynthesizeResult, synthesize
 from mathmill.llm.fake_server import FakeOpenAIServer
 from mathmill.records import Attempt, Dropped, Problem, SolutionRow, Topic
 from mathmill.storage import RunStore, StorageConfig
@@ -33,7 +33,7 @@ ROUNDS = 2
 KIND = re.compile(r"^\[(\w+)\]")
 
 
-def world_config(base_url: str, out: str, **extra: Any) -> SynthesizeConfig:
+def world_config(base_url: str, out: str, **extra: Any) -> SynthesizeParams:
     """Ten topics, one of each kind of tests/synth_world.py, two problems each."""
     fields: dict[str, Any] = {
         "out": out,
@@ -46,11 +46,11 @@ def world_config(base_url: str, out: str, **extra: Any) -> SynthesizeConfig:
         "models": {"default": {"base_url": base_url, "model": "fake", "max_retries": 0}},
         "sandbox": {"timeout_s": 1.0, "workers": 2},
     }
-    return SynthesizeConfig.model_validate(fields | extra)
+    return SynthesizeParams.model_validate(fields | extra)
 
 
-def run_flow(cfg: SynthesizeConfig) -> SynthesizeResult:
-    result: SynthesizeResult = asyncio.run(synthesize(config=cfg))
+def run_flow(cfg: SynthesizeParams) -> SynthesizeResult:
+    result: SynthesizeResult = asyncio.run(synthesize(params=cfg))
     return result
 
 
@@ -74,7 +74,7 @@ def run(prefect_api: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     out = tmp_path_factory.mktemp("synth") / "run"
     with FakeOpenAIServer(world) as fake:
         state = asyncio.run(
-            synthesize(config=world_config(fake.base_url, str(out)), return_state=True)
+            synthesize(params=world_config(fake.base_url, str(out)), return_state=True)
         )
         result = state.result()
         yield Run(world, fake, out, result, world.answered, state.state_details.flow_run_id)
@@ -187,7 +187,7 @@ def test_rows_record_provenance_and_jsonl_matches_parquet(run: Run) -> None:
     assert "verify.critique" in report
     manifest = json.loads((run.out / "manifest.json").read_text())
     assert manifest["status"] == "complete"
-    assert manifest["config"]["topics"] == 10
+    assert manifest["params"]["topics"] == 10
 
 
 def test_artifacts_are_on_the_prefect_server(run: Run) -> None:
@@ -271,7 +271,7 @@ def test_each_role_uses_its_own_endpoint_and_the_key_stays_secret(
         if path.is_file():
             assert secret.encode() not in path.read_bytes(), path
     manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
-    assert manifest["config"]["models"]["critic"]["api_key_env"] == "CRITIC_KEY"
+    assert manifest["params"]["models"]["critic"]["api_key_env"] == "CRITIC_KEY"
 
 
 def test_switching_settings_back_and_forth_in_one_directory(
@@ -296,9 +296,9 @@ def test_bad_parameter_fails_before_any_call_naming_the_field(
     prefect_api: dict[str, str], fake: FakeOpenAIServer, tmp_path: Path
 ) -> None:
     with pytest.raises(Exception, match="topics"):
-        asyncio.run(synthesize(config={"out": str(tmp_path), "topics": 0}))  # type: ignore[arg-type]
+        asyncio.run(synthesize(params={"out": str(tmp_path), "topics": 0}))  # type: ignore[arg-type]
     with pytest.raises(Exception, match="chunk_size"):
-        asyncio.run(synthesize(config={"out": str(tmp_path), "chunk_size": "many"}))  # type: ignore[arg-type]
+        asyncio.run(synthesize(params={"out": str(tmp_path), "chunk_size": "many"}))  # type: ignore[arg-type]
     assert fake.requests == []
 
 

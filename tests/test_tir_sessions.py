@@ -11,11 +11,11 @@ from typing import Any
 from mathmill.llm.client import LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.llm.fake_server import FakeOpenAIServer, Fault, RecordedRequest, Reply, Response
+from mathmill.pipeline.chunks import Runtime
 from mathmill.records import Problem, SamplingParams
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.local import LocalSandbox
 from mathmill.storage import RunStore
-from mathmill.tasks.runtime import Runtime
 from mathmill.tasks.tir import TirConfig, tir_chunk
 
 

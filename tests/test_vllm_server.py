@@ -158,14 +158,14 @@ def test_synthesize_cots_on_the_engine_match_the_endpoint(
     text (greedy here, so where the model allows means always on one machine). The
     other roles answer from the scripted world.
     """
-    from mathmill.flows.synthesize import SynthesizeConfig, synthesize
+    from mathmill.flows.synthesize import SynthesizeParams, synthesize
     from mathmill.llm.fake_server import FakeOpenAIServer
     from mathmill.records import Attempt
     from mathmill.storage import RunStore
     from tests.synth_world import SynthWorld
 
     def run(out: Path, fake_url: str, **reasoner: object) -> list[Attempt]:
-        cfg = SynthesizeConfig.model_validate(
+        cfg = SynthesizeParams.model_validate(
             {
                 "out": str(out),
                 "topics": 2,
@@ -181,7 +181,7 @@ def test_synthesize_cots_on_the_engine_match_the_endpoint(
                 **reasoner,
             }
         )
-        result = asyncio.run(synthesize(config=cfg))
+        result = asyncio.run(synthesize(params=cfg))
         assert result.counts["cots.long_cot"] == result.plan.problems
         cots = RunStore(str(out)).dataset("cots").read_all(Attempt)
         return sorted(cots, key=lambda a: (a.problem_id, a.kind, a.sample_index))

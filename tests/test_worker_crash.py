@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer
-from mathmill.server import CRASH_AUTOMATION
+from mathmill.local_server import CRASH_AUTOMATION
 from tests.chaos_support import Counting, cached_calls, descendants, jsonl_rows
 from tests.deploy_support import MATHMILL, clean_env, run_cmd, server_up
 from tests.load_support import DEPLOYMENT, Load, sample_reply

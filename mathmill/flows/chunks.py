@@ -20,9 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import ConfigError, IncompleteRun
 from mathmill.flows.registry import PIPELINES
+from mathmill.pipeline.chunks import ChunkSpec, StageOutput, use_runtime
 from mathmill.pipeline.dag import Pipeline, open_pipeline_runtime
 from mathmill.pipeline.fanout import usage_path
-from mathmill.tasks.runtime import ChunkSpec, StageOutput, use_runtime
 
 __all__ = ["ChunksParams", "ChunksResult", "chunks", "load_pipeline"]
 

@@ -34,7 +34,7 @@ from mathmill.flows.cli_params import (
 
 if TYPE_CHECKING:
     from mathmill.flows.sample import SampleParams
-    from mathmill.flows.synthesize import SynthesizeConfig
+    from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
     "prefect_api",
     "run_app",
     "run_flow",
-    "run_synthesize_config",
+    "run_synthesize_params",
     "validation_message",
 ]
 
@@ -83,7 +83,7 @@ def prefect_api(mode: ServerMode | None = None) -> Iterator[str | None]:
         return
     if mode != "local":
         raise ConfigError(f"MATHMILL_PREFECT_SERVER: expected 'local' or 'ephemeral', not {mode!r}")
-    from mathmill.server import default_home, default_port, ensure_local_server
+    from mathmill.local_server import default_home, default_port, ensure_local_server
 
     home, port = default_home(), default_port()
     with console.status(f"starting a local Prefect server on port {port} (once)"):
@@ -225,13 +225,13 @@ def print_ui(link: str | None) -> None:
         console.print(f"Prefect UI: {link}", markup=False, highlight=False)
 
 
-def run_synthesize_config(
+def run_synthesize_params(
     cfg: Any, server: ServerMode | None = None, *, progress: bool = False
 ) -> tuple[Any, str | None]:
     """Run the synthesize flow for a validated config; its result and UI link."""
     from mathmill.flows.synthesize import synthesize
 
-    return run_flow(synthesize, server, progress=progress, config=cfg)
+    return run_flow(synthesize, server, progress=progress, params=cfg)
 
 
 def print_result(result: Any, link: str | None = None) -> None:
@@ -376,14 +376,14 @@ PROGRESS = option(
 )
 
 
-def synthesize_model() -> type[SynthesizeConfig]:
+def synthesize_model() -> type[SynthesizeParams]:
     """The synthesize flow's parameters (imports the flow)."""
-    from mathmill.flows.synthesize import SynthesizeConfig
+    from mathmill.flows.synthesize import SynthesizeParams
 
-    return SynthesizeConfig
+    return SynthesizeParams
 
 
-def run_synthesize(cfg: SynthesizeConfig, options: Mapping[str, Any]) -> None:
+def run_synthesize(cfg: SynthesizeParams, options: Mapping[str, Any]) -> None:
     """Generate problems and chains of thought, verify them by code, write the dataset."""
     from mathmill.flows.synthesize import plan
 
@@ -392,7 +392,7 @@ def run_synthesize(cfg: SynthesizeConfig, options: Mapping[str, Any]) -> None:
         console.print("dry run: nothing was called")
         return
     progress = show_progress(options)
-    print_result(*run_synthesize_config(cfg, options["prefect_server"], progress=progress))
+    print_result(*run_synthesize_params(cfg, options["prefect_server"], progress=progress))
 
 
 def tir_model() -> type[TirParams]:

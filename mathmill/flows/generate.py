@@ -23,17 +23,17 @@ from mathmill.errors import ConfigError
 from mathmill.flows.options import StorageFields
 from mathmill.llm.client import LLMPool
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
+from mathmill.pipeline.chunks import (
+    ChunkSpec,
+    Runtime,
+    StageOutput,
+    use_runtime,
+)
 from mathmill.pipeline.fanout import usage_path
 from mathmill.records import Generation
 from mathmill.storage import RunStore
 from mathmill.tasks.generation import (
     engine_generate,
-)
-from mathmill.tasks.runtime import (
-    ChunkSpec,
-    Runtime,
-    StageOutput,
-    use_runtime,
 )
 
 __all__ = ["GenerateParams", "GenerateResult", "generate"]

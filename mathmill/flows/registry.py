@@ -37,7 +37,7 @@ class Entry:
 PIPELINES = {
     e.name: e
     for e in (
-        Entry("synthesize", "mathmill.flows.synthesize", "synthesize", "config"),
+        Entry("synthesize", "mathmill.flows.synthesize", "synthesize", "params"),
         Entry("tir", "mathmill.flows.tir", "tir", "params"),
         Entry("sample", "mathmill.flows.sample", "sample", "params"),
     )

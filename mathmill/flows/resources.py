@@ -21,12 +21,12 @@ from mathmill.llm.cache import CallCache
 from mathmill.llm.client import LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.llm.live import LiveLimits
+from mathmill.pipeline.chunks import Runtime
 from mathmill.sandbox.http import HTTPSandbox
 from mathmill.sandbox.local import LocalSandbox
 from mathmill.sandbox.pool import SandboxPool
 from mathmill.sandbox.protocol import Sandbox
 from mathmill.storage import RunStore, StorageConfig
-from mathmill.tasks.runtime import Runtime
 
 __all__ = ["call_cache_path", "open_runtime"]
 

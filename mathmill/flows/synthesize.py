@@ -6,7 +6,7 @@ Every stage is a Prefect task over a chunk of rows, cached on the input chunks'
 content hashes, the stage config, the prompt hashes and the stage's code; finished
 LLM calls are kept in a call cache. Re-running the same command resumes.
 
->>> cfg = SynthesizeConfig(out="/tmp/run", topics=2, problems_per_topic=1)
+>>> cfg = SynthesizeParams(out="/tmp/run", topics=2, problems_per_topic=1)
 >>> plan(cfg).problems
 2
 """
@@ -27,16 +27,16 @@ from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import SamplingParams
 from mathmill.tasks import synthesize as stages
-from mathmill.tasks.generate import CotConfig, ProblemsConfig, TopicsConfig
 from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.synthesize import DedupConfig
 from mathmill.tasks.verify import VerifyConfig
+from mathmill.tasks.writing import CotConfig, ProblemsConfig, TopicsConfig
 
 __all__ = [
     "PIPELINE",
     "IncompleteRun",
     "Models",
-    "SynthesizeConfig",
+    "SynthesizeParams",
     "SynthesizeResult",
     "plan",
     "run_synthesize",
@@ -75,7 +75,7 @@ class Models(BaseModel):
         }
 
 
-class SynthesizeConfig(FanOutFields, BudgetFields, StorageFields):
+class SynthesizeParams(FanOutFields, BudgetFields, StorageFields):
     """Parameters of the synthesize flow (one form in the Prefect UI)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -134,7 +134,7 @@ class SynthesizeResult(RunResult):
     unverified: int = 0
 
 
-def plan(cfg: SynthesizeConfig) -> Plan:
+def plan(cfg: SynthesizeParams) -> Plan:
     """The run's shape and an upper bound on its LLM calls (no I/O)."""
     problems = cfg.topics * cfg.problems_per_topic
     if cfg.limit is not None:
@@ -176,11 +176,11 @@ def _sampling(role: ModelRole, seed: int, max_tokens: int | None = None) -> Samp
     return SamplingParams(temperature=role.temperature, max_tokens=tokens, seed=seed)
 
 
-def _roles(cfg: SynthesizeConfig) -> dict[str, ModelRole]:
+def _roles(cfg: SynthesizeParams) -> dict[str, ModelRole]:
     return cfg.models.merged()
 
 
-def _topics(cfg: SynthesizeConfig) -> TopicsConfig:
+def _topics(cfg: SynthesizeParams) -> TopicsConfig:
     return TopicsConfig(
         count=cfg.topics,
         domains=cfg.domains,
@@ -188,14 +188,14 @@ def _topics(cfg: SynthesizeConfig) -> TopicsConfig:
     )
 
 
-def _problems(cfg: SynthesizeConfig) -> ProblemsConfig:
+def _problems(cfg: SynthesizeParams) -> ProblemsConfig:
     return ProblemsConfig(
         per_topic=cfg.problems_per_topic,
         sampling=_sampling(_roles(cfg)["generator"], cfg.seed),
     )
 
 
-def _cots(cfg: SynthesizeConfig) -> CotConfig:
+def _cots(cfg: SynthesizeParams) -> CotConfig:
     reasoner = _roles(cfg)["reasoner"]
     return CotConfig(
         short=cfg.short_cots,
@@ -204,7 +204,7 @@ def _cots(cfg: SynthesizeConfig) -> CotConfig:
     )
 
 
-def _verify(cfg: SynthesizeConfig) -> VerifyConfig:
+def _verify(cfg: SynthesizeParams) -> VerifyConfig:
     roles = _roles(cfg)
     return VerifyConfig(
         rounds=cfg.rounds,
@@ -217,7 +217,7 @@ def _verify(cfg: SynthesizeConfig) -> VerifyConfig:
     )
 
 
-def _resources(cfg: SynthesizeConfig) -> Resources:
+def _resources(cfg: SynthesizeParams) -> Resources:
     on_vllm: dict[str, GenBackend] = {
         str(role): backend for role, backend in cfg.backends.items() if backend.kind != "endpoint"
     }
@@ -238,9 +238,9 @@ def _summary(state: RunState) -> dict[str, Any]:
     }
 
 
-PIPELINE: Pipeline[SynthesizeConfig, SynthesizeResult] = Pipeline(
+PIPELINE: Pipeline[SynthesizeParams, SynthesizeResult] = Pipeline(
     name="synthesize",
-    params=SynthesizeConfig,
+    params=SynthesizeParams,
     steps=[
         Step(stages.topics, _topics),
         Step(
@@ -257,7 +257,6 @@ PIPELINE: Pipeline[SynthesizeConfig, SynthesizeResult] = Pipeline(
     exports=("verified", "unverified", "dropped"),
     listed=("verified", "unverified", "dropped"),
     summary=_summary,
-    params_name="config",
     ref="mathmill.flows.synthesize:PIPELINE",
     description="Generate problems and solutions; keep those whose answer code reproduces.",
 )
@@ -265,12 +264,12 @@ PIPELINE: Pipeline[SynthesizeConfig, SynthesizeResult] = Pipeline(
 
 
 @flow(name="synthesize", validate_parameters=True, log_prints=False)
-async def synthesize(config: SynthesizeConfig) -> SynthesizeResult:
+async def synthesize(params: SynthesizeParams) -> SynthesizeResult:
     """Generate problems and solutions and keep those whose answer code reproduces."""
-    return await run_synthesize(config, prefect=True)
+    return await run_synthesize(params, prefect=True)
 
 
-async def run_synthesize(cfg: SynthesizeConfig, *, prefect: bool) -> SynthesizeResult:
+async def run_synthesize(cfg: SynthesizeParams, *, prefect: bool) -> SynthesizeResult:
     """The pipeline. With ``prefect=False`` the same stages run as plain functions
     (no task runs, no artifacts): what ``bench/synthesize.py`` compares against.
     """

@@ -18,13 +18,13 @@ from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
 from mathmill.pipeline.budget import BudgetFields
+from mathmill.pipeline.chunks import Runtime
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import Attempt, Problem, SamplingParams
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.load import LoadConfig, load
-from mathmill.tasks.runtime import Runtime
 from mathmill.tasks.tir import TirConfig, TurnHook, trajectories
 from mathmill.tasks.tir_export import chat_messages, sharegpt, tir_stats
 

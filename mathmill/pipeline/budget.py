@@ -28,8 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import StorageError
 from mathmill.llm.usage import SpendLimit
+from mathmill.pipeline.chunks import Runtime
 from mathmill.storage import RunStore
-from mathmill.tasks.runtime import Runtime
 
 __all__ = ["BUDGET_PATH", "Budget", "BudgetFields", "budget_message", "open_budget", "save_spend"]
 

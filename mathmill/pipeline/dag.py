@@ -30,10 +30,10 @@ from typing import Any, Generic, TypeVar
 from pydantic import BaseModel
 
 from mathmill.pipeline.budget import open_budget, save_spend
+from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, use_runtime
 from mathmill.pipeline.progress import Listener, Tracker
 from mathmill.pipeline.stage import Stage, execute
 from mathmill.storage import ChunkRef
-from mathmill.tasks.runtime import ChunkSpec, Runtime, StageOutput, use_runtime
 
 __all__ = ["Pipeline", "Resources", "RunState", "Step", "open_pipeline_runtime", "run_pipeline"]
 
@@ -112,8 +112,7 @@ class Pipeline(Generic[PP, RR]):
     ``extra_exports``: other files (name -> URL). ``report``: a markdown section put
     before the counts; ``tables``: more table artifacts ``(key, rows, description)``.
     ``listed``: datasets whose directories the result names. ``setup``: runs once the
-    runtime is open (semaphores, hooks in ``rt.extra``). ``params_name``: the flow's
-    parameter name (the manifest's key for the params).
+    runtime is open (semaphores, hooks in ``rt.extra``).
     """
 
     name: str
@@ -128,7 +127,6 @@ class Pipeline(Generic[PP, RR]):
     tables: Hook | None = None
     summary: Hook | None = None
     setup: Callable[[Runtime, PP], None] | None = None
-    params_name: str = "params"
     description: str = ""
     ref: str = ""
     """Where workers import it from (``module:attribute``), for fan-out."""

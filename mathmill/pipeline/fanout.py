@@ -22,8 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import IncompleteChunk
 from mathmill.llm.usage import UsageMeter
+from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, _finished
 from mathmill.pipeline.remote import require_server, run_and_wait
-from mathmill.tasks.runtime import ChunkSpec, Runtime, StageOutput, _finished
 
 if TYPE_CHECKING:
     from mathmill.pipeline.dag import Pipeline

@@ -104,7 +104,7 @@ async def finish_run(state: RunState) -> Any:
     )
     manifest = {
         "status": status,
-        pipeline.params_name: state.params.model_dump(mode="json"),
+        "params": state.params.model_dump(mode="json"),
         "result": result.model_dump(mode="json"),
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
-from mathmill.tasks.runtime import StageOutput
+from mathmill.pipeline.chunks import StageOutput
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType

@@ -29,9 +29,7 @@ from typing import Any, Generic, Literal, TypeVar
 from pydantic import BaseModel
 
 from mathmill import __version__
-from mathmill.records import Dropped, ErrorInfo, Problem, Record
-from mathmill.storage import ChunkRef
-from mathmill.tasks.runtime import (
+from mathmill.pipeline.chunks import (
     ChunkSpec,
     Runtime,
     StageOutput,
@@ -40,6 +38,8 @@ from mathmill.tasks.runtime import (
     raise_if_transient,
     run_chunk,
 )
+from mathmill.records import Dropped, ErrorInfo, Problem, Record
+from mathmill.storage import ChunkRef
 
 __all__ = [
     "Chunk",
@@ -72,7 +72,7 @@ _PLUMBING = (
     "mathmill.errors",
     "mathmill.codec",
     "mathmill.cli",
-    "mathmill.server",
+    "mathmill.local_server",
     "mathmill.prefect_server",
     "mathmill._lazy",
 )
@@ -83,7 +83,7 @@ class StageResult:
     """What a stage's function returns for one chunk.
 
     ``rows``: dataset name -> rows written (``"problems/00003"`` names the 4th output
-    chunk of dataset ``problems``: see :func:`~mathmill.tasks.runtime.split_rows`).
+    chunk of dataset ``problems``: see :func:`~mathmill.pipeline.chunks.split_rows`).
     ``dropped``: rows not passed on, each with its reason. ``counts``: typed counters,
     ``"<stage>.<outcome>" -> n``. ``errors``: per-row failures; a transient one (endpoint
     down, timeout) leaves the chunk incomplete, so a re-run redoes only what failed.
@@ -180,7 +180,7 @@ class Stage(Generic[P]):
         """The chunk spec: inputs, params, the roles' endpoint identities, prompt hashes,
         code, run directory; its hash is the chunk's cache key.
         """
-        from mathmill.tasks.runtime import prompt_hashes
+        from mathmill.pipeline.chunks import prompt_hashes
 
         endpoints = {r: rt.identity(r) for r in self.roles if r in rt.endpoints or r in rt.backends}
         return ChunkSpec(

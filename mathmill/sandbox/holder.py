@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 from mathmill.sandbox.box import Box, detach_output, redirect
-from mathmill.sandbox.runtime import describe_state, fresh_randomness, run_code
+from mathmill.sandbox.guest import describe_state, fresh_randomness, run_code
 from mathmill.sandbox.supervise import cpu_aware_exit, result_fields, supervise
 from mathmill.sandbox.wire import recv_msg, send_msg
 

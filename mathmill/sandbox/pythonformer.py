@@ -39,7 +39,7 @@ add ``error`` next to ``detail``. ``/session/create``, ``/reset`` and ``DELETE``
 the same in both shapes (Pythonformer clients read only ``session_id``).
 
 Everything here formats a state that was built inside the sandbox
-(:mod:`mathmill.sandbox.runtime`); no user code runs in the server.
+(:mod:`mathmill.sandbox.guest`); no user code runs in the server.
 """
 
 from __future__ import annotations

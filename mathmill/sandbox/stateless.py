@@ -26,9 +26,9 @@ from typing import Any
 
 from mathmill.sandbox import isolation as iso
 from mathmill.sandbox.box import Box, detach_output, redirect, spawn_namespaced
+from mathmill.sandbox.guest import fresh_randomness, new_namespace, run_code
 from mathmill.sandbox.jobs import Job, kill_group
 from mathmill.sandbox.limits import Limits
-from mathmill.sandbox.runtime import fresh_randomness, new_namespace, run_code
 from mathmill.sandbox.wire import recv_msg, send_msg
 
 __all__ = ["Stateless"]

@@ -53,10 +53,10 @@ from mathmill.sandbox.box import (
     set_environment,
     spawn_namespaced,
 )
+from mathmill.sandbox.guest import describe_state, new_namespace
 from mathmill.sandbox.holder import holder_loop
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.prefork import prepare_for_cloning
-from mathmill.sandbox.runtime import describe_state, new_namespace
 from mathmill.sandbox.sessions import Session, Sessions
 from mathmill.sandbox.stateless import Stateless
 from mathmill.sandbox.wire import recv_msg, send_msg

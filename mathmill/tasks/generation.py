@@ -28,6 +28,14 @@ from mathmill.errors import ConfigError
 from mathmill.llm.client import ChatResult, LLMClient
 from mathmill.llm.client import TokenLogprob as ClientLogprob
 from mathmill.llm.vllm_engine import EngineConfig, get_engine
+from mathmill.pipeline.chunks import (
+    ChunkSpec,
+    IncompleteChunk,
+    Runtime,
+    _finished,
+    fingerprint,
+    map_rows,
+)
 from mathmill.pipeline.remote import require_server, run_and_wait
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import (
@@ -39,14 +47,6 @@ from mathmill.records import (
     TokenLogprob,
 )
 from mathmill.storage import ChunkRef, RunStore
-from mathmill.tasks.runtime import (
-    ChunkSpec,
-    IncompleteChunk,
-    Runtime,
-    _finished,
-    fingerprint,
-    map_rows,
-)
 
 __all__ = [
     "GenBackend",
@@ -388,8 +388,8 @@ async def dispatch(
 
     from mathmill.errors import MathmillError
     from mathmill.llm.usage import UsageMeter
+    from mathmill.pipeline.chunks import current_runtime
     from mathmill.pipeline.fanout import usage_path
-    from mathmill.tasks.runtime import current_runtime
 
     assert backend.engine is not None
     pending = [s for s in specs if _finished(store, s) is None]

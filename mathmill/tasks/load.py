@@ -10,10 +10,10 @@ from collections import Counter
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import ConfigError
+from mathmill.pipeline.chunks import drop, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import Dropped, ErrorInfo, Problem
 from mathmill.sources import FieldMap, read_problems
-from mathmill.tasks.runtime import drop, split_rows
 
 __all__ = ["LoadConfig", "load"]
 

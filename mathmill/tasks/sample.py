@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.grading.extract import extract_answer
 from mathmill.grading.reference import check_answer
+from mathmill.pipeline.chunks import split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -25,7 +26,6 @@ from mathmill.records import (
     stable_id,
 )
 from mathmill.tasks.generation import generate
-from mathmill.tasks.runtime import split_rows
 
 __all__ = ["SampleConfig", "grade_samples", "sample", "sample_stats"]
 

@@ -2,7 +2,7 @@
 problems → dedup → chains of thought → code verification.
 
 Each is a :func:`~mathmill.pipeline.stage.stage` over one chunk, calling the stage's
-plain function (:mod:`mathmill.tasks.generate`, :mod:`mathmill.tasks.verify`); the kit
+plain function (:mod:`mathmill.tasks.writing`, :mod:`mathmill.tasks.verify`); the kit
 derives the Prefect task, cache key and resume from the declaration.
 """
 
@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill.pipeline.chunks import split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import Attempt, Problem, SolutionRow, Topic
-from mathmill.tasks.generate import (
+from mathmill.tasks.verify import VerifyConfig, verify_chunk
+from mathmill.tasks.writing import (
     CotConfig,
     ProblemsConfig,
     TopicsConfig,
@@ -21,8 +23,6 @@ from mathmill.tasks.generate import (
     generate_problems,
     generate_topics,
 )
-from mathmill.tasks.runtime import split_rows
-from mathmill.tasks.verify import VerifyConfig, verify_chunk
 
 __all__ = ["DedupConfig", "cots", "dedup", "problems", "topics", "verify"]
 

@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from mathmill.grading.extract import last_boxed
 from mathmill.grading.reference import check_answer
+from mathmill.pipeline.chunks import Runtime, map_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -36,7 +37,6 @@ from mathmill.records import (
     Verdict,
 )
 from mathmill.sandbox.protocol import SandboxError, SessionResult
-from mathmill.tasks.runtime import Runtime, map_rows
 
 __all__ = [
     "NUDGE",

@@ -21,6 +21,7 @@ from mathmill.grading.coderun import check_code
 from mathmill.grading.extract import extract_answer
 from mathmill.grading.leaks import detect_leak
 from mathmill.llm.client import ChatResult
+from mathmill.pipeline.chunks import Runtime, map_rows
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
@@ -36,7 +37,6 @@ from mathmill.records import (
 )
 from mathmill.sandbox.limits import Limits
 from mathmill.sandbox.protocol import SandboxError
-from mathmill.tasks.runtime import Runtime, map_rows
 
 __all__ = [
     "VerifyConfig",

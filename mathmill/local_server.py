@@ -3,7 +3,7 @@ mathmill.
 
 It starts ``prefect server start`` in the background (tuned as measured in FACTS.md:
 task-run recorder batches, analytics off) on its database
-(:class:`mathmill.server_database.Database`: the SQLite file in its home by default, or
+(:class:`mathmill.local_server_database.Database`: the SQLite file in its home by default, or
 a ``postgresql+asyncpg://`` URL checked before the start, its password never printed),
 waits for ``/api/health``, creates the
 ``cpu`` and ``vllm`` process work pools, registers the block types and deploys
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from mathmill.errors import ServerError as ServerError
 
 if TYPE_CHECKING:  # pydantic stays out of `mathmill --help`
-    from mathmill.server_database import Database
+    from mathmill.local_server_database import Database
 
 __all__ = [
     "POOLS",
@@ -126,7 +126,7 @@ def server_env(
     env.setdefault("PREFECT_UI_API_URL", ui_api_url)
     env["PREFECT_HOME"] = str(home.root)
     if database is None:
-        from mathmill.server_database import resolve_database
+        from mathmill.local_server_database import resolve_database
 
         database = resolve_database("sqlite", home)
     # the newer name would win over the older one: only one is set
@@ -186,7 +186,7 @@ def start_server(
     url = api_url(host, port)
     if healthy(url):
         return url
-    from mathmill.server_database import resolve_database
+    from mathmill.local_server_database import resolve_database
 
     db = database or resolve_database(None, home)
     db.check()

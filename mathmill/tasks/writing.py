@@ -16,6 +16,7 @@ from typing import Annotated
 from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from mathmill.grading.extract import extract_answer
+from mathmill.pipeline.chunks import Runtime, drop, map_rows
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
@@ -30,7 +31,6 @@ from mathmill.records import (
     normalize_statement,
 )
 from mathmill.tasks.generation import generate, role_model
-from mathmill.tasks.runtime import Runtime, drop, map_rows
 
 __all__ = [
     "CotConfig",

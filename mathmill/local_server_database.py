@@ -4,7 +4,7 @@ into a :class:`Database` whose URL and password are secrets; every message about
 shows the URL masked and names the host; a PostgreSQL database is checked with one
 connection before the server starts.
 
-Apart from :mod:`mathmill.server` so that ``mathmill --help`` does not import pydantic.
+Apart from :mod:`mathmill.local_server` so that ``mathmill --help`` does not import pydantic.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from urllib.parse import quote, quote_plus
 from pydantic import BaseModel, ConfigDict, SecretStr
 
 from mathmill.errors import ConfigError
-from mathmill.server import ServerError, ServerHome
+from mathmill.local_server import ServerError, ServerHome
 
 __all__ = [
     "DATABASE_ENV",
