@@ -65,7 +65,6 @@ class SampleResult(RunResult):
 
     problems: int = 0
     samples: int = 0
-    stats: dict[str, Any] = Field(default_factory=dict)
 
 
 def _sampling(params: SampleParams) -> SamplingParams:
@@ -102,23 +101,14 @@ def _stats(state: RunState) -> list[dict[str, Any]]:
 
 def _report(state: RunState) -> str:
     p = state.params
-    lines = [
+    return (
         f"{state.rows('problems')} problems, {p.samples} samples each, temperature "
-        f"{p.temperature}, backend {p.backend.kind}.",
-        "",
-        "| metric | value |",
-        "|---|---|",
-        *(f"| {r['metric']} | {r['value']} |" for r in _stats(state)),
-    ]
-    return "\n".join(lines)
+        f"{p.temperature}, backend {p.backend.kind}."
+    )
 
 
 def _summary(state: RunState) -> dict[str, Any]:
-    return {
-        "problems": state.rows("problems"),
-        "samples": state.rows("samples"),
-        "stats": {str(r["metric"]): r["value"] for r in _stats(state)},
-    }
+    return {"problems": state.rows("problems"), "samples": state.rows("samples")}
 
 
 PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
@@ -133,7 +123,7 @@ PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
     exports=("samples", "dropped"),
     listed=("samples",),
     report=_report,
-    tables=lambda state: [("sample-stats", _stats(state), "sample statistics")],
+    stats=_stats,
     summary=_summary,
     ref="mathmill.flows.sample:PIPELINE",
     description="N solutions per problem with logprobs, graded against the answers.",

@@ -63,7 +63,6 @@ class TirResult(RunResult):
     """Where a tir run's outputs are, and its statistics."""
 
     problems: int = 0
-    stats: dict[str, Any] = Field(default_factory=dict)
 
 
 def _config(params: TirParams) -> TirConfig:
@@ -97,23 +96,8 @@ def _setup(rt: Runtime, params: TirParams) -> None:
     rt.extra["on_turn"] = turn_hook.get()
 
 
-def _stats(state: RunState) -> list[dict[str, Any]]:
-    return tir_stats(state.tracker.counts)
-
-
-def _report(state: RunState) -> str:
-    rows = _stats(state)
-    return "\n".join(
-        ["## Statistics", "", "| metric | value |", "|---|---|"]
-        + [f"| {r['metric']} | {r['value']} |" for r in rows]
-    )
-
-
 def _summary(state: RunState) -> dict[str, Any]:
-    return {
-        "problems": state.rows("problems"),
-        "stats": {str(r["metric"]): r["value"] for r in _stats(state)},
-    }
+    return {"problems": state.rows("problems")}
 
 
 PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
@@ -128,8 +112,7 @@ PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
     exports=("dropped",),
     listed=("trajectories",),
     extra_exports=lambda state: _exports(state.rt.store, state.refs, state.params.samples),
-    report=_report,
-    tables=lambda state: [("tir-stats", _stats(state), "tir statistics")],
+    stats=lambda state: tir_stats(state.tracker.counts),
     summary=_summary,
     setup=_setup,
     ref="mathmill.flows.tir:PIPELINE",

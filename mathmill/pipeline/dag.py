@@ -110,7 +110,8 @@ class Pipeline(Generic[PP, RR]):
     result model (a :class:`~mathmill.pipeline.finish.RunResult`); ``summary`` adds its
     own fields. ``exports``: datasets written whole as ``<name>.jsonl``;
     ``extra_exports``: other files (name -> URL). ``report``: a markdown section put
-    before the counts; ``tables``: more table artifacts ``(key, rows, description)``.
+    before the counts; ``stats``: the pipeline's statistics as ``{"metric", "value"}``
+    rows (a report section, the ``<name>-stats`` table artifact, ``result.stats``).
     ``listed``: datasets whose directories the result names. ``setup``: runs once the
     runtime is open (semaphores, hooks in ``rt.extra``).
     """
@@ -124,7 +125,7 @@ class Pipeline(Generic[PP, RR]):
     listed: Sequence[str] = ()
     extra_exports: Hook | None = None
     report: Hook | None = None
-    tables: Hook | None = None
+    stats: Hook | None = None
     summary: Hook | None = None
     setup: Callable[[Runtime, PP], None] | None = None
     description: str = ""

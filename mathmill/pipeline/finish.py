@@ -39,6 +39,9 @@ class RunResult(BaseModel):
     stages: dict[str, dict[str, float]] = Field(
         default_factory=dict, description="Per stage: chunks, chunks reused, busy seconds."
     )
+    stats: dict[str, Any] = Field(
+        default_factory=dict, description="The pipeline's statistics (metric -> value)."
+    )
     wall_s: float = 0.0
 
 
@@ -85,11 +88,16 @@ async def finish_run(state: RunState) -> Any:
         outputs,
         wall,
     )
-    if pipeline.report is not None:
-        section = pipeline.report(state)
-        report = report.replace("## Rows by stage", section + "\n\n## Rows by stage", 1)
+    stats: list[dict[str, Any]] = pipeline.stats(state) if pipeline.stats is not None else []
+    sections = [pipeline.report(state)] if pipeline.report is not None else []
+    if stats:
+        sections.append(_stats_markdown(stats))
+    if sections:
+        report = report.replace("## Rows by stage", "\n\n".join([*sections, "## Rows by stage"]), 1)
     write_run_file(store, "report.md", report.encode(), failed=failed)
     fields = pipeline.summary(state) if pipeline.summary is not None else {}
+    if stats:
+        fields["stats"] = {str(r["metric"]): r["value"] for r in stats}
     result = pipeline.result(
         out=store.url,
         counts=dict(state.tracker.counts),
@@ -111,7 +119,7 @@ async def finish_run(state: RunState) -> Any:
     write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
     save_spend(state.rt)
     if state.prefect:
-        await _artifacts(state, report, status)
+        await _artifacts(state, report, status, stats)
     if failed:
         for error in state.failures:  # bad settings: say so, re-running won't help
             if isinstance(error, ConfigError):
@@ -133,7 +141,14 @@ async def finish_run(state: RunState) -> Any:
     return result
 
 
-async def _artifacts(state: RunState, report: str, status: str) -> None:
+def _stats_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["## Statistics", "", "| metric | value |", "|---|---|"]
+    return "\n".join(lines + [f"| {r['metric']} | {r['value']} |" for r in rows])
+
+
+async def _artifacts(
+    state: RunState, report: str, status: str, stats: list[dict[str, Any]]
+) -> None:
     from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
     name = state.pipeline.name
@@ -142,8 +157,10 @@ async def _artifacts(state: RunState, report: str, status: str) -> None:
         key=f"{name}-counts",
         description=f"Rows by stage and outcome ({status})",
     )
-    for key, rows, description in state.pipeline.tables(state) if state.pipeline.tables else []:
-        await acreate_table_artifact(rows, key=key, description=f"{description} ({status})")
+    if stats:
+        await acreate_table_artifact(
+            stats, key=f"{name}-stats", description=f"{name} statistics ({status})"
+        )
     await acreate_markdown_artifact(report, key=f"{name}-report", description=f"{name} run report")
 
 
