@@ -170,3 +170,36 @@ def test_the_plain_run_matches_and_the_code_key_follows_imports(tmp_path: Path) 
     assert {"mathmill.tasks.load", "mathmill.records", "mathmill.sources"} <= closure
     assert "mathmill.storage" not in closure and "mathmill.llm.client" not in closure
     assert stage_code("mathmill.tasks.load") != stage_code("mathmill.tasks.synthesize")
+
+
+def test_the_new_pipeline_gets_its_command_line(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    import typer
+    from typer.testing import CliRunner
+
+    from mathmill.flows.cli_params import params_command
+
+    app = typer.Typer()
+
+    def run(params: LengthParams, _options: Any) -> None:
+        """Measure the problems."""
+        asyncio.run(lengths(params))
+
+    params_command(app, "lengths", LengthParams, run)
+    app.command("other")(lambda: None)  # a group, as `mathmill run` is
+    runner = CliRunner()
+    shown = runner.invoke(app, ["lengths", "--help"], terminal_width=200)
+    assert shown.exit_code == 0 and "--unit" in shown.output
+    assert "Characters per unit." in shown.output and "--chunk-size" in shown.output
+    problems = _problems(tmp_path / "p.jsonl", 4)
+    args = ["lengths", "--input", str(problems), "--out", str(tmp_path / "r"), "--unit", "5"]
+    done = runner.invoke(app, [*args, "--set", "chunk_size=3"])
+    assert done.exit_code == 0, done.output
+    rows = [
+        json.loads(line) for line in (tmp_path / "r" / "lengths.jsonl").read_text().splitlines()
+    ]
+    assert [r["metadata"]["length"] for r in rows] == [2, 2, 2, 2]
+    assert sorted(CALLS) == [0, 1]  # chunks of 3 from --set
+    bad = runner.invoke(app, [*args, "--unit", "0"])
+    assert bad.exit_code != 0 and "unit" in str(bad.output) + str(bad.exception)
