@@ -71,6 +71,17 @@ class IncompleteChunk(MathmillError):
     """
 
 
+class FlowRunFailed(IncompleteChunk):
+    """A flow run a run handed chunks to (the ``chunks`` or ``generate`` deployment)
+    did not complete; ``flow_run_id`` names it, so what it recorded (its LLM usage) is
+    still counted.
+    """
+
+    def __init__(self, message: str, *, flow_run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.flow_run_id = flow_run_id
+
+
 class IncompleteRun(MathmillError):
     """Some chunks failed; what finished is kept and a re-run resumes."""
 

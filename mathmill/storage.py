@@ -46,7 +46,7 @@ from mathmill.codec import from_table, to_table
 from mathmill.errors import ConfigError, StorageError
 from mathmill.records import RECORD_TYPES, Record
 
-__all__ = ["ChunkRef", "Dataset", "RunStore", "StorageConfig"]
+__all__ = ["ChunkRef", "Dataset", "RunStore", "StorageConfig", "masked_url"]
 
 R = TypeVar("R", bound=Record)
 T = TypeVar("T")
@@ -74,10 +74,10 @@ FIRST_CONTACT_S = 5.0
 _REACHED: set[str] = set()
 
 
-def _masked(url: str) -> str:
+def masked_url(url: str) -> str:
     """``url`` with user, password and query replaced by ``***``.
 
-    >>> _masked("http://key:secret@minio:9000/?token=x")
+    >>> masked_url("http://key:secret@minio:9000/?token=x")
     'http://***@minio:9000/?***'
     """
     parts = urllib.parse.urlsplit(url)
@@ -190,7 +190,7 @@ class RunStore:
         any user, password or query in the URL masked.
         """
         return (
-            _masked(self.config.endpoint_url)
+            masked_url(self.config.endpoint_url)
             if self.config.endpoint_url
             else (_protocols(self.fs)[0].upper())
         )

@@ -203,3 +203,138 @@ def test_the_new_pipeline_gets_its_command_line(
     assert sorted(CALLS) == [0, 1]  # chunks of 3 from --set
     bad = runner.invoke(app, [*args, "--unit", "0"])
     assert bad.exit_code != 0 and "unit" in str(bad.output) + str(bad.exception)
+
+
+# -- the DAG runner's edges ---------------------------------------------------------
+
+
+class NoParams(BaseModel):
+    """No params."""
+
+
+@stage(
+    "broken",
+    params=NoParams,
+    prompts=("no_such_template",),
+    inputs={"problems": Problem},
+    outputs={"out": Problem},
+)
+async def broken(chunk: Chunk, cfg: NoParams) -> StageResult:
+    """Never runs: its spec cannot be made (no such prompt)."""
+    return StageResult(rows={"out": chunk.rows("problems")})
+
+
+@stage("count", params=NoParams, kind="whole", inputs={"out": Problem}, outputs={"total": Problem})
+async def count(chunk: Chunk, cfg: NoParams) -> StageResult:
+    """Never runs either: its input failed."""
+    return StageResult()
+
+
+def test_a_chunk_whose_spec_fails_stops_the_run_instead_of_hanging(tmp_path: Path) -> None:
+    broken_run = Pipeline(
+        name="broken",
+        params=LengthParams,
+        steps=[
+            Step(load, lambda p: LoadConfig(**p.load_config(p.chunk_size))),
+            Step(broken, lambda p: NoParams()),
+            Step(count, lambda p: NoParams()),
+        ],
+        resources=lambda p: Resources(roles={}),
+        result=RunResult,
+    )
+    params = LengthParams(input=str(_problems(tmp_path / "p.jsonl", 3)), out=str(tmp_path / "r"))
+
+    async def go() -> None:
+        await asyncio.wait_for(run_pipeline(broken_run, params, prefect=False), 60)
+
+    from mathmill.errors import ConfigError
+
+    # a bad setting found in one chunk: said as it is, once the others have ended
+    with pytest.raises(ConfigError, match="no prompt template 'no_such_template'"):
+        asyncio.run(go())
+
+
+def test_a_pipeline_is_checked_when_declared() -> None:
+    def declare(*steps: Step) -> Pipeline[LengthParams, RunResult]:
+        return Pipeline(
+            name="p",
+            params=LengthParams,
+            steps=steps,
+            resources=lambda p: Resources(roles={}),
+            result=RunResult,
+        )
+
+    with pytest.raises(
+        ValueError, match="stage length reads 'problems', which no earlier stage writes"
+    ):
+        declare(Step(length, lambda p: LengthConfig()))
+    loading = Step(load, lambda p: LoadConfig(**p.load_config(2)))
+    with pytest.raises(ValueError, match="stage load writes 'problems', which load writes too"):
+        declare(loading, loading)
+    with pytest.raises(ValueError, match="slice_rows cuts the one input of a chunks stage"):
+        Step(load, lambda p: LoadConfig(**p.load_config(2)), slice_rows=lambda p: 2)
+
+
+def test_each_stage_keys_on_the_code_it_uses() -> None:
+    from mathmill.pipeline import stage as kit
+    from mathmill.tasks import synthesize as synth
+
+    def used(s: Any) -> set[str]:
+        return set().union(*(kit._closure(m) for m in kit._referenced_modules(s.fn)))
+
+    assert "mathmill.tasks.verify" in used(synth.verify)
+    assert "mathmill.tasks.verify" not in used(synth.topics)  # editing verify keeps topics
+    assert "mathmill.tasks.writing" not in used(synth.verify)
+    assert "mathmill.grading.reference" in used(synth.verify)
+    assert not any(m.startswith("mathmill.pipeline") for m in used(synth.verify))  # plumbing
+    assert synth.topics.code != synth.verify.code
+
+
+def test_workers_take_registered_pipelines_and_matching_chunks(tmp_path: Path) -> None:
+    from mathmill.errors import ConfigError
+    from mathmill.flows.chunks import check_spec, load_pipeline
+    from mathmill.llm.client import LLMPool
+    from mathmill.pipeline.chunks import Runtime
+
+    assert load_pipeline("sample").name == "sample"
+    assert load_pipeline("mathmill.flows.tir:PIPELINE").name == "tir"
+    with pytest.raises(ConfigError, match="'this:s' is not registered"):
+        load_pipeline("this:s")  # a parameter never imports an arbitrary module
+    rt = Runtime(store=RunStore(str(tmp_path / "here")), pool=LLMPool(), endpoints={})
+    spec = length.spec(rt, LengthConfig(), 0, [])
+    check_spec(length, spec, rt)  # the same run directory, code and prompts
+    elsewhere = Runtime(store=RunStore(str(tmp_path / "there")), pool=LLMPool(), endpoints={})
+    with pytest.raises(ConfigError, match="this worker opened"):
+        check_spec(length, spec, elsewhere)
+    with pytest.raises(ConfigError, match="code differs"):
+        check_spec(length, spec.model_copy(update={"code": "0" * 64}), rt)
+
+
+def test_what_a_failed_worker_paid_is_counted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A fanned-out chunks flow run that failed still recorded its LLM usage: the run
+    adds it (its report and budget see it), and says which flow run failed.
+    """
+    from mathmill.errors import FlowRunFailed
+    from mathmill.llm.client import LLMPool
+    from mathmill.llm.usage import UsageMeter
+    from mathmill.pipeline import fanout
+    from mathmill.pipeline.chunks import Runtime
+
+    rt = Runtime(store=RunStore(str(tmp_path / "r")), pool=LLMPool(), endpoints={})
+    worker = UsageMeter()
+    worker.record("length", model="m", prompt_tokens=4000, completion_tokens=1000)
+    rt.store.write_bytes(fanout.usage_path("run-1"), json.dumps(worker.summary()).encode())
+
+    async def failed(*_a: Any, **_k: Any) -> str:
+        raise FlowRunFailed("chunks flow run 'x' (run-1) ended Failed", flow_run_id="run-1")
+
+    monkeypatch.setattr(fanout, "run_and_wait", failed)
+    monkeypatch.setattr(fanout, "require_server", lambda *_a: None)
+    params = LengthParams(input="x.jsonl", out=str(tmp_path / "r"))
+    spec = length.spec(rt, LengthConfig(), 0, [])
+    fan = fanout.FanOut(deployment="chunks/chunks", runs=1)
+    [out] = asyncio.run(fanout.fan_out_chunks(LENGTHS, "length", [spec], params, fan, rt))
+    assert isinstance(out, FlowRunFailed) and "(run-1) ended Failed" in str(out)
+    assert rt.pool.meter.spent()[0] == 5000

@@ -20,9 +20,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import ConfigError, IncompleteRun
 from mathmill.flows.registry import PIPELINES
-from mathmill.pipeline.chunks import ChunkSpec, StageOutput, use_runtime
+from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, prompt_hashes, use_runtime
 from mathmill.pipeline.dag import Pipeline, open_pipeline_runtime
 from mathmill.pipeline.fanout import usage_path
+from mathmill.pipeline.stage import Stage
+from mathmill.tasks.export import write_run_file
 
 __all__ = ["ChunksParams", "ChunksResult", "chunks", "load_pipeline"]
 
@@ -47,9 +49,14 @@ class ChunksResult(BaseModel):
 
 
 def load_pipeline(ref: str) -> Pipeline[Any, Any]:
-    """The pipeline named ``ref`` (a name in the registry, or ``module:attribute``)."""
-    known = PIPELINES.get(ref)
-    module, _, attribute = (known.ref if known else ref).partition(":")
+    """The registered pipeline named ``ref`` (its name, or its ``module:attribute``).
+    Only registered pipelines: a flow-run parameter never imports an arbitrary module.
+    """
+    known = PIPELINES.get(ref) or next((e for e in PIPELINES.values() if e.ref == ref), None)
+    if known is None:
+        names = ", ".join(sorted(PIPELINES))
+        raise ConfigError(f"pipeline {ref!r} is not registered (flows/registry.py: {names})")
+    module, _, attribute = known.ref.partition(":")
     try:
         found = getattr(importlib.import_module(module), attribute)
     except (ImportError, AttributeError, ValueError) as e:
@@ -57,6 +64,26 @@ def load_pipeline(ref: str) -> Pipeline[Any, Any]:
     if not isinstance(found, Pipeline):
         raise ConfigError(f"pipeline {ref!r}: {type(found).__name__} is not a Pipeline")
     return found
+
+
+def check_spec(stage: Stage[Any], spec: ChunkSpec, rt: Runtime) -> None:
+    """Refuse a chunk this worker would compute differently from the run that planned
+    it: another run directory (not shared with this machine), other stage code (another
+    mathmill version installed here) or other prompt files.
+    """
+    where = f"stage {stage.name}, chunk {spec.key}"
+    if spec.store_url != rt.store.url:
+        raise ConfigError(
+            f"{where} belongs to {spec.store_url}, but this worker opened {rt.store.url}: "
+            "workers need the run directory on object storage or a storage_block"
+        )
+    if spec.code != stage.code:
+        raise ConfigError(
+            f"{where}: this worker's mathmill code differs from the run's (another "
+            "version installed?); install the same version on every worker"
+        )
+    if spec.prompts != prompt_hashes(*stage.prompts):
+        raise ConfigError(f"{where}: this worker's prompt templates differ from the run's")
 
 
 @flow(name="chunks", validate_parameters=True, log_prints=False)
@@ -74,15 +101,25 @@ async def chunks(params: ChunksParams) -> ChunksResult:
     async with open_pipeline_runtime(pipeline, run_params) as (rt, res):
         with use_runtime(rt):
             gate = asyncio.Semaphore(res.chunk_concurrency)
+            usage = usage_path(str(flow_run.id))
+
+            def record() -> None:  # what this run paid, for the pipeline's report and budget
+                summary = json.dumps(rt.pool.meter.summary()).encode()
+                write_run_file(rt.store, usage, summary, failed=True)
 
             async def one(spec: ChunkSpec) -> StageOutput:
                 async with gate:
-                    out: StageOutput = await task(spec, stage_params)
+                    check_spec(step.stage, spec, rt)
+                    try:
+                        out: StageOutput = await task(spec, stage_params)
+                    finally:
+                        record()
                     return out
 
-            outs = await asyncio.gather(*(one(s) for s in params.specs), return_exceptions=True)
-            usage = rt.pool.meter.summary()
-            rt.store.write_bytes(usage_path(str(flow_run.id)), json.dumps(usage).encode())
+            try:
+                outs = await asyncio.gather(*(one(s) for s in params.specs), return_exceptions=True)
+            finally:
+                record()
     failures = [o for o in outs if isinstance(o, BaseException)]
     for out in outs:
         if isinstance(out, StageOutput):

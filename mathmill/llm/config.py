@@ -12,6 +12,7 @@ MAX_CONCURRENCY]``).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from typing import Annotated, Any, Literal
 
@@ -157,10 +158,15 @@ class EndpointConfig(EndpointFields):
 
     @property
     def identity(self) -> str:
-        """Which server and model answer (:attr:`cache_scope` and the model). Part of
-        chunk keys; holds no secret.
+        """Which server and model answer, and how they are asked (:attr:`cache_scope`,
+        the model, and the request extras and structured-output mode when set: they
+        change the replies). Part of chunk keys; holds no secret.
         """
-        return f"{self.cache_scope}|{self.model}"
+        base = f"{self.cache_scope}|{self.model}"
+        if not self.extra_body and self.structured_mode == "json_schema":
+            return base
+        asked = json.dumps([self.extra_body, self.structured_mode], sort_keys=True, default=str)
+        return f"{base}|{hashlib.sha256(asked.encode()).hexdigest()[:16]}"
 
     def pool_key(self) -> str:
         """Identity of the endpoint for sharing one concurrency limit (key hashed)."""

@@ -88,6 +88,7 @@ class EngineConfig(BaseModel):
             "max_model_len": self.max_model_len,
             "seed": self.seed,
             "engine_kwargs": self.engine_kwargs,
+            "label": self.label,  # written on every output (and in sample ids)
         }
 
     @property

@@ -12,12 +12,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import functools
 import hashlib
+import importlib.util
 import json
 import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -79,7 +82,8 @@ class Runtime:
         """
         backend = self.backends.get(role)
         if backend is not None and backend.kind != "endpoint" and backend.engine is not None:
-            return {"engine": backend.engine.identity()}
+            # the engine's code maps requests to vLLM's (no call cache replays them)
+            return {"engine": backend.engine.identity(), "code": _engine_code()}
         return self.endpoints[role].identity
 
     def client(self, role: str) -> LLMClient:
@@ -94,6 +98,14 @@ class Runtime:
         if self.sandbox is None:
             raise ConfigError("this stage runs code but the run has no sandbox")
         return self.sandbox
+
+
+@functools.cache
+def _engine_code() -> str:
+    """SHA-256 of the vLLM engine backend's source (read, not imported)."""
+    spec = importlib.util.find_spec("mathmill.llm.vllm_engine")
+    origin = spec.origin if spec is not None else None
+    return hashlib.sha256(Path(origin).read_bytes() if origin else b"").hexdigest()
 
 
 _RUNTIME: contextvars.ContextVar[Runtime] = contextvars.ContextVar("mathmill_runtime")

@@ -57,6 +57,14 @@ class Step:
     slice_rows: Callable[[Any], int] | None = None
     extra: Callable[[Any], dict[str, Any]] | None = None
 
+    def __post_init__(self) -> None:
+        if self.slice_rows is not None and (
+            self.stage.kind != "chunks" or len(self.stage.inputs) != 1
+        ):
+            raise ValueError(
+                f"step {self.stage.name}: slice_rows cuts the one input of a chunks stage"
+            )
+
 
 @dataclass(frozen=True)
 class Resources:
@@ -131,6 +139,27 @@ class Pipeline(Generic[PP, RR]):
     description: str = ""
     ref: str = ""
     """Where workers import it from (``module:attribute``), for fan-out."""
+
+    def __post_init__(self) -> None:
+        """The DAG is checked when declared: each input written by an earlier step (so
+        there is no cycle), each dataset written by one step.
+        """
+        written: dict[str, str] = {}
+        for step in self.steps:
+            name = step.stage.name
+            for dataset in step.stage.inputs:
+                if dataset not in written:
+                    raise ValueError(
+                        f"pipeline {self.name}: stage {name} reads {dataset!r}, which no "
+                        "earlier stage writes"
+                    )
+            for dataset in step.stage.outputs:
+                if dataset in written or dataset == "dropped":
+                    raise ValueError(
+                        f"pipeline {self.name}: stage {name} writes {dataset!r}, which "
+                        f"{written.get(dataset, 'every stage')} writes too"
+                    )
+                written[dataset] = name
 
     def datasets(self) -> list[str]:
         """Every dataset the pipeline's stages write (``dropped`` included)."""
@@ -371,26 +400,28 @@ class _Runner:
         )
 
         async def job(i: int, ins: list[Any], cut: tuple[int, int] | None) -> None:
-            refs = await _collect(item if isinstance(item, list) else [item] for item in ins)
             out: StageOutput | None = None
-            if refs is None:
-                if remote is not None:
-                    remote.skip()
-            else:
-                spec = self.spec(
-                    pos, i, refs, **(extra if cut is None else {**extra, "slice": list(cut)})
-                )
-                try:
+            submitted = False
+            try:
+                refs = await _collect(item if isinstance(item, list) else [item] for item in ins)
+                if refs is not None:
+                    more = extra if cut is None else {**extra, "slice": list(cut)}
+                    spec = self.spec(pos, i, refs, **more)
                     if remote is not None:
+                        submitted = True
                         out = await self.tracker.run(stage_.name, remote.submit(spec))
                     else:
                         out = await self.local(pos, spec)
                     await self.done(pos, i, out)
-                except Exception as e:
-                    out = None
-                    self.failures.append(e)
-            for name, futures in out_lanes.items():
-                futures[i].set_result(None if out is None else _parts(out, name))
+            except Exception as e:  # this chunk failed; the others go on
+                out = None
+                self.failures.append(e)
+            finally:
+                if remote is not None and not submitted:
+                    remote.skip()  # the batch must not wait for a chunk that never comes
+                for name, futures in out_lanes.items():
+                    if not futures[i].done():
+                        futures[i].set_result(None if out is None else _parts(out, name))
 
         await asyncio.gather(*(job(i, ins, cut) for i, ins, cut in jobs))
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.errors import IncompleteChunk
+from mathmill.errors import FlowRunFailed, IncompleteChunk
 from mathmill.llm.usage import UsageMeter
 from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, _finished
 from mathmill.pipeline.remote import require_server, run_and_wait
@@ -126,6 +126,8 @@ async def fan_out_chunks(
         for group, result in zip(groups, results, strict=True):
             if isinstance(result, BaseException):
                 errors.update((s.key, result) for s in group)
+                if isinstance(result, FlowRunFailed) and result.flow_run_id:
+                    _merge_usage(rt, result.flow_run_id)  # what it paid counts too
             else:
                 _merge_usage(rt, result)
     outs: list[StageOutput | BaseException] = []

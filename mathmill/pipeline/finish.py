@@ -112,7 +112,7 @@ async def finish_run(state: RunState) -> Any:
     )
     manifest = {
         "status": status,
-        "params": state.params.model_dump(mode="json"),
+        "params": _public(state.params.model_dump(mode="json")),
         "result": result.model_dump(mode="json"),
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
@@ -139,6 +139,14 @@ async def finish_run(state: RunState) -> Any:
         await state.tracker.publish("done", finished=True)
     logger.info("%s: %s", pipeline.name, _headline(result))
     return result
+
+
+def _public(params: dict[str, Any]) -> dict[str, Any]:
+    """The params as the manifest shows them: an endpoint URL's credentials masked."""
+    from mathmill.storage import masked_url
+
+    url = params.get("storage_endpoint_url")
+    return params | {"storage_endpoint_url": masked_url(url)} if url else params
 
 
 def _stats_markdown(rows: list[dict[str, Any]]) -> str:

@@ -6,11 +6,12 @@ deployment on the ``vllm`` pool).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
 
-from mathmill.errors import ConfigError, IncompleteChunk
+from mathmill.errors import ConfigError, FlowRunFailed
 
 __all__ = ["require_server", "run_and_wait"]
 
@@ -38,9 +39,10 @@ async def run_and_wait(
     warn_after_s: float = 60.0,
 ) -> str:
     """Start one flow run of ``deployment`` and wait for it; its id. Raises
-    :class:`IncompleteChunk` (naming the flow run, its state and message) unless it
-    completes, and :class:`ConfigError` when the deployment does not exist. A run no
-    worker picks up gets a warning after ``warn_after_s``.
+    :class:`FlowRunFailed` (naming the flow run, its state and message; its id for what
+    it recorded) unless it completes, and :class:`ConfigError` when the deployment does
+    not exist. A run no worker picks up gets a warning after ``warn_after_s``; a run
+    past ``run_timeout_s``, or one whose caller is cancelled, is cancelled too.
     """
     from prefect.client.orchestration import get_client
     from prefect.deployments import arun_deployment
@@ -74,15 +76,31 @@ async def run_and_wait(
                     pool,
                 )
             if run_timeout_s is not None and waited > run_timeout_s:
-                raise IncompleteChunk(
+                await _cancel(client, run.id)
+                raise FlowRunFailed(
                     f"{what} not finished after {run_timeout_s:g}s "
-                    f"(state {state.name if state else 'unknown'}); chunks it finished are "
-                    "kept, re-run to resume"
+                    f"(state {state.name if state else 'unknown'}; cancelled); chunks it "
+                    "finished are kept, re-run to resume",
+                    flow_run_id=str(run.id),
                 )
-            await asyncio.sleep(1.0)
+            try:
+                await asyncio.sleep(1.0)
+            except asyncio.CancelledError:  # this run stops: so does the one it started
+                with contextlib.suppress(Exception):
+                    await asyncio.shield(_cancel(client, run.id))
+                raise
     if not state.is_completed():
-        raise IncompleteChunk(
+        raise FlowRunFailed(
             f"{what} ended {state.name}: {state.message or ''}; chunks it finished are kept, "
-            "re-run to resume"
+            "re-run to resume",
+            flow_run_id=str(run.id),
         )
     return str(run.id)
+
+
+async def _cancel(client: Any, flow_run_id: Any) -> None:
+    """Ask a flow run to stop (its worker cancels it), so no chunk runs twice at once."""
+    from prefect.states import Cancelling
+
+    with contextlib.suppress(Exception):  # already ended, or the server is gone
+        await client.set_flow_run_state(flow_run_id, Cancelling(), force=True)

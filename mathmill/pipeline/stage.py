@@ -20,6 +20,7 @@ import ast
 import functools
 import hashlib
 import sys
+import types
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -67,8 +68,7 @@ _PLUMBING = (
     "mathmill.storage",
     "mathmill.blocks",
     "mathmill.flows",
-    "mathmill.pipeline.dag",
-    "mathmill.pipeline.finish",
+    "mathmill.pipeline",
     "mathmill.errors",
     "mathmill.codec",
     "mathmill.cli",
@@ -146,10 +146,12 @@ class Stage(Generic[P]):
 
     @property
     def code(self) -> str:
-        """SHA-256 over the source of the stage's module and the mathmill modules it
-        imports (see :func:`stage_code`), and the mathmill version.
+        """SHA-256 over the mathmill version, the source of the module that declares the
+        stage, and the code its function uses: the mathmill modules of the functions,
+        classes and modules it refers to, with everything they import (see
+        :func:`stage_code`). Editing one stage's code leaves the others' keys alone.
         """
-        return stage_code(self.fn.__module__, *self.extra_code)
+        return _function_code(self.fn, self.extra_code)
 
     @functools.cached_property
     def task(self) -> Any:
@@ -277,11 +279,39 @@ def stage_code(module: str, *extra: str) -> str:
     not by importing), plumbing packages excepted: a stage's cache key changes when the
     code that decides its rows does.
     """
+    return _digest(frozenset(_closure(module) | set(extra)))
+
+
+@functools.cache
+def _digest(modules: frozenset[str]) -> str:
+    """SHA-256 over the mathmill version and the named modules' sources."""
     digest = hashlib.sha256(__version__.encode())
-    for name in sorted(_closure(module) | set(extra)):
+    for name in sorted(modules):
         digest.update(name.encode())
         digest.update(_source(name))
     return digest.hexdigest()
+
+
+def _function_code(fn: Callable[..., Any], extra: tuple[str, ...]) -> str:
+    used = [_closure(m) for m in _referenced_modules(fn)]
+    return _digest(frozenset({fn.__module__, *extra}.union(*used)))
+
+
+def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
+    """The mathmill modules of the globals ``fn`` (and its nested functions) names."""
+    found: set[str] = set()
+    namespace = getattr(fn, "__globals__", {})
+    todo = [fn.__code__]
+    while todo:
+        code = todo.pop()
+        todo += [c for c in code.co_consts if isinstance(c, types.CodeType)]
+        for name in code.co_names:
+            obj = namespace.get(name)
+            module = obj.__name__ if isinstance(obj, types.ModuleType) else None
+            module = module or getattr(obj, "__module__", None)
+            if isinstance(module, str) and module.split(".")[0] == "mathmill":
+                found.add(module)
+    return found
 
 
 def _closure(module: str) -> set[str]:
@@ -332,7 +362,7 @@ def _imports(name: str) -> list[str]:
         return []
     package = name if origin.name == "__init__.py" else name.rpartition(".")[0]
     found: list[str] = []
-    for node in ast.walk(ast.parse(origin.read_bytes())):
+    for node in _runtime_nodes(ast.parse(origin.read_bytes())):
         if isinstance(node, ast.Import):
             found += [a.name for a in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -344,3 +374,19 @@ def _imports(name: str) -> list[str]:
             found.append(base)
             found += [f"{base}.{a.name}" for a in node.names]
     return [m for m in found if m.split(".")[0] == "mathmill"]
+
+
+def _runtime_nodes(tree: ast.AST) -> list[ast.AST]:
+    """Every node of ``tree`` but those under ``if TYPE_CHECKING:`` (imports for the type
+    checker only: not code that runs).
+    """
+    nodes: list[ast.AST] = []
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        nodes.append(node)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            todo += node.orelse
+            continue
+        todo += list(ast.iter_child_nodes(node))
+    return nodes

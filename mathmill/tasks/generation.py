@@ -386,7 +386,7 @@ async def dispatch(
     """
     import json
 
-    from mathmill.errors import MathmillError
+    from mathmill.errors import FlowRunFailed, MathmillError
     from mathmill.llm.usage import UsageMeter
     from mathmill.pipeline.chunks import current_runtime
     from mathmill.pipeline.fanout import usage_path
@@ -417,7 +417,8 @@ async def dispatch(
         for group in groups
     ]
     results = await asyncio.gather(*runs, return_exceptions=True)
-    for flow_run_id in results:  # each run recorded its usage in the run directory
+    for result in results:  # each run recorded its usage in the run directory, failed too
+        flow_run_id = result.flow_run_id if isinstance(result, FlowRunFailed) else result
         path = usage_path(str(flow_run_id))
         if meter is not None and isinstance(flow_run_id, str) and store.exists(path):
             meter.merge(UsageMeter.from_summary(json.loads(store.read_bytes(path))))
