@@ -8,7 +8,7 @@ on (latency of ``read_flow_runs``, ``read_task_runs`` and ``create_flow_run`` ca
 waits for every run to end and counts each run's task runs on the server.
 
 A sample run here is ``1 + ceil(problems / chunk)`` task runs: the load task and one
-generation task per chunk of problems (tests/data/gsm8k_test.jsonl, the first
+sample task per chunk of problems (tests/data/gsm8k_test.jsonl, the first
 ``problems``), each a request for ``samples`` solutions to the fake server.
 """
 
@@ -67,7 +67,8 @@ class Load:
                 "samples": self.samples,
                 "max_tokens": 32,
                 "seed": i,
-                "backend": {"kind": "endpoint", "chunk_size": self.chunk},
+                "chunk_size": self.chunk,
+                "backend": {"kind": "endpoint"},
                 "model": {"block": "fake", "max_retries": 1},
                 "concurrency": 4,
             }

@@ -48,7 +48,13 @@ class SampleParams(InputFields, BudgetFields, StorageFields):
     top_logprobs: int = Field(
         0, ge=0, le=20, description="Alternatives kept per token, besides its own logprob."
     )
-    chunk_size: int = Field(200, ge=1, le=100_000, description="Problems per load chunk.")
+    chunk_size: int = Field(
+        200,
+        ge=1,
+        le=100_000,
+        description="Problems per chunk (a task; the deployment backend takes them all in "
+        "one and cuts the requests by backend.chunk_size).",
+    )
     backend: GenBackend = Field(
         default_factory=GenBackend, description="Where generation runs (endpoint by default)."
     )
@@ -77,6 +83,15 @@ def _sampling(params: SampleParams) -> SamplingParams:
         logprobs=True,
         top_logprobs=params.top_logprobs or None,
     )
+
+
+def _load_chunk(params: SampleParams) -> int:
+    """Problems per chunk: ``chunk_size``; on the deployment backend all of them in one
+    chunk, whose requests are cut into generation chunks shared out among
+    ``backend.runs`` flow runs (each loads the engine once: one chunk per sample chunk
+    would load it once per chunk).
+    """
+    return params.chunk_size if params.backend.kind != "deployment" else 1_000_000
 
 
 def _resources(params: SampleParams) -> Resources:
@@ -115,7 +130,7 @@ PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
     name="sample",
     params=SampleParams,
     steps=[
-        Step(load, lambda p: LoadConfig(**p.load_config(p.chunk_size))),
+        Step(load, lambda p: LoadConfig(**p.load_config(_load_chunk(p)))),
         Step(sample_stage, lambda p: SampleConfig(sampling=_sampling(p))),
     ],
     resources=_resources,

@@ -44,14 +44,16 @@ class SampleConfig(BaseModel):
 @stage(
     "sample",
     params=SampleConfig,
-    kind="whole",
     roles=("sampler",),
     prompts=("sample_system",),
     inputs={"problems": Problem},
     outputs={"samples": Sample},
 )
 async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
-    """Every problem's samples, generated as one batch (the backend chunks it), graded."""
+    """A chunk of problems' samples, generated as one batch on the sampler's backend
+    (the endpoint: a call per problem; vLLM: one batch; the deployment: generation chunks
+    shared out among flow runs), each graded against its reference answer.
+    """
     problems: list[Problem] = chunk.rows("problems")
     gens = await generate(chunk.rt, "sampler", _requests(problems, cfg.sampling), stage="sample")
     rows = grade_samples(problems, gens, cfg.sampling)
