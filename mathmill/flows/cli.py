@@ -234,25 +234,40 @@ def run_synthesize_params(
     return run_flow(synthesize, server, progress=progress, params=cfg)
 
 
-def print_result(result: Any, link: str | None = None) -> None:
-    """The counts table, the outputs and the verified/unverified totals."""
+def print_result(result: Any, link: str | None = None, *, name: str = "") -> None:
+    """A pipeline run's end: its statistics (or counts by stage and outcome), the LLM
+    usage, where the outputs are, a headline and the run's link in the Prefect UI.
+    """
     from mathmill.tasks.export import count_rows
 
-    table = Table(title="rows by stage and outcome")
-    for column in ("stage", "outcome", "rows"):
-        table.add_column(column, justify="right" if column == "rows" else "left")
-    for row in count_rows(result.counts):
-        table.add_row(str(row["stage"]), str(row["outcome"]), str(row["rows"]))
+    if result.stats:
+        table = Table(title=f"{name} statistics".strip())
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        for metric, value in result.stats.items():
+            table.add_row(metric, str(value))
+    else:
+        table = Table(title="rows by stage and outcome")
+        for column in ("stage", "outcome", "rows"):
+            table.add_column(column, justify="right" if column == "rows" else "left")
+        for row in count_rows(result.counts):
+            table.add_row(str(row["stage"]), str(row["outcome"]), str(row["rows"]))
     console.print(table)
-    console.print(usage_table(result.usage))
+    if any(u.get("calls") or u.get("cached") for u in result.usage.values()):
+        console.print(usage_table(result.usage))
     console.print(f"run directory: {result.out}")
     for name, path in result.outputs.items():
         console.print(f"  {name:16} {path}", markup=False, highlight=False)
-    console.print(
-        f"{result.verified} verified and {result.unverified} unverified rows "
-        f"in {result.wall_s:.1f}s"
-    )
+    console.print(f"{_headline(result)} in {result.wall_s:.1f}s")
     print_ui(link)
+
+
+def _headline(result: Any) -> str:
+    if hasattr(result, "verified"):
+        return f"{result.verified} verified and {result.unverified} unverified rows"
+    if hasattr(result, "samples"):
+        return f"{result.problems} problems, {result.samples} samples"
+    return f"{result.problems} problems"
 
 
 def usage_table(usage: dict[str, dict[str, float]]) -> Table:
@@ -285,36 +300,6 @@ def print_turn(event: Any) -> None:
     note = f" ({event.note})" if event.note else ""
     console.rule(f"[{style}]{head}{note}[/{style}]", align="left", style=style)
     console.print(event.content, style=style, markup=False, highlight=False)
-
-
-def print_tir_result(result: Any, link: str | None = None) -> None:
-    """The statistics, the LLM usage and where the exports are."""
-    table = Table(title="tir statistics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for metric, value in result.stats.items():
-        table.add_row(metric, str(value))
-    console.print(table)
-    console.print(usage_table(result.usage))
-    console.print(f"run directory: {result.out}")
-    for name, path in result.outputs.items():
-        console.print(f"  {name:16} {path}", markup=False, highlight=False)
-    console.print(f"{result.problems} problems in {result.wall_s:.1f}s")
-    print_ui(link)
-
-
-def print_sample_result(result: Any, link: str | None = None) -> None:
-    """The statistics and where the exports are."""
-    table = Table(title="sample statistics")
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    for metric, value in result.stats.items():
-        table.add_row(metric, str(value))
-    console.print(table)
-    for name, path in result.outputs.items():
-        console.print(f"  {name:16} {path}", markup=False, highlight=False)
-    console.print(f"{result.problems} problems, {result.samples} samples in {result.wall_s:.1f}s")
-    print_ui(link)
 
 
 # -- the pipelines: options from their params models (mathmill.flows.cli_params) ----------
@@ -423,7 +408,9 @@ def run_tir(params: TirParams, options: Mapping[str, Any]) -> None:
     if options["debug"]:
         turn_hook.set(print_turn)
     progress = show_progress(options)
-    print_tir_result(*run_flow(tir, options["prefect_server"], progress=progress, params=params))
+    print_result(
+        *run_flow(tir, options["prefect_server"], progress=progress, params=params), name="tir"
+    )
 
 
 def sample_model() -> type[SampleParams]:
@@ -442,9 +429,8 @@ def run_sample(params: SampleParams, options: Mapping[str, Any]) -> None:
         console.print("dry run: parameters are valid, nothing was called")
         return
     progress = show_progress(options)
-    print_sample_result(
-        *run_flow(sample, options["prefect_server"], progress=progress, params=params)
-    )
+    done = run_flow(sample, options["prefect_server"], progress=progress, params=params)
+    print_result(*done, name="sample")
 
 
 params_command(

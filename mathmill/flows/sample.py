@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
@@ -154,9 +154,4 @@ async def sample(params: SampleParams) -> SampleResult:
 
 async def run_sample(params: SampleParams) -> SampleResult:
     """load → generate (N samples per problem, on the backend) → grade → exports."""
-    params.check_input()
-    PIPELINE.stage_params(params)
-    if params.dry_run:
-        get_run_logger().info("dry run: %s", params.model_dump_json())
-        return SampleResult(out=params.out, dry_run=True)
     return await run_pipeline(PIPELINE, params)

@@ -13,7 +13,7 @@ import contextvars
 import json
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
@@ -129,11 +129,6 @@ async def tir(params: TirParams) -> TirResult:
 
 async def run_tir(params: TirParams) -> TirResult:
     """The tir pipeline: load → per chunk: trajectories → exports, stats, report."""
-    cfg = PIPELINE.stage_params(params)[-1]
-    params.check_input()
-    if params.dry_run:
-        get_run_logger().info("dry run: %s", cfg.model_dump_json())
-        return TirResult(out=params.out, dry_run=True)
     return await run_pipeline(PIPELINE, params)
 
 

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import heapq
 import itertools
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
@@ -207,14 +208,25 @@ async def run_pipeline(
     prefect: bool = True,
     listener: Listener | None = None,
 ) -> RR:
-    """Run ``pipeline``: resolve its stage params, open the runtime, run the DAG,
-    finish (exports, report, manifest, artifacts). With ``prefect=False`` the stages
-    run as plain functions (no task runs, no artifacts).
+    """Run ``pipeline``: resolve its stage params and check its input (before any call),
+    open the runtime, run the DAG, finish (exports, report, manifest, artifacts). With
+    ``dry_run`` set in the params, stop after the checks. With ``prefect=False`` the
+    stages run as plain functions (no task runs, no artifacts).
     """
     from mathmill.pipeline.finish import finish_run
     from mathmill.pipeline.progress import live_listener
 
     stage_params = pipeline.stage_params(params)
+    check_input = getattr(params, "check_input", None)
+    if callable(check_input):
+        check_input()
+    if getattr(params, "dry_run", False):
+        steps = {
+            s.stage.name: p.model_dump(mode="json")
+            for s, p in zip(pipeline.steps, stage_params, strict=True)
+        }
+        log.info("%s dry run: %s", pipeline.name, json.dumps(steps, default=str))
+        return pipeline.result(out=params.out, dry_run=True)  # type: ignore[attr-defined]
     started = time.perf_counter()
     listener = listener or live_listener.get()
     async with open_pipeline_runtime(pipeline, params) as (rt, res):
