@@ -27,7 +27,7 @@ from mathmill.tasks.load import LoadConfig, load
 from mathmill.tasks.sample import SampleConfig, grade_samples, sample_stats
 from mathmill.tasks.sample import sample as sample_stage
 
-__all__ = ["PIPELINE", "SampleParams", "SampleResult", "grade_samples", "run_sample", "sample"]
+__all__ = ["PIPELINE", "SampleParams", "SampleResult", "grade_samples", "sample"]
 
 
 class SampleParams(InputFields, BudgetFields, StorageFields):
@@ -149,9 +149,4 @@ PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
 @flow(name="sample", validate_parameters=True, log_prints=False)
 async def sample(params: SampleParams) -> SampleResult:
     """N solutions per problem with logprobs, graded against the reference answers."""
-    return await run_sample(params)
-
-
-async def run_sample(params: SampleParams) -> SampleResult:
-    """load → generate (N samples per problem, on the backend) → grade → exports."""
     return await run_pipeline(PIPELINE, params)

@@ -28,7 +28,7 @@ from mathmill.tasks.load import LoadConfig, load
 from mathmill.tasks.tir import TirConfig, TurnHook, trajectories
 from mathmill.tasks.tir_export import chat_messages, sharegpt, tir_stats
 
-__all__ = ["PIPELINE", "TirParams", "TirResult", "run_tir", "tir", "turn_hook"]
+__all__ = ["PIPELINE", "TirParams", "TirResult", "tir", "turn_hook"]
 
 SOLVER_DEFAULTS = ModelRole(temperature=0.6, max_tokens=1024)
 turn_hook: contextvars.ContextVar[TurnHook | None] = contextvars.ContextVar(
@@ -124,11 +124,6 @@ PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
 @flow(name="tir", validate_parameters=True, log_prints=False)
 async def tir(params: TirParams) -> TirResult:
     """Tool-integrated reasoning trajectories, validated against expected answers."""
-    return await run_tir(params)
-
-
-async def run_tir(params: TirParams) -> TirResult:
-    """The tir pipeline: load → per chunk: trajectories → exports, stats, report."""
     return await run_pipeline(PIPELINE, params)
 
 
