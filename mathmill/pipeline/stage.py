@@ -163,7 +163,8 @@ class Stage(Generic[P]):
 
         run_stage_chunk.__qualname__ = run_stage_chunk.__name__ = f"stage_{self.name}"
         run_stage_chunk.__doc__ = self.description
-        name = self.name if self.kind != "chunks" else self.name + "-{spec.index}"
+        # the spec names the stage (generation chunks carry their calling stage's name)
+        name = "{spec.stage}" if self.kind != "chunks" else "{spec.stage}-{spec.index}"
         return task(
             name=self.name,
             task_run_name=name,
