@@ -338,3 +338,20 @@ def test_what_a_failed_worker_paid_is_counted(
     [out] = asyncio.run(fanout.fan_out_chunks(LENGTHS, "length", [spec], params, fan, rt))
     assert isinstance(out, FlowRunFailed) and "(run-1) ended Failed" in str(out)
     assert rt.pool.meter.spent()[0] == 5000
+
+
+def test_a_dry_run_checks_everything_and_calls_nothing(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    from mathmill.errors import ConfigError
+    from mathmill.flows.sample import SampleParams, sample
+
+    params = SampleParams(
+        input=str(_problems(tmp_path / "p.jsonl", 2)), out=str(tmp_path / "r"), dry_run=True
+    )
+    result = asyncio.run(sample(params))
+    assert result.dry_run and result.samples == 0
+    assert not (tmp_path / "r").exists()  # nothing opened, nothing written
+    missing = params.model_copy(update={"input": str(tmp_path / "nope.jsonl")})
+    with pytest.raises(ConfigError, match="does not exist"):
+        asyncio.run(sample(missing))

@@ -225,7 +225,12 @@ async def run_pipeline(
             s.stage.name: p.model_dump(mode="json")
             for s, p in zip(pipeline.steps, stage_params, strict=True)
         }
-        log.info("%s dry run: %s", pipeline.name, json.dumps(steps, default=str))
+        logger = log
+        if prefect:
+            from prefect import get_run_logger
+
+            logger = get_run_logger()  # type: ignore[assignment]
+        logger.info("%s dry run: %s", pipeline.name, json.dumps(steps, default=str))
         return pipeline.result(out=params.out, dry_run=True)  # type: ignore[attr-defined]
     started = time.perf_counter()
     listener = listener or live_listener.get()
