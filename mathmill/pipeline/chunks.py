@@ -48,7 +48,6 @@ __all__ = [
     "map_rows",
     "prompt_hashes",
     "raise_if_transient",
-    "read_input",
     "run_chunk",
     "split_rows",
     "use_runtime",
@@ -56,7 +55,6 @@ __all__ = [
 
 T = TypeVar("T")
 R = TypeVar("R")
-Rec = TypeVar("Rec", bound=Record)
 
 
 @dataclass
@@ -288,11 +286,6 @@ async def map_rows(
         if isinstance(error, BaseException):
             raise error
     return results
-
-
-def read_input(ref: ChunkRef, model: type[Rec]) -> list[Rec]:
-    """The rows of an input chunk of the current run (its hash verified)."""
-    return current_runtime().store.dataset(ref.dataset).read_chunk(ref, model)
 
 
 def split_rows(dataset: str, rows: Sequence[Record], size: int) -> dict[str, Sequence[Record]]:

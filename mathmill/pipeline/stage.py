@@ -144,12 +144,13 @@ class Stage(Generic[P]):
         if self.kind == "source" and self.inputs:
             raise ValueError(f"stage {self.name}: a source stage reads no inputs")
 
-    @property
+    @functools.cached_property
     def code(self) -> str:
         """SHA-256 over the mathmill version, the source of the module that declares the
         stage, and the code its function uses: the mathmill modules of the functions,
         classes and modules it refers to, with everything they import (see
         :func:`stage_code`). Editing one stage's code leaves the others' keys alone.
+        Computed once per process (every chunk's spec carries it).
         """
         return _function_code(self.fn, self.extra_code)
 
@@ -315,7 +316,8 @@ def _referenced_modules(fn: Callable[..., Any]) -> set[str]:
     return found
 
 
-def _closure(module: str) -> set[str]:
+@functools.cache
+def _closure(module: str) -> frozenset[str]:
     """``module`` and the mathmill modules it imports, at any depth, but plumbing."""
     seen: set[str] = set()
     todo = [module]
@@ -325,7 +327,7 @@ def _closure(module: str) -> set[str]:
             continue
         seen.add(name)
         todo.extend(_imports(name))
-    return seen
+    return frozenset(seen)
 
 
 def _is_plumbing(name: str) -> bool:
