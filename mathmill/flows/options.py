@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic_core import InitErrorDetails
 
 from mathmill.blocks.storage import block_ref, load_storage
 from mathmill.errors import ConfigError
@@ -33,12 +35,16 @@ from mathmill.llm.config import (
     EndpointConfig,
     StructuredMode,
 )
+from mathmill.records import ErrorInfo, Problem
 from mathmill.sandbox.options import SandboxOptions
+from mathmill.sources import FieldMap
+from mathmill.sources_sql import SqlSource, check_sql_source, read_input, sql_identity
 from mathmill.storage import StorageConfig
 
 __all__ = ["InputFields", "ModelRole", "SandboxOptions", "StorageFields", "resolve_role"]
 
 _ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$"
 _ENDPOINT_FIELDS = ("block", "base_url", "api_key_env")
 T = TypeVar("T")
 
@@ -193,13 +199,17 @@ class StorageFields(BaseModel):
 
 class InputFields(BaseModel):
     """Where a flow's problems come from and which fields hold what (mixed into the
-    parameters of flows that read problems).
+    parameters of flows that read problems): ``input`` (a file, a directory, a dataset)
+    or a SQL database (``sql_url`` with ``query`` or ``table``); optionally only the
+    rows of some domains.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     input: str = Field(
-        description="A .jsonl or .parquet file, a local dataset directory, or hf:NAME[:CONFIG].",
+        "",
+        description="A .jsonl or .parquet file, a local dataset directory, or hf:NAME[:CONFIG] "
+        "(empty, or 'sql', with sql_url).",
         examples=["tests/data/gsm8k_5.jsonl", "hf:openai/gsm8k:main"],
     )
     split: str = Field("test", description="Dataset split (directories and hf: inputs).")
@@ -209,25 +219,140 @@ class InputFields(BaseModel):
         "answer", description="Input field with the expected answer (none: unvalidated)."
     )
     limit: int | None = Field(None, ge=1, description="At most this many problems.")
+    sql_url: str | None = Field(
+        None,
+        min_length=1,
+        description="Read the problems from this SQL database instead of input: a SQLAlchemy "
+        "URL without the password (sqlite:///FILE, postgresql+psycopg://USER@HOST:PORT/DB), "
+        "with query or table.",
+        examples=["sqlite:///problems.db", "postgresql+psycopg://reader@db:5432/problems"],
+    )
+    sql_password_env: str | None = Field(
+        None,
+        pattern=_ENV_NAME,
+        description="Name of the environment variable holding the database password (never "
+        "the password).",
+        examples=["PROBLEMS_DB_PASSWORD"],
+    )
+    query: str | None = Field(
+        None,
+        min_length=1,
+        description="With sql_url: the SELECT whose rows are the problems (add ORDER BY for a "
+        "stable order). Not with table.",
+        examples=["SELECT id, problem, answer FROM problems WHERE level >= 3 ORDER BY id"],
+    )
+    table: str | None = Field(
+        None,
+        pattern=_IDENTIFIER,
+        description="With sql_url: the table (or schema.table) whose rows are the problems. "
+        "Not with query.",
+        examples=["problems"],
+    )
+    domain_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Input field with each row's domain; with domains, only those rows are "
+        "read (the others are dropped as domain_filtered).",
+        examples=["domain"],
+    )
+    domains: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Keep only rows whose domain_field is one of these (any case).",
+        examples=[["algebra", "geometry"]],
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _one_source(cls, data: Any, handler: Any) -> Any:
+        """An input or a SQL database, never both, never none (``input`` is reported
+        missing as when it was required).
+        """
+        if isinstance(data, dict) and not data.get("input") and not data.get("sql_url"):
+            missing = InitErrorDetails(type="missing", loc=("input",), input=data)
+            raise ValidationError.from_exception_data(cls.__name__, [missing])
+        return handler(data)
+
+    @model_validator(mode="after")
+    def _sql_and_domains(self) -> InputFields:
+        if self.sql_url is not None:
+            if self.input not in ("", "sql"):
+                raise ValueError("set input or sql_url, not both (input may be 'sql')")
+            if (self.query is None) == (self.table is None):
+                raise ValueError("sql_url needs exactly one of query and table")
+            self.sql_source()  # refuses a password in the URL
+        elif self.query is not None or self.table is not None or self.sql_password_env:
+            raise ValueError("query, table and sql_password_env go with sql_url")
+        if (self.domain_field is None) != (self.domains is None):
+            raise ValueError("set domain_field and domains together")
+        return self
+
+    def sql_source(self) -> SqlSource | None:
+        """The SQL database to read, when ``sql_url`` is set."""
+        if self.sql_url is None:
+            return None
+        return SqlSource(
+            url=self.sql_url,
+            password_env=self.sql_password_env,
+            query=self.query,
+            table=self.table,
+        )
+
+    def field_map(self) -> FieldMap:
+        """Which input fields the load stage reads (the solution stays in metadata)."""
+        return FieldMap(
+            statement=self.prompt_field,
+            answer=self.answer_field,
+            solution=None,
+            source_id=self.id_field,
+        )
+
+    def input_name(self) -> str:
+        """The input as messages name it (a SQL source without its password)."""
+        sql = self.sql_source()
+        return sql.describe() if sql is not None else self.input
+
+    def read(self) -> Iterator[Problem | ErrorInfo]:
+        """The input's rows as the load stage reads them, up to ``limit`` problems
+        (before the domain filter).
+        """
+        fields = self.field_map()
+        return read_input(self.input, self.sql_source(), fields, split=self.split, limit=self.limit)
 
     def check_input(self) -> None:
-        """Fail before anything starts when a local input does not exist."""
+        """Fail before anything starts when a local input does not exist, or a SQL source
+        cannot be read (connects, runs the query, fetches a row).
+        """
+        sql = self.sql_source()
+        if sql is not None:
+            check_sql_source(sql, self.field_map())
+            return
         source = self.input
         if not source.startswith("hf:") and not os.path.exists(source):
             raise ConfigError(f"input {source!r} does not exist (a file, a directory or hf:NAME)")
 
     def load_config(self, chunk_size: int) -> dict[str, Any]:
         """The load stage's config (its cache key): the input and its identity, the
-        fields, the limit and the chunk size.
+        fields, the limit, the domain filter and the chunk size. A SQL source's identity
+        reads its rows (:func:`~mathmill.sources_sql.sql_identity`).
         """
+        sql = self.sql_source()
+        if sql is not None:
+            rows_read = None if self.domains else self.limit  # filtering reads further
+            identity = sql_identity(sql, self.field_map(), limit=rows_read)
+        else:
+            identity = _input_identity(self.input)
         return {
             "input": self.input,
-            "identity": _input_identity(self.input),
+            "identity": identity,
+            "sql": sql.model_dump() if sql is not None else None,
             "split": self.split,
             "id_field": self.id_field,
             "prompt_field": self.prompt_field,
             "answer_field": self.answer_field,
             "limit": self.limit,
+            "domain_field": self.domain_field,
+            "domains": self.domains,
             "chunk_size": chunk_size,
         }
 
