@@ -1,0 +1,1 @@
+"""Curation of problem sets: text normalization, near-duplicate clustering, decontamination."""
