@@ -23,6 +23,7 @@ __all__ = [
     "Attempt",
     "AttemptKind",
     "Critique",
+    "CuratedRow",
     "Dropped",
     "ErrorInfo",
     "ExecStatus",
@@ -64,6 +65,8 @@ VerdictStatus = Literal[
     "no_code",
     "leak",
     "llm_error",
+    "disagreement",
+    "minority",
 ]
 
 _WS = re.compile(r"\s+")
@@ -369,6 +372,9 @@ class SolutionRow(Record):
     final_answer: str | None = None
     code: str | None = None
     computed_answer: str | None = None
+    blind_answer: str | None = Field(
+        None, description="What a program written from the problem alone printed (blind check)."
+    )
     status: VerdictStatus
     reason: str = ""
     rounds: int = Field(ge=0, description="Rewrite rounds it took (0 = verified at once).")
@@ -379,6 +385,43 @@ class SolutionRow(Record):
     )
     prompt_tokens: int = Field(0, ge=0)
     completion_tokens: int = Field(0, ge=0)
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+
+class CuratedRow(Record):
+    """One row of a curated dataset: a problem (normalized, the original beside it)
+    with the Python program that computes its reference answer in the sandbox, and
+    how it got there (repair rounds, samples, the leak check).
+    """
+
+    id: str = Field(description="The problem's id.")
+    problem: str = Field(description="The normalized problem text.")
+    original_problem: str = Field(description="The problem text as it was read.")
+    answer: str = Field(description="The normalized reference answer.")
+    original_answer: str
+    source: str | None = None
+    source_id: str | None = None
+    license: str | None = None
+    domain: str | None = None
+    cluster_id: str | None = Field(None, description="Its near-duplicate cluster.")
+    code: str = Field(description="The program; it prints the answer.")
+    computed_answer: str | None = None
+    rounds: int = Field(0, ge=0, description="Repair rounds it took (0 = right at once).")
+    sample_index: int = Field(0, ge=0, description="Which of the samples solved it.")
+    samples_solved: int = Field(1, ge=0, description="Samples that solved it (pass@k).")
+    samples: int = Field(1, ge=1)
+    lineage: list[str] = Field(default_factory=list, description="Attempt ids, first to last.")
+    model: str | None = None
+    leak_flagged: bool = Field(False, description="The AST detector flagged the code.")
+    leak_verdict: Literal["none", "cleared", "repaired"] = Field(
+        "none",
+        description="none: not flagged; cleared: the judge found no leak; "
+        "repaired: a confirmed leak rewritten and verified again.",
+    )
+    leak_reason: str = ""
+    prompt_tokens: int = Field(0, ge=0)
+    completion_tokens: int = Field(0, ge=0)
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
@@ -493,6 +536,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Topic,
         Dropped,
         SolutionRow,
+        CuratedRow,
         Attempt,
         Label,
         Verdict,

@@ -33,6 +33,7 @@ from mathmill.flows.cli_params import (
 )
 
 if TYPE_CHECKING:
+    from mathmill.flows.curate import CurateParams
     from mathmill.flows.sample import SampleParams
     from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
@@ -263,6 +264,8 @@ def print_result(result: Any, link: str | None = None, *, name: str = "") -> Non
 
 
 def _headline(result: Any) -> str:
+    if hasattr(result, "curated"):
+        return f"{result.read} problems read, {result.curated} curated"
     if hasattr(result, "verified"):
         return f"{result.verified} verified and {result.unverified} unverified rows"
     if hasattr(result, "samples"):
@@ -338,6 +341,15 @@ SAMPLE_FLAGS: dict[str, str | Shortcut] = {
     "--chunk-size": "backend.chunk_size",
     "--load-chunk-size": "chunk_size",
 }
+CURATE_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "solver.base_url",
+    "--model": "solver.model",
+    "--api-key-env": "solver.api_key_env",
+    "--max-tokens": "solver.max_tokens",
+    "--judge-model": "judge.model",
+    "--sandbox-url": SANDBOX_URL,
+    "--sandbox-timeout": "sandbox.timeout_s",
+}
 
 
 PREFECT_SERVER = option("prefect_server", PrefectServer)
@@ -395,13 +407,10 @@ def run_tir(params: TirParams, options: Mapping[str, Any]) -> None:
         params = params.model_copy(update={"concurrency": 1})  # turns print in order
     params.check_input()
     if params.dry_run:
-        from mathmill.sources import FieldMap, read_problems
-
-        fields = FieldMap(params.prompt_field, params.answer_field, None, params.id_field)
-        items = list(read_problems(params.input, fields, split=params.split, limit=params.limit))
+        items = list(params.read())
         bad = [i for i in items if not hasattr(i, "statement")]
         console.print(
-            f"{len(items) - len(bad)} problems, {len(bad)} malformed rows in {params.input}"
+            f"{len(items) - len(bad)} problems, {len(bad)} malformed rows in {params.input_name()}"
         )
         console.print("dry run: nothing was called")
         return
@@ -433,6 +442,28 @@ def run_sample(params: SampleParams, options: Mapping[str, Any]) -> None:
     print_result(*done, name="sample")
 
 
+def curate_model() -> type[CurateParams]:
+    """The curate flow's parameters (imports the flow)."""
+    from mathmill.flows.curate import CurateParams
+
+    return CurateParams
+
+
+def run_curate(params: CurateParams, options: Mapping[str, Any]) -> None:
+    """Problems from files, datasets or SQL: normalized, deduplicated, decontaminated,
+    solved by verified code with repair rounds, leak-checked.
+    """
+    from mathmill.flows.curate import curate
+
+    params.check_input()
+    if params.dry_run:
+        console.print("dry run: parameters are valid, nothing was called")
+        return
+    progress = show_progress(options)
+    done = run_flow(curate, options["prefect_server"], progress=progress, params=params)
+    print_result(*done, name="curate")
+
+
 params_command(
     run_app,
     "synthesize",
@@ -455,5 +486,13 @@ params_command(
     sample_model,
     run_sample,
     shortcuts=SAMPLE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "curate",
+    curate_model,
+    run_curate,
+    shortcuts=CURATE_FLAGS,
     extra=[PREFECT_SERVER, PROGRESS],
 )

@@ -40,6 +40,7 @@ PIPELINES = {
         Entry("synthesize", "mathmill.flows.synthesize", "synthesize", "params"),
         Entry("tir", "mathmill.flows.tir", "tir", "params"),
         Entry("sample", "mathmill.flows.sample", "sample", "params"),
+        Entry("curate", "mathmill.flows.curate", "curate", "params"),
     )
 }
 
