@@ -17,9 +17,20 @@ spin       the code never ends                                 unverified timeou
 bad        the reasoner answers HTTP 400 (context too long)    unverified llm_error
 leaky      the problem text contains its answer                dropped contains_solution
 dup        every problem of the topic is the same text         dropped duplicate
+wrongcot   wrong answer, code written from it reproduces it    unverified disagreement
+split      short CoT 0 wrong (reproduced by its code), others  that one: unverified
+           right                                               disagreement (blind
+                                                               check) or minority
+                                                               (majority, 2+ shorts)
 =========  ==================================================  =====================
 
-Used by tests/test_synthesize.py and bench/synthesize.py.
+The blind program (``blind.code``, ``blind.repair``: written from the problem alone)
+computes the right answer a*b + c for every kind; ``blind="crash"`` makes every blind
+program raise (the check is inconclusive), ``blind="repair"`` only the first (its
+repair round computes it). Topics cycle over ``kinds``: with the default kinds, ten
+topics cover the first ten (``wrongcot`` and ``split`` come after them).
+
+Used by tests/test_synthesize.py, tests/test_blind_check.py and bench/synthesize.py.
 """
 
 from __future__ import annotations
@@ -33,10 +44,24 @@ from dataclasses import dataclass, field
 
 from mathmill.llm.fake_server import Fault, RecordedRequest, Reply, Response
 
-KINDS = ("ok", "fix", "stuck", "crash", "leak", "noanswer", "spin", "bad", "leaky", "dup")
+KINDS = (
+    "ok",
+    "fix",
+    "stuck",
+    "crash",
+    "leak",
+    "noanswer",
+    "spin",
+    "bad",
+    "leaky",
+    "dup",
+    "wrongcot",
+    "split",
+)
 _TOPIC = re.compile(r"Topic: Topic (\d+) \((\w+)\)")
 _PROBLEM = re.compile(r"\[(\w+)\] Let a = (\d+), b = (\d+) and c = (\d+)\. Compute a\*b \+ c\.")
 _COUNT = re.compile(r"Propose (\d+) distinct")
+_BOXED = re.compile(r"\\boxed\{(-?\d+)\}")
 
 
 def _n(*parts: object) -> int:
@@ -50,6 +75,7 @@ class SynthWorld:
     """
 
     kinds: tuple[str, ...] = KINDS
+    blind: str = "right"
     served: Counter[str] = field(default_factory=Counter)
     paused: threading.Event = field(default_factory=threading.Event)
     failing: set[str] = field(default_factory=set)
@@ -100,14 +126,25 @@ class SynthWorld:
         if stage.startswith("cot."):
             if kind == "bad":
                 return Fault.status(400)
-            return Reply(self._cot(kind, truth, stage, seed, wrong=kind in ("fix", "stuck")))
+            split = kind == "split" and stage == "cot.short" and seed % 2 == 1
+            wrong = kind in ("fix", "stuck", "wrongcot") or split
+            return Reply(self._cot(kind, truth, stage, seed, wrong=wrong))
         if stage == "rewrite":  # depends on the solution it revises, so rounds differ
             revised = hashlib.sha256(text.encode()).hexdigest()[:8]
             return Reply(
                 self._cot(kind, truth, f"rewrite of {revised}", seed, wrong=kind == "stuck")
             )
         if stage in ("verify.code", "verify.regen"):
+            if kind in ("wrongcot", "split"):  # faithful to the solution, right or wrong
+                boxed = _BOXED.findall(text)
+                off = int(boxed[-1]) - truth if boxed else 0
+                code = f"a, b, c = {a}, {b}, {c}\nprint(a * b + c + {off})"
+                return Reply(f"```python\n{code}\n```")
             return Reply(f"```python\n{self._code(kind, a, b, c, truth)}\n```")
+        if stage.startswith("blind."):  # written from the problem alone
+            crash = self.blind == "crash" or (self.blind == "repair" and stage == "blind.code")
+            code = self._code("crash" if crash else "ok", a, b, c, truth)
+            return Reply(f"```python\n{code}\n```")
         if stage == "verify.critique":
             review = {
                 "summary": "follows the solution",

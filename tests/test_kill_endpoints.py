@@ -38,7 +38,7 @@ from tests.test_synthesize import CLI
 pytestmark = pytest.mark.slow
 
 Rows = dict[str, list[str]]
-KINDS = ("fix", "crash", "ok", "dup")  # 7 problems, 14 chains of thought, 26 code runs
+KINDS = ("fix", "crash", "ok", "dup")  # 7 problems, 14 CoTs, 26 code runs + 5 blind programs
 EXPORTS = ("verified.jsonl", "unverified.jsonl", "dropped.jsonl")
 RUN_TIMEOUT_S = 300
 

@@ -110,6 +110,9 @@ def test_every_row_is_accounted_for_with_its_reason(run: Run) -> None:
     assert counts["verify.verified_round_1"] == 4
     for status in ("wrong_answer", "error", "leak", "no_answer", "timeout", "llm_error"):
         assert counts[f"verify.unverified.{status}"] == 4, status
+    # one blind program per problem with a verified row (ok, fix, dup); each agreed
+    assert counts["verify.blind_problems"] == 5 and counts["verify.blind_agreed"] == 10
+    assert "verify.unverified.disagreement" not in counts
     assert run.result.verified == 10
     assert run.result.unverified == 24
 

@@ -1,6 +1,8 @@
 """The ``synthesize`` flow: topics → problems → long and short chains of thought →
 code verification (code, critique, regenerated code, sandbox run, answer check, leak
-check) → feedback-and-rewrite rounds → a verified dataset and its side outputs.
+check) → feedback-and-rewrite rounds → cross-checks of the verified ones (a program
+written from the problem alone; optionally the majority answer) → a verified dataset
+and its side outputs.
 
 Every stage is a Prefect task over a chunk of rows, cached on the input chunks'
 content hashes, the stage config, the prompt hashes and the stage's code; finished
@@ -98,6 +100,16 @@ class SynthesizeParams(FanOutFields, BudgetFields, StorageFields):
     rounds: int = Field(2, ge=0, le=10, description="Feedback-rewrite rounds per failed CoT.")
     regenerate_code: bool = Field(True, description="Regenerate the code from its critique.")
     leak_check: bool = Field(True, description="Reject code that hard-codes the answer.")
+    blind_check: bool = Field(
+        True,
+        description="Unverify a CoT whose answer differs from that of a program the coder "
+        "writes from the problem alone (status disagreement); its repair rounds are `rounds`.",
+    )
+    majority: bool = Field(
+        False,
+        description="Unverify a CoT whose answer is not the majority answer among the "
+        "problem's CoTs (status minority; a tie decides nothing).",
+    )
     chunk_size: int = Field(50, ge=1, le=10_000, description="Problems per chunk (task).")
     concurrency: int = Field(64, ge=1, le=4096, description="Rows in flight per chunk.")
     chunk_concurrency: int = Field(4, ge=1, le=256, description="Chunks in flight at once.")
@@ -143,6 +155,8 @@ def plan(cfg: SynthesizeParams) -> Plan:
     per_round = 3 if cfg.regenerate_code else 2
     written = cfg.topics * cfg.problems_per_topic  # all are written; `limit` cuts after dedup
     calls = -(-cfg.topics // 10) * 2 + written + cots * (per_round + cfg.rounds * (1 + per_round))
+    if cfg.blind_check:
+        calls += problems * (1 + cfg.rounds)  # one blind program per problem, its repairs
     vllm = {str(name): backend for name, backend in cfg.backends.items()}
     roles = {
         name: _on_vllm(vllm[name]) if name in vllm else f"{_where(role)} {role.model or ''}".strip()
@@ -210,6 +224,8 @@ def _verify(cfg: SynthesizeParams) -> VerifyConfig:
         rounds=cfg.rounds,
         regenerate=cfg.regenerate_code,
         leak_check=cfg.leak_check,
+        blind_check=cfg.blind_check,
+        majority=cfg.majority,
         limits=cfg.sandbox.limits,
         code_sampling=_sampling(roles["coder"], cfg.seed),
         critic_sampling=_sampling(roles["critic"], cfg.seed),

@@ -1,8 +1,8 @@
 """The stages of the synthesize pipeline, declared for the pipeline kit: topics →
-problems → dedup → chains of thought → code verification.
+problems → dedup → chains of thought → code verification and its cross-checks.
 
 Each is a :func:`~mathmill.pipeline.stage.stage` over one chunk, calling the stage's
-plain function (:mod:`mathmill.tasks.writing`, :mod:`mathmill.tasks.verify`); the kit
+plain function (:mod:`mathmill.tasks.writing`, :mod:`mathmill.tasks.crosscheck`); the kit
 derives the Prefect task, cache key and resume from the declaration.
 """
 
@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from mathmill.pipeline.chunks import split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import Attempt, Problem, SolutionRow, Topic
-from mathmill.tasks.verify import VerifyConfig, verify_chunk
+from mathmill.tasks.crosscheck import verify_chunk
+from mathmill.tasks.verify import VerifyConfig
 from mathmill.tasks.writing import (
     CotConfig,
     ProblemsConfig,
@@ -115,12 +116,21 @@ async def cots(chunk: Chunk, cfg: CotConfig) -> StageResult:
     "verify",
     params=VerifyConfig,
     roles=("coder", "critic", "rewriter"),
-    prompts=("synth_code", "synth_critique", "synth_regen_code", "synth_rewrite"),
+    prompts=(
+        "synth_code",
+        "synth_critique",
+        "synth_regen_code",
+        "synth_rewrite",
+        "curate_solve",  # the blind program and its repairs (tasks/solve.py)
+        "curate_repair",
+    ),
     inputs={"problems": Problem, "cots": Attempt},
     outputs={"attempts": Attempt, "verified": SolutionRow, "unverified": SolutionRow},
 )
 async def verify(chunk: Chunk, cfg: VerifyConfig) -> StageResult:
-    """Verify a chunk of chains of thought by code, with rewrite rounds."""
+    """Verify a chunk of chains of thought by code, with rewrite rounds; cross-check
+    the verified ones (a blind program per problem, the majority).
+    """
     cot_rows: list[Attempt] = chunk.rows("cots")
     got = await verify_chunk(chunk.rt, cfg, chunk.rows("problems"), cot_rows)
     got.counts["verify.cots"] = len(cot_rows)

@@ -7,12 +7,14 @@ the leak check rejects code that only prints the answer. Each step's output stay
 the attempt. A failed attempt is rewritten from its critique and execution result
 and verified again, up to ``rounds`` times; every round is kept, linked by
 ``parent_id``.
+
+A chunk's lineages, and the checks of a verified row by what does not follow its chain
+of thought (the blind program, the majority), are in :mod:`mathmill.tasks.crosscheck`.
 """
 
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass, field
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -21,7 +23,7 @@ from mathmill.grading.coderun import check_code
 from mathmill.grading.extract import extract_answer
 from mathmill.grading.leaks import detect_leak
 from mathmill.llm.client import ChatResult
-from mathmill.pipeline.chunks import Runtime, map_rows
+from mathmill.pipeline.chunks import Runtime
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
@@ -40,11 +42,9 @@ from mathmill.sandbox.protocol import SandboxError
 
 __all__ = [
     "VerifyConfig",
-    "VerifyRows",
     "extract_code",
     "solution_row",
     "verify_attempt",
-    "verify_chunk",
     "verify_lineage",
 ]
 
@@ -94,6 +94,16 @@ class VerifyConfig(BaseModel):
     code_sampling: SamplingParams
     critic_sampling: SamplingParams
     rewrite_sampling: SamplingParams
+    blind_check: bool = Field(
+        True,
+        description="Check a verified CoT's answer against a program written from the "
+        "problem alone (a disagreement unverifies the row).",
+    )
+    majority: bool = Field(
+        False,
+        description="Unverify a verified CoT whose answer is not the majority answer "
+        "among the problem's CoTs (a tie decides nothing).",
+    )
 
 
 @dataclass
@@ -353,39 +363,3 @@ def solution_row(problem: Problem, rounds: list[Attempt]) -> SolutionRow:
         prompt_tokens=sum(a.usage.prompt_tokens for a in rounds),
         completion_tokens=sum(a.usage.completion_tokens for a in rounds),
     )
-
-
-@dataclass
-class VerifyRows:
-    """A verified chunk: every round, the verified and unverified rows, counts."""
-
-    attempts: list[Attempt]
-    verified: list[SolutionRow]
-    unverified: list[SolutionRow]
-    counts: Counter[str]
-    errors: list[ErrorInfo]
-
-
-async def verify_chunk(
-    rt: Runtime, cfg: VerifyConfig, problems: list[Problem], cots: list[Attempt]
-) -> VerifyRows:
-    """Verify every chain of thought of a chunk (lineages run concurrently)."""
-    by_id = {p.id: p for p in problems}
-
-    async def one(cot: Attempt) -> list[Attempt]:
-        return await verify_lineage(rt, cfg, by_id[cot.problem_id], cot)
-
-    lineages = await map_rows(cots, one, rt.row_concurrency)
-    out = VerifyRows([], [], [], Counter(), [])
-    for rounds in lineages:
-        out.attempts.extend(rounds)
-        row = solution_row(by_id[rounds[0].problem_id], rounds)
-        out.counts["verify.rewrites"] += len(rounds) - 1
-        if row.status == "verified":
-            out.verified.append(row)
-            out.counts[f"verify.verified_round_{row.rounds}"] += 1
-        else:
-            out.unverified.append(row)
-            out.counts[f"verify.unverified.{row.status}"] += 1
-        out.errors.extend(a.error for a in rounds[-1:] if a.error is not None)
-    return out
