@@ -73,8 +73,13 @@ class SqlSource(BaseModel):
     @field_validator("url")
     @classmethod
     def _no_password(cls, url: str) -> str:
+        return cls.check_url(url)
+
+    @staticmethod
+    def check_url(url: str) -> str:
+        """``url``, or a :class:`ConfigError` when it holds a password (masked)."""
         parsed = _parse(url)
-        if parsed.password is not None or "password" in parsed.query:
+        if parsed.password is not None or _secret_keys(parsed):
             raise ConfigError(
                 f"sql_url {_masked(parsed)}: the URL holds a "
                 "password; remove it and name the environment variable that holds it with "
@@ -292,10 +297,15 @@ def _parse(url: str) -> URL:
         ) from None
 
 
+def _secret_keys(url: URL) -> list[str]:
+    """The URL's query keys that hold secrets (``password``, ``sslpassword``, tokens)."""
+    return [k for k in url.query if any(w in k.lower() for w in ("password", "secret", "token"))]
+
+
 def _masked(url: URL) -> str:
     """The URL with ``***`` for a password, in its user part or its query."""
-    if "password" in url.query:
-        url = url.update_query_dict({"password": "***"})
+    if secret := _secret_keys(url):
+        url = url.update_query_dict(dict.fromkeys(secret, "***"))
     return url.render_as_string(hide_password=True).replace("%2A%2A%2A", "***")
 
 

@@ -236,10 +236,10 @@ def test_planted_near_duplicates_join_their_originals() -> None:
             vid = f"{row['id']}/{how}"
             ids.append(vid)
             texts.append(variant)
-            exact = match_key(variant) == match_key(row["problem"])
+            exact = normalize_statement(variant) == normalize_statement(row["problem"])
             expect[vid] = (row["id"], "exact" if exact else "near")
     kinds = [k for _, k in expect.values()]
-    assert kinds.count("near") > 600 and kinds.count("exact") > 800
+    assert kinds.count("near") > 600 and kinds.count("exact") > 500
 
     result = cluster(ids, texts)
     got = dict(zip(result.ids, zip(result.cluster_id, result.kind, strict=True), strict=True))
@@ -310,20 +310,22 @@ def test_bad_inputs_and_empty_texts() -> None:
         cluster(["a", "a"], ["x", "y"])
     with pytest.raises(ValueError, match="2 ids for 1 texts"):
         cluster(["a", "b"], ["x"])
-    result = cluster(["a", "b", "c"], ["", "?!", gsm8k()[0]["problem"]])
-    assert result.cluster_id == ("a", "a", "c")
-    assert result.kind == ("unique", "exact", "unique")
+    result = cluster(["a", "b", "c", "d"], ["", "?!", gsm8k()[0]["problem"], " "])
+    assert result.cluster_id == ("a", "b", "c", "a")  # no shingles: only exact copies join
+    assert result.kind == ("unique", "unique", "unique", "exact")
     assert lsh_bands(0.8, 128) == (21, 6)
     assert cluster([], []).num_clusters == 0
 
 
 def test_exact_only_clustering() -> None:
     base = gsm8k()[20]["problem"]
-    texts = [base, base.upper(), base.replace(".", ". Then,", 1)]
-    assert cluster(["a", "b", "c"], texts).cluster_id == ("a", "a", "a")
-    exact_only = cluster(["a", "b", "c"], texts, near=False)
-    assert exact_only.cluster_id == ("a", "a", "c")
-    assert exact_only.kind == ("unique", "exact", "unique")
+    texts = [base, "  " + base.replace(" ", "\n "), base.replace(".", ". Then,", 1), base.upper()]
+    near = cluster(["a", "b", "c", "d"], texts)
+    assert near.cluster_id == ("a", "a", "a", "a")
+    assert near.kind == ("unique", "exact", "near", "near")  # case counts for "exact"
+    exact_only = cluster(["a", "b", "c", "d"], texts, near=False)
+    assert exact_only.cluster_id == ("a", "a", "c", "d")
+    assert exact_only.kind == ("unique", "exact", "unique", "unique")
 
 
 # --- decontamination ----------------------------------------------------------------
@@ -477,3 +479,13 @@ def test_extra_benchmark_files(tmp_path: Path) -> None:
 def test_unknown_benchmark_names_the_known_ones() -> None:
     with pytest.raises(ConfigError, match=r"'mmlu'.*math500, gsm8k, amc23, aime"):
         BenchmarkIndex.load(["math500", "mmlu"])
+
+
+def test_answers_that_list_values_stay_lists() -> None:
+    from mathmill.grading.reference import check_answer
+
+    # MATH-500 test/intermediate_algebra/1102: two roots, not the decimal -2.1
+    assert normalize_answer("-2,1") == "-2,1"
+    assert check_answer(normalize_answer("-2,1"), "-2, 1").status == "correct"
+    assert normalize_answer("1, 2") == "1, 2"
+    assert normalize_answer("1,000") == normalize_answer("1000") == "1000"

@@ -17,6 +17,7 @@ from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
+from pydantic import ValidationError
 from sqlalchemy.engine import URL
 
 from mathmill import cli as mathmill_cli
@@ -584,3 +585,20 @@ async def test_a_sample_flow_dry_run_reads_sqlite(sqlite_url: str, tmp_path: Pat
     load_params = PIPELINE.stage_params(params)[0]
     assert isinstance(load_params, LoadConfig)
     assert load_params.sql == params.sql_source() and load_params.identity.startswith("sql:")
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"sql_url": "postgresql://u:s3cretPW@h/db"},
+        {"sql_url": "postgresql://u@h/db?sslpassword=s3cretPW", "table": "t"},
+        {"input": "x.jsonl", "sql_url": "postgresql://u:s3cretPW@h/db", "table": "t"},
+        {"sql_url": "postgresql://u:s3cretPW@h/db", "query": "SELECT 1", "table": "t"},
+    ],
+)
+def test_a_password_never_reaches_a_validation_error(fields: dict[str, Any]) -> None:
+    from mathmill.flows.curate import CurateParams
+
+    with pytest.raises((ConfigError, ValidationError)) as e:
+        CurateParams(**fields)
+    assert "s3cretPW" not in str(e.value) and "sql_url" in str(e.value)

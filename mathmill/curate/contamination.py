@@ -31,6 +31,7 @@ True
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -260,3 +261,13 @@ def _read(name: str, source: str, fields: FieldMap | None, split: str) -> list[B
     if not items:
         raise ConfigError(f"benchmark {source} has no problems")
     return items
+
+
+@functools.cache
+def cached_index(
+    names: tuple[str, ...], extra: tuple[str, ...], ngram: int, identity: str
+) -> BenchmarkIndex:
+    """:meth:`BenchmarkIndex.load`, built once per process for each ``identity`` (the
+    benchmark files' content: a changed file builds a new index).
+    """
+    return BenchmarkIndex.load(names, extra, ngram=ngram)

@@ -1,9 +1,10 @@
 """Exact and near-duplicate clustering of problem statements.
 
-Every text is reduced to its :func:`~mathmill.curate.text.match_key`. Rows whose keys
-are equal are exact duplicates (grouped with polars on the key's hash). One row per
-distinct key then goes through MinHash LSH (datasketch): its shingles (character
-n-grams of the key by default, or word n-grams) are hashed, sketched with ``num_perm``
+Rows whose :func:`~mathmill.curate.text.normalize_statement` texts are equal are exact
+duplicates (grouped with polars on the text's hash; case and brackets count: ``x`` and
+``X`` differ). One row per distinct text then goes through MinHash LSH (datasketch): the
+shingles of its :func:`~mathmill.curate.text.match_key` (character n-grams by default, or
+word n-grams) are hashed, sketched with ``num_perm``
 permutations and banded so that a pair of Jaccard similarity ``threshold`` becomes a candidate with
 probability >= 0.995 (:func:`lsh_bands`). A candidate pair is confirmed when the Jaccard
 similarity of the two shingle sets is >= ``threshold`` (computed exactly from the kept
@@ -35,7 +36,7 @@ import polars as pl
 import xxhash
 from datasketch import MinHash, MinHashLSH  # type: ignore[import-untyped]
 
-from mathmill.curate.text import key_hash, match_key
+from mathmill.curate.text import key_hash, normalize_statement, normalized_match_key
 
 __all__ = ["Clusters", "Kind", "Unit", "cluster", "lsh_bands", "ngram_hashes", "unit_hashes"]
 
@@ -237,8 +238,9 @@ def cluster(
         raise ValueError(f"threshold must be in (0, 1], not {threshold}")
     if shingle < 1:
         raise ValueError(f"shingle must be >= 1, not {shingle}")
-    keys = [match_key(t) for t in texts]
-    first = _first_with_same_key(keys)
+    normalized = [normalize_statement(t) for t in texts]
+    first = _first_with_same_key(normalized)  # exact: the same normalized text
+    keys = [normalized_match_key(t) for t in normalized]
     distinct = [row for row, f in enumerate(first) if f == row]
     if not near:
         sets: list[U32] = [np.zeros(0, dtype=np.uint32)] * len(distinct)
@@ -250,7 +252,7 @@ def cluster(
 
 
 def _first_with_same_key(keys: Sequence[str]) -> list[int]:
-    """For each row, the first row whose match key hashes the same (polars group-by)."""
+    """For each row, the first row whose key hashes the same (polars group-by)."""
     frame = pl.DataFrame({"hash": [key_hash(k) for k in keys]}, schema={"hash": pl.String})
     firsts = frame.with_row_index("row").select(pl.col("row").min().over("hash"))
     return [int(v) for v in firsts.to_series().to_list()]

@@ -247,6 +247,11 @@ def _normalize_prose(prose: str, *, after_math: bool) -> str:
     return "\n\n".join(_WHITESPACE.sub(" ", p) for p in _PARAGRAPH.split(prose))
 
 
+_LIST_COMMA = re.compile(r",(?!\d{3}(?:\D|$))")
+"""A comma that is not a thousands separator (``1,000`` has one; ``-2,1`` and ``1, 2``
+are lists of values)."""
+
+
 def normalize_answer(answer: str | None) -> str | None:
     """One spelling per answer: the grader's :func:`~mathmill.grading.normalize.normalize`
     (``\\$``, ``\\text{}`` units, degrees, thousands separators, ``\\dfrac`` ...), then
@@ -262,9 +267,14 @@ def normalize_answer(answer: str | None) -> str | None:
     """
     if answer is None:
         return None
-    text, percent = normalize(unicodedata.normalize("NFKC", answer).translate(_PLAIN))
+    plain = unicodedata.normalize("NFKC", answer).translate(_PLAIN)
+    text, percent = normalize(plain)
     if not text:
         return None
+    if _LIST_COMMA.search(plain.replace("{,}", "")) and "," not in text:
+        # "-2,1": a list of values, which the normalizer read as a decimal comma: the
+        # answer is kept as written (whitespace collapsed)
+        return " ".join(plain.split())
     value = parse_number(text)
     if value is not None:
         text = str(value)  # Fraction: "3" or "-3/4", always reduced
@@ -282,7 +292,12 @@ def match_key(text: str) -> str:
     >>> match_key("Janet's ducks lay 16 eggs. She sells them at \\\\$2.50 each!")
     'janet s ducks lay 16 eggs she sells them at 2.50 each'
     """
-    tokens = _TOKEN.findall(normalize_statement(text).lower())
+    return normalized_match_key(normalize_statement(text))
+
+
+def normalized_match_key(normalized: str) -> str:
+    """:func:`match_key` of a text already through :func:`normalize_statement`."""
+    tokens = _TOKEN.findall(normalized.lower())
     return " ".join(t for t in tokens if t not in _FORMATTING)
 
 

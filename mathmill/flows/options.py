@@ -18,7 +18,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import InitErrorDetails
 
 from mathmill.blocks.storage import block_ref, load_storage
@@ -201,10 +209,11 @@ class InputFields(BaseModel):
     """Where a flow's problems come from and which fields hold what (mixed into the
     parameters of flows that read problems): ``input`` (a file, a directory, a dataset)
     or a SQL database (``sql_url`` with ``query`` or ``table``); optionally only the
-    rows of some domains.
+    rows of some domains. Validation errors never echo the values given (a URL with a
+    password must not reach a log).
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     input: str = Field(
         "",
@@ -272,6 +281,12 @@ class InputFields(BaseModel):
             missing = InitErrorDetails(type="missing", loc=("input",), input=data)
             raise ValidationError.from_exception_data(cls.__name__, [missing])
         return handler(data)
+
+    @field_validator("sql_url")
+    @classmethod
+    def _no_password(cls, url: str | None) -> str | None:
+        """A password in the URL is refused before anything else looks at it."""
+        return None if url is None else SqlSource.check_url(url)
 
     @model_validator(mode="after")
     def _sql_and_domains(self) -> InputFields:

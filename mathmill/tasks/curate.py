@@ -11,25 +11,23 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from functools import cache
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.curate.contamination import BenchmarkIndex
+from mathmill.curate.contamination import cached_index
 from mathmill.curate.neardup import cluster
 from mathmill.curate.text import normalize_answer, normalize_statement
 from mathmill.pipeline.chunks import drop, map_rows, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.records import Attempt, CuratedRow, Dropped, ErrorInfo, Problem, Record
 from mathmill.tasks.leakcheck import LeakConfig, check_row
-from mathmill.tasks.solve import SolveConfig, last_status, solve_problem, solved_by
+from mathmill.tasks.solve import SolveConfig, curated_row, last_status, solve_problem, solved_by
 
 __all__ = [
     "DecontamConfig",
     "DedupConfig",
     "NormalizeConfig",
-    "curated_row",
     "decontaminate",
     "dedup",
     "leaks",
@@ -107,6 +105,8 @@ async def dedup(chunk: Chunk, cfg: DedupConfig) -> StageResult:
     counts: Counter[str] = Counter()
     if not cfg.enabled:
         return StageResult(rows=dict(split_rows("unique", rows, cfg.chunk_size)), counts=counts)
+    # the first row of a cluster is kept: rows with a reference answer go first
+    rows = sorted(rows, key=lambda p: not p.answer)
     found = cluster(
         [p.id for p in rows],
         [p.statement for p in rows],
@@ -119,6 +119,7 @@ async def dedup(chunk: Chunk, cfg: DedupConfig) -> StageResult:
     )
     kept: list[Problem] = []
     duplicates: list[Dropped] = []
+    by_id = {p.id: p for p in rows}
     sizes = Counter(found.cluster_id)
     for i, p in enumerate(rows):
         cid = found.cluster_id[i]
@@ -133,6 +134,10 @@ async def dedup(chunk: Chunk, cfg: DedupConfig) -> StageResult:
         detail = f"same cluster as {found.representative_id[i]}" + (
             f" (Jaccard ~{sim:.2f})" if sim is not None and kind != "exact" else ""
         )
+        kept_answer = by_id[str(found.representative_id[i])].answer
+        if kind == "exact" and p.answer and kept_answer and p.answer != kept_answer:
+            detail += f"; its answer {p.answer!r} differs from the kept {kept_answer!r}"
+            counts["dedup.conflicting_answers"] += 1
         duplicates.append(drop("dedup", reason, row, p.id, detail))
         counts[f"dedup.{reason}"] += 1
     counts["dedup.kept"] = len(kept)
@@ -156,11 +161,6 @@ class DecontamConfig(BaseModel):
     overlap: float = Field(0.5, gt=0.0, le=1.0, description="Share of an item's n-grams.")
 
 
-@cache
-def _index(benchmarks: tuple[str, ...], extra: tuple[str, ...], ngram: int) -> BenchmarkIndex:
-    return BenchmarkIndex.load(benchmarks, extra, ngram=ngram)
-
-
 @stage(
     "decontaminate",
     params=DecontamConfig,
@@ -175,7 +175,7 @@ async def decontaminate(chunk: Chunk, cfg: DecontamConfig) -> StageResult:
     counts: Counter[str] = Counter()
     if not cfg.enabled:
         return StageResult(rows={"clean": rows}, counts=counts)
-    index = _index(cfg.benchmarks, cfg.extra, cfg.ngram)
+    index = cached_index(cfg.benchmarks, cfg.extra, cfg.ngram, cfg.identity)
     matches = index.match_many([p.statement for p in rows], threshold=cfg.overlap)
     clean: list[Problem] = []
     contaminated: list[Dropped] = []
@@ -200,40 +200,6 @@ async def decontaminate(chunk: Chunk, cfg: DecontamConfig) -> StageResult:
     if contaminated:
         out["contaminated"] = contaminated
     return StageResult(rows=out, counts=counts)
-
-
-def curated_row(problem: Problem, lineage: list[Attempt], solved: int, samples: int) -> CuratedRow:
-    """The dataset row of a solved problem: the winning lineage's last program."""
-    last = lineage[-1]
-    meta = problem.metadata
-    original_answer = meta.get("original_answer")
-    return CuratedRow(
-        id=problem.id,
-        problem=problem.statement,
-        original_problem=str(meta.get("original_statement") or problem.statement),
-        answer=problem.answer or "",
-        original_answer=str(original_answer if original_answer is not None else problem.answer),
-        source=problem.source,
-        source_id=problem.source_id,
-        license=problem.license,
-        domain=problem.domain,
-        cluster_id=str(meta["cluster_id"]) if meta.get("cluster_id") is not None else None,
-        code=last.code or "",
-        computed_answer=last.verdict.predicted if last.verdict else None,
-        rounds=last.round,
-        sample_index=last.sample_index,
-        samples_solved=solved,
-        samples=samples,
-        lineage=[a.id for a in lineage],
-        model=last.model,
-        prompt_tokens=sum(a.usage.prompt_tokens for a in lineage),
-        completion_tokens=sum(a.usage.completion_tokens for a in lineage),
-        metadata={
-            k: v
-            for k, v in meta.items()
-            if k not in ("original_statement", "original_answer", "cluster_id")
-        },
-    )
 
 
 @stage(

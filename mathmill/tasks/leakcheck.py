@@ -67,9 +67,10 @@ async def _judge(
         raise_on_error=False,
     )
     if got.value is None:
+        for error in (got.result.error, got.error):  # the call's own failure first
+            if error is not None and error.transient:
+                return True, "", error
         error = got.error or got.result.error
-        if error is not None and error.transient:
-            return True, "", error
         return True, f"the judge gave no verdict ({error.message if error else 'no reply'})", None
     return got.value.leak, got.value.reason.strip(), None
 
@@ -169,6 +170,13 @@ async def check_row(rt: Runtime, cfg: LeakConfig, row: CuratedRow) -> LeakOutcom
             out.outcome = "repaired"
             return out
         code, parent, reason = attempt.code, attempt.id, why
-        current = current.model_copy(update={"rounds": attempt.round})
+        current = current.model_copy(
+            update={
+                "rounds": attempt.round,
+                "lineage": [*current.lineage, attempt.id],
+                "prompt_tokens": current.prompt_tokens + attempt.usage.prompt_tokens,
+                "completion_tokens": current.completion_tokens + attempt.usage.completion_tokens,
+            }
+        )
     out.dropped = drop("leaks", "leak", row, row.id, reason)
     return out

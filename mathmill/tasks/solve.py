@@ -26,6 +26,7 @@ from mathmill.pipeline.chunks import Runtime
 from mathmill.prompts import load_prompt
 from mathmill.records import (
     Attempt,
+    CuratedRow,
     ErrorInfo,
     Problem,
     SamplingParams,
@@ -40,6 +41,7 @@ __all__ = [
     "REPAIRABLE",
     "SolveConfig",
     "answer_form",
+    "curated_row",
     "failure_feedback",
     "grade_attempt",
     "last_status",
@@ -86,7 +88,10 @@ def answer_form(answer: str) -> str:
 
 
 def failure_feedback(verdict: Verdict, stderr: str, limits: Limits, reference: str | None) -> str:
-    """What the solver is told about a failed program (never the expected answer)."""
+    """What the solver is told about a failed program: never the expected answer, only
+    its form (``reference`` is the answer as the source wrote it: ``12.50`` is a decimal
+    even when the normalized reference is ``25/2``).
+    """
     status = verdict.status
     if status == "timeout":
         return (
@@ -110,11 +115,11 @@ def failure_feedback(verdict: Verdict, stderr: str, limits: Limits, reference: s
 
 
 async def _run(
-    rt: Runtime, cfg: SolveConfig, code: str, reference: str | None
+    rt: Runtime, cfg: SolveConfig, code: str, reference: str | None, stage: str
 ) -> tuple[Verdict, str, object]:
     """Run ``code`` and grade it: (verdict, stderr, execution)."""
     check = await check_code(rt.require_sandbox(), code, reference or "", limits=cfg.limits)
-    rt.pool.meter.record_sandbox("solve.exec", check.execution.wall_ms / 1000.0)
+    rt.pool.meter.record_sandbox(f"{stage}.exec", check.execution.wall_ms / 1000.0)
     verdict = check.verdict()
     if reference is None and verdict.status in ("verified", "wrong_answer"):
         verdict = Verdict(
@@ -180,7 +185,10 @@ async def solve_lineage(
             error=reply.error,
             metadata={"step": stage, "role": role},
         )
-        attempt = await grade_attempt(rt, cfg, attempt, reference, stage)
+        form = problem.metadata.get("original_answer")
+        attempt = await grade_attempt(
+            rt, cfg, attempt, reference, stage, form=str(form) if form else None
+        )
         lineage.append(attempt)
         verdict = attempt.verdict
         assert verdict is not None
@@ -189,10 +197,17 @@ async def solve_lineage(
 
 
 async def grade_attempt(
-    rt: Runtime, cfg: SolveConfig, attempt: Attempt, reference: str | None, stage: str
+    rt: Runtime,
+    cfg: SolveConfig,
+    attempt: Attempt,
+    reference: str | None,
+    stage: str,
+    *,
+    form: str | None = None,
 ) -> Attempt:
     """The attempt graded: its code run against ``reference``; the execution, verdict,
-    leak score and, for a failure worth repairing, the feedback for the next round.
+    leak score and, for a failure worth repairing, the feedback for the next round
+    (``form``: the reference as the source wrote it, for the "expected form" hint).
     """
     if attempt.error is not None or attempt.text is None:
         message = attempt.error.message if attempt.error else "no reply"
@@ -201,12 +216,12 @@ async def grade_attempt(
     code = extract_code(attempt.text)
     if code is None:
         verdict = Verdict(status="no_code", reason="the reply has no ```python block", rule="solve")
-        feedback = failure_feedback(verdict, "", cfg.limits, reference)
+        feedback = failure_feedback(verdict, "", cfg.limits, form or reference)
         return attempt.model_copy(
             update={"verdict": verdict, "metadata": {**attempt.metadata, "feedback": feedback}}
         )
     try:
-        verdict, stderr, execution = await _run(rt, cfg, code, reference)
+        verdict, stderr, execution = await _run(rt, cfg, code, reference, stage)
     except SandboxError as e:
         error = ErrorInfo(kind="sandbox", message=str(e), stage=f"{stage}.execute")
         verdict = Verdict(status="llm_error", reason=f"sandbox failed: {e}", rule="solve")
@@ -216,7 +231,7 @@ async def grade_attempt(
     if cfg.leak_check and reference is not None:
         update["leak_score"] = round(min(1.0, max(0.0, detect_leak(code, reference).score)), 4)
     if verdict.status in REPAIRABLE:
-        feedback = failure_feedback(verdict, stderr, cfg.limits, reference)
+        feedback = failure_feedback(verdict, stderr, cfg.limits, form or reference)
         update["metadata"] = {**attempt.metadata, "feedback": feedback}
     return attempt.model_copy(update=update)
 
@@ -249,3 +264,37 @@ def last_status(lineages: Sequence[list[Attempt]]) -> tuple[VerdictStatus, str]:
         if lin and lin[-1].verdict is not None:
             return lin[-1].verdict.status, lin[-1].verdict.reason
     return "failed", "no attempt"
+
+
+def curated_row(problem: Problem, lineage: list[Attempt], solved: int, samples: int) -> CuratedRow:
+    """The dataset row of a solved problem: the winning lineage's last program."""
+    last = lineage[-1]
+    meta = problem.metadata
+    original_answer = meta.get("original_answer")
+    return CuratedRow(
+        id=problem.id,
+        problem=problem.statement,
+        original_problem=str(meta.get("original_statement") or problem.statement),
+        answer=problem.answer or "",
+        original_answer=str(original_answer if original_answer is not None else problem.answer),
+        source=problem.source,
+        source_id=problem.source_id,
+        license=problem.license,
+        domain=problem.domain,
+        cluster_id=str(meta["cluster_id"]) if meta.get("cluster_id") is not None else None,
+        code=last.code or "",
+        computed_answer=last.verdict.predicted if last.verdict else None,
+        rounds=last.round,
+        sample_index=last.sample_index,
+        samples_solved=solved,
+        samples=samples,
+        lineage=[a.id for a in lineage],
+        model=last.model,
+        prompt_tokens=sum(a.usage.prompt_tokens for a in lineage),
+        completion_tokens=sum(a.usage.completion_tokens for a in lineage),
+        metadata={
+            k: v
+            for k, v in meta.items()
+            if k not in ("original_statement", "original_answer", "cluster_id")
+        },
+    )
