@@ -159,6 +159,43 @@ def grade(
 
 
 @app.command()
+def classify(
+    file: Annotated[
+        str, typer.Argument(help="Problems: .jsonl, .parquet, a dataset directory or hf:NAME.")
+    ],
+    field: Annotated[str, typer.Option(help="Field holding the problem text.")] = "problem",
+    code_field: Annotated[
+        str, typer.Option(help="Field holding solution code, if any ('' for none).")
+    ] = "code",
+    plan_field: Annotated[
+        str, typer.Option(help="Field holding a plan or solution text, if any.")
+    ] = "",
+    out: Annotated[
+        str | None, typer.Option(help="Write the labels here (JSONL); default stdout.")
+    ] = None,
+    domains: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated domains (default: algebra, number theory, ...)."),
+    ] = None,
+) -> None:
+    """Label each problem with its domain by keywords and hard rules (fast, no model):
+    one JSON line per row (id, domain, confidence, scores, rule), then counts per domain.
+    Bad rows are reported on stderr and skipped.
+    """
+    from mathmill.labels.cli import print_summary, run_classify
+
+    summary = run_classify(
+        file,
+        field=field,
+        code_field=code_field or None,
+        plan_field=plan_field or None,
+        out=out,
+        domains=domains,
+    )
+    print_summary(summary, stderr=out is None)
+
+
+@app.command()
 def demo(
     out: Annotated[str, typer.Option(help="Run directory (re-run to resume).")] = "runs/demo",
     topics: Annotated[int, typer.Option(min=1, max=20, help="Topics to generate.")] = 2,
@@ -172,7 +209,8 @@ def demo(
     prefect_server: PrefectServer = None,
 ) -> None:
     """Run the synthesize flow with small numbers on the embedded model (no keys, no GPU):
-    topics, problems, chains of thought, code verification in the sandbox, rewrites.
+    topics, problems, chains of thought, code verification in the sandbox, rewrites,
+    the blind check.
     """
     from mathmill.flows.cli import print_result, run_synthesize_params
     from mathmill.flows.synthesize import SynthesizeParams

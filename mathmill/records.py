@@ -39,6 +39,7 @@ __all__ = [
     "SampleStatus",
     "SamplingParams",
     "SolutionRow",
+    "Structure",
     "TokenLogprob",
     "TokenUsage",
     "Topic",
@@ -388,6 +389,25 @@ class SolutionRow(Record):
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
+class Structure(Record):
+    """A problem's and its solution's structure, as an LLM read them: the problem's
+    angle (domain, subdomain, objects, constraints, answer type) and the solution's
+    (reasoning patterns, case analysis, construction, techniques, depth).
+    """
+
+    domain: str = ""
+    subdomain: str = ""
+    objects: list[str] = Field(default_factory=list, description="Mathematical objects.")
+    constraints: list[str] = Field(default_factory=list)
+    answer_type: str = Field("", description="integer, fraction, expression, tuple, ...")
+    reasoning_patterns: list[str] = Field(default_factory=list)
+    case_analysis: bool = False
+    construction: bool = False
+    techniques: list[str] = Field(default_factory=list)
+    depth: int = Field(0, ge=0, le=100, description="Reasoning steps the solution needs.")
+    model: str | None = None
+
+
 class CuratedRow(Record):
     """One row of a curated dataset: a problem (normalized, the original beside it)
     with the Python program that computes its reference answer in the sandbox, and
@@ -421,6 +441,21 @@ class CuratedRow(Record):
     leak_reason: str = ""
     prompt_tokens: int = Field(0, ge=0)
     completion_tokens: int = Field(0, ge=0)
+    computation_buckets: dict[str, list[int]] = Field(
+        default_factory=dict,
+        description="Difficulty ladder: rung -> [correct, samples]; rungs after the early "
+        "exit are absent.",
+    )
+    bucket: str | None = Field(None, description="The first rung that solved it, or 'unsolved'.")
+    ladder_tokens: int = Field(0, ge=0, description="Tokens the ladder spent on it.")
+    difficulty: float | None = Field(None, description="Effective difficulty in [0, 1].")
+    difficulty_raw: float | None = Field(None, description="The fit's difficulty (logits).")
+    difficulty_se: float | None = Field(None, description="Its standard error (logits).")
+    difficulty_method: str | None = None
+    domain_heuristic: str | None = Field(None, description="The keyword classifier's domain.")
+    domain_confidence: float | None = None
+    structure: Structure | None = None
+    split: str | None = Field(None, description="train, validation or test.")
     metadata: dict[str, JsonValue] = Field(default_factory=dict)
     created_at: UTCDateTime = Field(default_factory=_now)
 
@@ -526,6 +561,7 @@ class Sample(Record):
     backend: str = ""
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     prompt: PromptRef | None = None
+    rung: str | None = Field(None, description="The difficulty-ladder rung that drew it.")
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
@@ -537,6 +573,7 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Dropped,
         SolutionRow,
         CuratedRow,
+        Structure,
         Attempt,
         Label,
         Verdict,

@@ -184,6 +184,8 @@ class CurateWorld:
     """
 
     kinds: dict[str, tuple[str, int]]
+    rungs: tuple[str, ...] = ("base",)
+    levels: dict[str, int] = field(default_factory=dict)  # problem key -> first solving rung
     served: Counter[str] = field(default_factory=Counter)
     stages: Counter[str] = field(default_factory=Counter)
     paused: threading.Event = field(default_factory=threading.Event)
@@ -197,7 +199,14 @@ class CurateWorld:
         stage = request.headers.get("x-mathmill-stage", "")
         body = request.body or {}
         text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
-        response = self._answer(stage, text)
+        if stage.startswith("ladder."):
+            response = self._ladder(stage.split(".", 1)[1], body)
+        elif stage == "sample":  # the evaluate flow: the model plays the last rung
+            response = self._ladder(self.rungs[-1], body)
+        elif stage == "structure":
+            response = Reply(json.dumps(STRUCTURE))
+        else:
+            response = self._answer(stage, text)
         with self._lock:
             self.answered += 1
             self.stages[stage] += 1
@@ -205,6 +214,22 @@ class CurateWorld:
             if isinstance(response, Reply):
                 self.served[stage + "|" + json.dumps(body, sort_keys=True)] += 1
         return response
+
+    def _ladder(self, rung: str, body: dict[str, object]) -> Response:
+        """A rung's samples: right from the problem's planted rung on (``levels``), wrong
+        before it (a problem with no planted rung is solved by the first).
+        """
+        messages = body.get("messages") or []
+        statement = str(messages[-1]["content"]) if isinstance(messages, list) else ""
+        found = self.kinds.get(key(statement))
+        if found is None:
+            return Reply("I cannot solve this.")
+        answer = found[1]
+        n = int(str(body.get("n") or 1))
+        level = self.levels.get(key(statement), 0)
+        right = self.rungs.index(rung) >= level if rung in self.rungs else True
+        text = f"The answer is \\boxed{{{answer if right else answer + 1}}}."
+        return Reply(contents=[text] * n)
 
     def paid_twice(self) -> dict[str, int]:
         """Requests answered more than once (stage|body -> times)."""
@@ -258,6 +283,20 @@ class CurateWorld:
             "assigned": f"total = {answer}\nprint(total)",
         }[step]
         return f"```python\n{head}{body}\n```"
+
+
+STRUCTURE = {
+    "domain": "algebra",
+    "subdomain": "word problems",
+    "objects": ["integers"],
+    "constraints": ["quantities are whole numbers"],
+    "answer_type": "integer",
+    "reasoning_patterns": ["step-by-step arithmetic"],
+    "case_analysis": False,
+    "construction": False,
+    "techniques": ["unit rates"],
+    "depth": 3,
+}
 
 
 def _computes(value: int) -> str:

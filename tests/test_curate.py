@@ -181,9 +181,11 @@ def test_exports_load_with_the_consumers_loaders(run: Run) -> None:
     curated = jsonl(run.out / "curated.jsonl")
     table = pq.read_table(run.out / "curated.parquet")
     assert table.num_rows == len(curated) == run.result.curated
-    ds = datasets.load_from_disk(str(run.out / "hf"))
-    assert len(ds) == len(curated)
-    assert sorted(ds["id"]) == sorted(r["id"] for r in curated)
+    ds = datasets.load_from_disk(str(run.out / "hf"))  # the splits, as a DatasetDict
+    assert set(ds) == {"train", "validation", "test"}
+    assert sorted(i for part in ds.values() for i in part["id"]) == sorted(r["id"] for r in curated)
+    for name, part in ds.items():
+        assert pq.read_table(run.out / f"{name}.parquet").num_rows == len(part)
 
 
 def test_rerun_reuses_everything_and_pays_nothing(run: Run) -> None:
@@ -273,3 +275,22 @@ def test_postgres_and_sqlite_give_the_same_rows(
     assert {r[1] for r in sqlite_rows["curated"]} <= set(planted.expected)
     manifest = (tmp_path / "postgres" / "manifest.json").read_text()
     assert postgres.password not in manifest
+
+
+def test_pass_at_k_keeps_every_sample(prefect_api: dict[str, str], tmp_path: Path) -> None:
+    planted = planted_input(per_kind=1)
+    data = write_jsonl(tmp_path / "in.jsonl", planted.rows)
+    world = CurateWorld(planted.kinds)
+    with FakeOpenAIServer(world) as fake:
+        result = run_flow(config(fake.base_url, data, tmp_path / "run", samples=2, seed=5))
+    rows = {r["source_id"]: r for r in jsonl(tmp_path / "run" / "curated.jsonl")}
+    assert result.curated == len(rows) > 0
+    assert all(r["samples"] == 2 and r["samples_solved"] == 2 for r in rows.values())
+    attempts = [json.loads(line) for line in _dataset_jsonl(tmp_path / "run", "solve_attempts")]
+    seeds = {(a["sample_index"], a["sampling"]["seed"]) for a in attempts}
+    assert seeds == {(0, 5), (1, 6)}  # two independent samples per problem, each seeded
+    unsolved = {d["record"]["source_id"]: d for d in jsonl(tmp_path / "run" / "unsolved.jsonl")}
+    never = next(i for i, k in planted.kind_of.items() if k == "never")
+    assert unsolved[never]["reason"] == "wrong_answer"
+    tried = [a for a in attempts if a["problem_id"] == unsolved[never]["target_id"]]
+    assert sorted({a["sample_index"] for a in tried}) == [0, 1] and len(tried) == 6

@@ -34,6 +34,7 @@ from mathmill.flows.cli_params import (
 
 if TYPE_CHECKING:
     from mathmill.flows.curate import CurateParams
+    from mathmill.flows.evaluate import EvaluateParams
     from mathmill.flows.sample import SampleParams
     from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
@@ -264,6 +265,8 @@ def print_result(result: Any, link: str | None = None, *, name: str = "") -> Non
 
 
 def _headline(result: Any) -> str:
+    if hasattr(result, "accuracy"):
+        return f"{result.problems} problems, accuracy {result.accuracy}"
     if hasattr(result, "curated"):
         return f"{result.read} problems read, {result.curated} curated"
     if hasattr(result, "verified"):
@@ -349,6 +352,13 @@ CURATE_FLAGS: dict[str, str | Shortcut] = {
     "--judge-model": "judge.model",
     "--sandbox-url": SANDBOX_URL,
     "--sandbox-timeout": "sandbox.timeout_s",
+}
+EVALUATE_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "model.base_url",
+    "--model": "model.model",
+    "--api-key-env": "model.api_key_env",
+    "--backend": "backend.kind",
+    "--engine-model": "backend.engine.model",
 }
 
 
@@ -464,6 +474,28 @@ def run_curate(params: CurateParams, options: Mapping[str, Any]) -> None:
     print_result(*done, name="curate")
 
 
+def evaluate_model() -> type[EvaluateParams]:
+    """The evaluate flow's parameters (imports the flow)."""
+    from mathmill.flows.evaluate import EvaluateParams
+
+    return EvaluateParams
+
+
+def run_evaluate(params: EvaluateParams, options: Mapping[str, Any]) -> None:
+    """A model on a split: accuracy by bucket, domain and structure tag, with intervals;
+    failure patterns with examples.
+    """
+    from mathmill.flows.evaluate import evaluate
+
+    params.check_input()
+    if params.dry_run:
+        console.print("dry run: parameters are valid, nothing was called")
+        return
+    progress = show_progress(options)
+    done = run_flow(evaluate, options["prefect_server"], progress=progress, params=params)
+    print_result(*done, name="evaluate")
+
+
 params_command(
     run_app,
     "synthesize",
@@ -494,5 +526,13 @@ params_command(
     curate_model,
     run_curate,
     shortcuts=CURATE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "evaluate",
+    evaluate_model,
+    run_evaluate,
+    shortcuts=EVALUATE_FLAGS,
     extra=[PREFECT_SERVER, PROGRESS],
 )

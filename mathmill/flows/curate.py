@@ -16,16 +16,29 @@ from pathlib import Path
 from typing import Any, Literal
 
 from prefect import flow
-from pydantic import ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from mathmill.curate.contamination import DEFAULT_BENCHMARKS
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
+from mathmill.labels.split import FilterConfig, SplitConfig
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
 from mathmill.records import SamplingParams
 from mathmill.tasks import curate as stages
+from mathmill.tasks import labels
 from mathmill.tasks.curate import DecontamConfig, DedupConfig, NormalizeConfig
+from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.labels import (
+    SPLITS,
+    DifficultyConfig,
+    DomainConfig,
+    LadderConfig,
+    SplitStageConfig,
+    StructureConfig,
+    rung_role,
+)
 from mathmill.tasks.leakcheck import LeakConfig
 from mathmill.tasks.load import LoadConfig, load
 from mathmill.tasks.solve import SolveConfig
@@ -34,7 +47,15 @@ __all__ = ["PIPELINE", "SIDE_OUTPUTS", "CurateParams", "CurateResult", "curate"]
 
 SOLVER_DEFAULTS = ModelRole(temperature=0.2, max_tokens=1024)
 JUDGE_DEFAULTS = ModelRole(temperature=0.0, max_tokens=256)
-SIDE_OUTPUTS = ("dropped", "duplicates", "contaminated", "unsolved", "leaking")
+SIDE_OUTPUTS = (
+    "dropped",
+    "duplicates",
+    "contaminated",
+    "unsolved",
+    "leaking",
+    "off_domain",
+    "filtered",
+)
 """The side outputs, each a file of :class:`~mathmill.records.Dropped` rows with reasons."""
 
 
@@ -82,6 +103,67 @@ class CurateParams(InputFields, FanOutFields, BudgetFields, StorageFields):
     solver: ModelRole = Field(default_factory=ModelRole, description="Writes the programs.")
     judge: ModelRole = Field(default_factory=ModelRole, description="Judges flagged programs.")
     sandbox: SandboxOptions = Field(default_factory=SandboxOptions)
+    # -- labels and splits (the seed's stages 2-8) ------------------------------------
+    ladder: bool = Field(True, description="Run the difficulty ladder.")
+    rungs: list[LadderRung] = Field(
+        default_factory=lambda: [LadderRung(name="base")],
+        min_length=1,
+        max_length=20,
+        description="The ladder's models, smallest first (each a role with its backend).",
+    )
+    ladder_samples: int = Field(4, ge=1, le=256, description="Samples per problem per rung.")
+    exit_threshold: float = Field(
+        0.5, gt=0.0, le=1.0, description="Pass rate at which a problem leaves the ladder."
+    )
+    ladder_temperature: float = Field(0.7, ge=0.0, le=2.0)
+    ladder_max_tokens: int = Field(1024, ge=16, le=131072)
+    difficulty: bool = Field(True, description="Fit the effective difficulty (Rasch).")
+    classify: bool = Field(True, description="Heuristic domain classifier.")
+    keep_domains: list[str] = Field(
+        default_factory=list, description="Keep only these domains (before LLM labels)."
+    )
+    structure: bool = Field(True, description="Extract the structure with the labeller.")
+    labeler: ModelRole = Field(
+        default_factory=ModelRole, description="Structure extraction (default: the solver's)."
+    )
+    assign_splits: bool = Field(True, description="Quality filters and train/validation/test.")
+    filters: FilterConfig = Field(default_factory=FilterConfig)
+    splits: SplitConfig = Field(default_factory=SplitConfig)
+
+    @model_validator(mode="after")
+    def _benchmarks_exist(self) -> CurateParams:
+        """Unknown benchmark names and missing benchmark files fail before any stage."""
+        if not self.decontaminate:
+            return self
+        unknown = [n for n in self.benchmarks if n not in DEFAULT_BENCHMARKS]
+        if unknown:
+            known = ", ".join(DEFAULT_BENCHMARKS)
+            raise ValueError(f"benchmarks: unknown {unknown} (bundled: {known})")
+        missing = [
+            e for e in self.extra_benchmarks if not e.startswith("hf:") and not Path(e).exists()
+        ]
+        if missing:
+            raise ValueError(
+                f"extra_benchmarks: {missing} do not exist (a file, a directory or hf:NAME)"
+            )
+        names = [r.name for r in self.rungs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rungs: names must differ ({names})")
+        return self
+
+
+class LadderRung(BaseModel):
+    """One rung of the difficulty ladder: a model (its role is ``rung.<name>``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=64)
+    model: ModelRole = Field(
+        default_factory=ModelRole, description="The rung's model (default: the solver's)."
+    )
+    backend: GenBackend = Field(
+        default_factory=GenBackend, description="Where it generates (endpoint by default)."
+    )
 
 
 class CurateResult(RunResult):
@@ -94,6 +176,11 @@ class CurateResult(RunResult):
     unsolved: int = 0
     leaking: int = 0
     dropped: int = 0
+    train: int = 0
+    validation: int = 0
+    test: int = 0
+    filtered: int = 0
+    off_domain: int = 0
 
 
 def _solve(p: CurateParams) -> SolveConfig:
@@ -104,6 +191,18 @@ def _solve(p: CurateParams) -> SolveConfig:
         limits=p.sandbox.limits,
         sampling=SamplingParams(
             temperature=role.temperature, max_tokens=role.max_tokens, seed=p.seed
+        ),
+    )
+
+
+def _ladder(p: CurateParams) -> LadderConfig:
+    return LadderConfig(
+        enabled=p.ladder,
+        rungs=tuple(r.name for r in p.rungs),
+        samples=p.ladder_samples,
+        threshold=p.exit_threshold,
+        sampling=SamplingParams(
+            temperature=p.ladder_temperature, max_tokens=p.ladder_max_tokens, seed=p.seed
         ),
     )
 
@@ -133,17 +232,30 @@ def _benchmarks_identity(names: list[str], extra: list[str]) -> str:
             digest.update(entry.read_bytes())
     for source in extra:
         digest.update(source.encode())
-        if Path(source).is_file():
-            digest.update(Path(source).read_bytes())
+        path = Path(source)
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for file in files:
+            if file.is_file():
+                digest.update(str(file.relative_to(path) if file != path else "").encode())
+                digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
 def _resources(p: CurateParams) -> Resources:
+    roles = {
+        "solver": p.solver.over(SOLVER_DEFAULTS),
+        "judge": p.judge.over(p.solver).over(JUDGE_DEFAULTS),
+        "labeler": p.labeler.over(p.solver).over(JUDGE_DEFAULTS),
+    }
+    backends = {}
+    for rung in p.rungs if p.ladder else []:
+        if rung.backend.kind == "endpoint":
+            roles[rung_role(rung.name)] = rung.model.over(p.solver)
+        else:
+            backends[rung_role(rung.name)] = rung.backend
     return Resources(
-        roles={
-            "solver": p.solver.over(SOLVER_DEFAULTS),
-            "judge": p.judge.over(p.solver).over(JUDGE_DEFAULTS),
-        },
+        roles=roles,
+        backends=backends,
         sandbox=p.sandbox,
         row_concurrency=p.concurrency,
         chunk_concurrency=p.chunk_concurrency,
@@ -151,7 +263,7 @@ def _resources(p: CurateParams) -> Resources:
 
 
 def _summary(state: RunState) -> dict[str, Any]:
-    fields = {name: state.rows(name) for name in ("curated", *SIDE_OUTPUTS)}
+    fields = {name: state.rows(name) for name in ("curated", *SPLITS, *SIDE_OUTPUTS)}
     return fields | {"read": state.rows("problems")}
 
 
@@ -192,42 +304,76 @@ def _stats(state: RunState) -> list[dict[str, Any]]:
 
 
 def _exports(state: RunState) -> dict[str, str]:
-    """``curated.parquet`` (one file) and ``hf/``: the curated set saved with
-    ``datasets``' ``save_to_disk`` (loadable by ``datasets.load_from_disk``).
+    """One Parquet file per output set (``curated.parquet``, ``train.parquet``, ...) and
+    ``hf/``: the splits as a ``datasets`` DatasetDict (the curated set as one Dataset when
+    the split stage is off), loadable with ``datasets.load_from_disk``.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     store = state.rt.store
-    refs = [r for r in state.refs if r.dataset == "curated"]
-    tables = [store.dataset("curated").read_table(r) for r in refs]
-    table = pa.concat_tables(tables) if tables else None
-    if table is None:
-        return {}
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    outputs = {
-        "curated.parquet": store.write_bytes("curated.parquet", sink.getvalue().to_pybytes())
-    }
-    outputs["hf"] = _save_to_disk(store, table)
+    outputs: dict[str, str] = {}
+    tables: dict[str, Any] = {}
+    for name in ("curated", *SPLITS):
+        parts = [store.dataset(name).read_table(r) for r in state.refs if r.dataset == name]
+        if not parts:
+            continue
+        table = pa.concat_tables(parts).replace_schema_metadata(None)
+        tables[name] = table
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        outputs[f"{name}.parquet"] = store.write_bytes(
+            f"{name}.parquet", sink.getvalue().to_pybytes()
+        )
+    splits = {n: t for n, t in tables.items() if n in SPLITS}
+    if splits or "curated" in tables:
+        outputs["hf"] = _save_to_disk(store, splits or tables["curated"])
     return outputs
 
 
-def _save_to_disk(store: Any, table: Any) -> str:
-    """The table as a ``datasets`` dataset under ``<run>/hf`` (written locally, then
-    copied file by file into the run directory, local or object storage).
+def _save_to_disk(store: Any, tables: Any) -> str:
+    """A table (a ``Dataset``) or split name -> table (a ``DatasetDict``) saved with
+    ``datasets`` under ``<run>/hf``: written locally, then copied file by file into the
+    run directory (local or object storage).
     """
     import datasets
 
     from mathmill.sources import pyarrow_knows_pandas
 
     pyarrow_knows_pandas()
+    if isinstance(tables, dict):
+        data: Any = datasets.DatasetDict(
+            {k: datasets.Dataset(_without_maps(v)) for k, v in tables.items()}
+        )
+    else:
+        data = datasets.Dataset(_without_maps(tables))
     with tempfile.TemporaryDirectory() as tmp:
-        datasets.Dataset(table.replace_schema_metadata(None)).save_to_disk(tmp)
+        data.save_to_disk(tmp)
         for path in sorted(Path(tmp).rglob("*")):
             if path.is_file():
                 store.write_bytes(f"hf/{path.relative_to(tmp).as_posix()}", path.read_bytes())
     return f"{store.url}/hf"
+
+
+def _without_maps(table: Any) -> Any:
+    """``table`` with its Arrow map columns (``computation_buckets``) as lists of
+    ``{key, value}`` structs, which ``datasets`` has a type for (it has none for maps).
+    """
+    import pyarrow as pa
+
+    for i, field in enumerate(table.schema):
+        if not pa.types.is_map(field.type):
+            continue
+        chunks = [
+            pa.ListArray.from_arrays(
+                c.offsets,
+                pa.StructArray.from_arrays([c.keys, c.items], names=["key", "value"]),
+                mask=c.is_null(),
+            )
+            for c in table.column(i).chunks
+        ]
+        table = table.set_column(i, field.name, pa.chunked_array(chunks))
+    return table
 
 
 PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
@@ -245,7 +391,7 @@ PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
                 shingle=p.shingle,
                 unit=p.shingle_unit,
                 num_perm=p.num_perm,
-                seed=p.seed + 1,
+                seed=1,
                 chunk_size=p.chunk_size,
             ),
         ),
@@ -257,11 +403,31 @@ PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
                 enabled=p.leak_check, judge=p.leak_judge, rounds=p.leak_rounds, solve=_solve(p)
             ),
         ),
+        Step(labels.ladder, _ladder),
+        Step(
+            labels.difficulty,
+            lambda p: DifficultyConfig(
+                enabled=p.ladder and p.difficulty,
+                rungs=tuple(r.name for r in p.rungs),
+                threshold=p.exit_threshold,
+                chunk_size=p.chunk_size,
+            ),
+        ),
+        Step(
+            labels.domains, lambda p: DomainConfig(enabled=p.classify, keep=tuple(p.keep_domains))
+        ),
+        Step(labels.structure, lambda p: StructureConfig(enabled=p.structure)),
+        Step(
+            labels.splits,
+            lambda p: SplitStageConfig(
+                enabled=p.assign_splits, filters=p.filters, split=p.splits, chunk_size=p.chunk_size
+            ),
+        ),
     ],
     resources=_resources,
     result=CurateResult,
-    exports=("curated", *SIDE_OUTPUTS),
-    listed=("curated", "solve_attempts"),
+    exports=("curated", *SPLITS, *SIDE_OUTPUTS),
+    listed=("curated", *SPLITS, "solve_attempts", "ladder_samples"),
     extra_exports=_exports,
     report=_report,
     stats=_stats,

@@ -41,6 +41,7 @@ PIPELINES = {
         Entry("tir", "mathmill.flows.tir", "tir", "params"),
         Entry("sample", "mathmill.flows.sample", "sample", "params"),
         Entry("curate", "mathmill.flows.curate", "curate", "params"),
+        Entry("evaluate", "mathmill.flows.evaluate", "evaluate", "params"),
     )
 }
 

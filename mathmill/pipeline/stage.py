@@ -173,6 +173,19 @@ class Stage(Generic[P]):
             persist_result=True,
         )(run_stage_chunk)
 
+    def role_names(self, rt: Runtime) -> list[str]:
+        """The runtime's roles this stage calls: its declared roles, where ``"rung.*"``
+        stands for every role named ``rung.<something>`` (a configurable list of models).
+        """
+        known = set(rt.endpoints) | set(rt.backends)
+        names: list[str] = []
+        for role in self.roles:
+            if role.endswith("*"):
+                names += sorted(n for n in known if n.startswith(role[:-1]))
+            elif role in known:
+                names.append(role)
+        return names
+
     def spec(
         self,
         rt: Runtime,
@@ -186,7 +199,7 @@ class Stage(Generic[P]):
         """
         from mathmill.pipeline.chunks import prompt_hashes
 
-        endpoints = {r: rt.identity(r) for r in self.roles if r in rt.endpoints or r in rt.backends}
+        endpoints = {r: rt.identity(r) for r in self.role_names(rt)}
         return ChunkSpec(
             stage=self.name,
             index=index,

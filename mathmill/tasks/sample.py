@@ -27,7 +27,7 @@ from mathmill.records import (
 )
 from mathmill.tasks.generation import generate
 
-__all__ = ["SampleConfig", "grade_samples", "sample", "sample_stats"]
+__all__ = ["SampleConfig", "grade_samples", "sample", "sample_requests", "sample_stats"]
 
 SAMPLES_PER_CHUNK = 1000
 
@@ -55,7 +55,9 @@ async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
     shared out among flow runs), each graded against its reference answer.
     """
     problems: list[Problem] = chunk.rows("problems")
-    gens = await generate(chunk.rt, "sampler", _requests(problems, cfg.sampling), stage="sample")
+    gens = await generate(
+        chunk.rt, "sampler", sample_requests(problems, cfg.sampling), stage="sample"
+    )
     rows = grade_samples(problems, gens, cfg.sampling)
     counts: Counter[str] = Counter(f"sample.{r.status}" for r in rows)
     return StageResult(
@@ -66,7 +68,8 @@ async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
     )
 
 
-def _requests(problems: Sequence[Problem], sampling: SamplingParams) -> list[GenRequest]:
+def sample_requests(problems: Sequence[Problem], sampling: SamplingParams) -> list[GenRequest]:
+    """One chat request per problem: the ``sample_system`` prompt and the statement."""
     system = load_prompt("sample_system").text
     return [
         GenRequest(

@@ -1,0 +1,135 @@
+"""The ``evaluate`` flow: a model (any backend) on a split written by ``curate``
+(``test.jsonl``, or any problems file): accuracy overall, by difficulty bucket, by
+domain and by structure tag with 95% intervals; failure patterns with examples;
+``evaluation.json``, a table artifact and the report.
+
+>>> EvaluateParams(input="runs/curate/test.jsonl").samples
+1
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from prefect import flow
+from pydantic import ConfigDict, Field
+
+from mathmill.flows.options import InputFields, ModelRole, StorageFields
+from mathmill.pipeline.budget import BudgetFields
+from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
+from mathmill.pipeline.finish import RunResult
+from mathmill.records import Problem, Sample, SamplingParams
+from mathmill.tasks.evaluate import evaluate_samples, metric_rows
+from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.load import LoadConfig, load
+from mathmill.tasks.sample import SampleConfig
+from mathmill.tasks.sample import sample as sample_stage
+
+__all__ = ["PIPELINE", "EvaluateParams", "EvaluateResult", "evaluate"]
+
+
+class EvaluateParams(InputFields, BudgetFields, StorageFields):
+    """Parameters of the evaluate flow (one form in the Prefect UI)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    out: str = Field("runs/evaluate", description="Run directory (re-run to resume).")
+    samples: int = Field(1, ge=1, le=256, description="Answers per problem.")
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(1024, ge=16, le=131072)
+    seed: int = Field(0, ge=0)
+    chunk_size: int = Field(200, ge=1, le=100_000, description="Problems per chunk.")
+    concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight.")
+    backend: GenBackend = Field(default_factory=GenBackend, description="Where it generates.")
+    model: ModelRole = Field(
+        default_factory=ModelRole, description="The model (default: the embedded model)."
+    )
+    dry_run: bool = Field(False, description="Validate, check the input; call nothing.")
+
+
+class EvaluateResult(RunResult):
+    """Where an evaluation is, and its headline figures."""
+
+    problems: int = 0
+    samples: int = 0
+    accuracy: float | None = None
+
+
+def _rows(state: RunState, dataset: str, model: type[Any]) -> list[Any]:
+    store = state.rt.store
+    return [
+        row
+        for ref in state.refs
+        if ref.dataset == dataset
+        for row in store.dataset(dataset).read_chunk(ref, model)
+    ]
+
+
+def _evaluation(state: RunState) -> dict[str, Any]:
+    return evaluate_samples(_rows(state, "problems", Problem), _rows(state, "samples", Sample))
+
+
+def _exports(state: RunState) -> dict[str, str]:
+    evaluation = _evaluation(state)
+    evaluation["model"] = state.params.model.model or "embedded"
+    data = json.dumps(evaluation, indent=2, ensure_ascii=False).encode()
+    return {"evaluation.json": state.rt.store.write_bytes("evaluation.json", data)}
+
+
+def _report(state: RunState) -> str:
+    ev = _evaluation(state)["overall"]
+    low, high = ev["ci95"]
+    return (
+        f"{ev['problems']} problems, {ev['graded']} graded answers: accuracy "
+        f"{ev['accuracy']} (95% CI {low}-{high}); per bucket, domain, structure tag and "
+        "failure pattern in `evaluation.json` and the table below."
+    )
+
+
+def _summary(state: RunState) -> dict[str, Any]:
+    ev = _evaluation(state)["overall"]
+    return {"problems": ev["problems"], "samples": ev["samples"], "accuracy": ev["accuracy"]}
+
+
+def _resources(p: EvaluateParams) -> Resources:
+    endpoint = p.backend.kind == "endpoint"
+    return Resources(
+        roles={"sampler": p.model} if endpoint else {},
+        backends={} if endpoint else {"sampler": p.backend},
+        row_concurrency=p.concurrency,
+    )
+
+
+PIPELINE: Pipeline[EvaluateParams, EvaluateResult] = Pipeline(
+    name="evaluate",
+    params=EvaluateParams,
+    steps=[
+        Step(load, lambda p: LoadConfig(**p.load_config(p.chunk_size))),
+        Step(
+            sample_stage,
+            lambda p: SampleConfig(
+                sampling=SamplingParams(
+                    n=p.samples, temperature=p.temperature, max_tokens=p.max_tokens, seed=p.seed
+                )
+            ),
+        ),
+    ],
+    resources=_resources,
+    result=EvaluateResult,
+    exports=("samples", "dropped"),
+    listed=("samples",),
+    extra_exports=_exports,
+    report=_report,
+    stats=lambda state: metric_rows(_evaluation(state)),
+    summary=_summary,
+    ref="mathmill.flows.evaluate:PIPELINE",
+    description="A model on a split: accuracy by bucket, domain and structure, failures.",
+)
+"""load → sample (grade) → evaluation.json, metrics table."""
+
+
+@flow(name="evaluate", validate_parameters=True, log_prints=False)
+async def evaluate(params: EvaluateParams) -> EvaluateResult:
+    """Evaluate a model on a split: accuracy by bucket, domain and structure tag."""
+    return await run_pipeline(PIPELINE, params)
