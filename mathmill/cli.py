@@ -193,6 +193,8 @@ def classify(
         domains=domains,
     )
     print_summary(summary, stderr=out is None)
+    if summary.rows == 0 and summary.bad_rows:
+        raise typer.Exit(1)  # every row was bad: say so in the exit status too
 
 
 @app.command()

@@ -189,6 +189,7 @@ class CurateWorld:
     served: Counter[str] = field(default_factory=Counter)
     stages: Counter[str] = field(default_factory=Counter)
     paused: threading.Event = field(default_factory=threading.Event)
+    failing: set[str] = field(default_factory=set)  # stages answered 503 (endpoint down)
     prompts: list[tuple[str, str]] = field(default_factory=list)
     answered: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -197,6 +198,8 @@ class CurateWorld:
         if self.paused.is_set():
             return Fault.hang(120.0)  # in flight when the test kills the run
         stage = request.headers.get("x-mathmill-stage", "")
+        if stage in self.failing:
+            return Fault.status(503)
         body = request.body or {}
         text = " ".join(str(m.get("content", "")) for m in body.get("messages", []))
         if stage.startswith("ladder."):

@@ -195,3 +195,48 @@ def test_cli_curate_then_evaluate_the_test_split(
     wrong = ev["failures"]["wrong_value"]
     assert wrong["count"] == len(test_rows) - solved
     assert all(e["answer"] != e["reference"] for e in wrong["examples"])
+
+
+def test_a_rung_down_stops_the_ladder_before_the_next_rung_and_resumes(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    from mathmill.errors import IncompleteRun
+
+    planted = planted_input(per_kind=1)
+    data = write_jsonl(tmp_path / "in.jsonl", planted.rows)
+    by_key, _ = _levels(planted)
+    world = CurateWorld(planted.kinds, rungs=RUNGS, levels=by_key, failing={"ladder.medium"})
+    with FakeOpenAIServer(world) as fake:
+        params = CurateParams.model_validate(
+            {
+                "input": str(data),
+                "out": str(tmp_path / "run"),
+                "benchmarks": ["math500", "amc23", "aime"],
+                "solver": {"base_url": fake.base_url, "model": "fake", "max_retries": 0},
+                "sandbox": {"timeout_s": 1.5},
+                "rungs": RUNG_MODELS,
+                "ladder_samples": SAMPLES,
+            }
+        )
+        with pytest.raises(IncompleteRun, match=r"ladder\.medium"):
+            asyncio.run(curate(params=params))
+        assert world.stages["ladder.large"] == 0  # nothing sent past the rung that was down
+        world.failing.clear()
+        result: CurateResult = asyncio.run(curate(params=params))
+    assert result.train + result.validation + result.test + result.filtered == result.curated
+    assert world.paid_twice() == {}  # the small rung's answers were replayed, not paid again
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"keep_domains": ["Algebra"]}, "keep_domains"),
+        ({"rungs": [{"name": "unsolved"}]}, "bucket name"),
+        ({"rungs": [{"name": "a"}, {"name": "a"}]}, "names must differ"),
+        ({"splits": {"stratify_by": ["level"]}}, "unknown columns"),
+        ({"filters": {"require_labels": ["structure"]}}, "unknown columns"),
+    ],
+)
+def test_bad_label_settings_fail_before_any_stage(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        CurateParams.model_validate({"input": "x.jsonl", "decontaminate": False} | extra)

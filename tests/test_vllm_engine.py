@@ -65,6 +65,17 @@ def test_completion_prompt_greedy_is_deterministic(engine: VLLMEngine) -> None:
     assert a.choices[0].logprobs is None and a.choices[0].cumulative_logprob is None
 
 
+def test_greedy_with_n_samples_gives_n_copies(engine: VLLMEngine) -> None:
+    """vLLM refuses n > 1 at temperature 0; the engine generates once and repeats it,
+    as an OpenAI-compatible server answers (a ladder rung at temperature 0 needs it).
+    """
+    sampling = SamplingParams(temperature=0.0, max_tokens=8, n=3)
+    (one,) = engine.generate([GenRequest(id="g", prompt="One, two,", sampling=sampling)])
+    assert one.error is None and [c.index for c in one.choices] == [0, 1, 2]
+    assert len(set(one.texts)) == 1 and one.choices[0].tokens > 0
+    assert one.usage.completion_tokens == one.choices[0].tokens  # generated once
+
+
 def test_prompt_logprobs_match_transformers(engine: VLLMEngine, vllm_config: EngineConfig) -> None:
     """vLLM's prompt logprobs equal a forward pass of the same weights in transformers
     (float32 both) within 0.1 nats at every position.

@@ -178,3 +178,60 @@ def test_a_failing_generate_run_fails_the_pipeline_with_where_and_why(
     log = (pools.work / "worker-cpu.log").read_text()
     assert f"generate flow run {failed[0].name!r}" in log and "re-run to resume" in log
     assert "no-such-model" in log
+
+
+def test_a_difficulty_ladder_of_two_temperatures_through_the_vllm_pool(
+    pools: Pools, vllm_config: EngineConfig
+) -> None:
+    """curate's ladder with the bundled model at two temperatures as two rungs, each on
+    the generate deployment (vllm pool): every problem goes up the ladder until a rung
+    solves it, the samples are vLLM's, and each rung is one generate flow run.
+    """
+    from mathmill.llm.fake_server import FakeOpenAIServer
+    from tests.curate_world import CurateWorld, gsm8k, key, write_jsonl
+
+    rows = gsm8k(4)
+    data = write_jsonl(pools.work / "ladder.jsonl", list(rows))
+    world = CurateWorld({key(str(r["problem"])): ("ok", int(str(r["answer"]))) for r in rows})
+    engine = {"kind": "deployment", "engine": vllm_config.model_dump(mode="json")}
+    before = len(asyncio.run(_generate_runs(pools.env["PREFECT_API_URL"])))
+    out = pools.work / "ladder"
+    with FakeOpenAIServer(world) as fake:  # the solver: programs for the solve stage
+        params = {
+            "input": str(data),
+            "out": str(out),
+            "benchmarks": ["math500"],
+            "solver": {"base_url": fake.base_url, "model": "fake"},
+            "rungs": [
+                {"name": "cold", "temperature": 0.0, "backend": engine},
+                {"name": "hot", "temperature": 1.0, "backend": engine},
+            ],
+            "ladder_samples": 2,
+            "ladder_max_tokens": 32,
+            "structure": False,
+            "filters": {"drop_unsolved": False},
+        }
+        cmd = [sys.executable, "-m", "prefect", "deployment", "run", "curate/curate"]
+        cmd += ["--watch", "--watch-timeout", "500", "--param", f"params={json.dumps(params)}"]
+        text = run_cmd(cmd, pools.env, timeout=560)
+    assert "Completed" in text, text
+    labelled = [
+        json.loads(line)
+        for split in ("train", "validation", "test")
+        for line in (out / f"{split}.jsonl").read_text().splitlines()
+    ]
+    assert len(labelled) == len(rows)
+    for row in labelled:
+        ran = list(row["computation_buckets"])
+        assert ran in (["cold"], ["cold", "hot"])
+        cold_right, cold_n = row["computation_buckets"]["cold"]
+        assert cold_n == 2
+        assert (ran == ["cold"]) == (cold_right / cold_n >= 0.5)  # exits exactly when solved
+        assert row["bucket"] in ("cold", "hot", "unsolved")
+    samples = RunStore(str(out)).dataset("ladder_samples").read_all(Sample)
+    assert {s.rung for s in samples} <= {"cold", "hot"} and samples
+    assert all(s.backend == "vllm" for s in samples)
+    assert {s.sampling.temperature for s in samples if s.rung == "hot"} <= {1.0}
+    runs = asyncio.run(_generate_runs(pools.env["PREFECT_API_URL"]))
+    hot = any(len(r["computation_buckets"]) == 2 for r in labelled)
+    assert len(runs) - before == 1 + int(hot)  # one generate flow run per rung that ran

@@ -11,6 +11,7 @@ answer, and a side output for every row that did not make it, with the reason.
 from __future__ import annotations
 
 import hashlib
+import json
 import tempfile
 from pathlib import Path
 from typing import Any, Literal
@@ -20,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mathmill.curate.contamination import DEFAULT_BENCHMARKS
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
+from mathmill.labels.domain import DEFAULT_DOMAINS
 from mathmill.labels.split import FilterConfig, SplitConfig
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
@@ -31,6 +33,7 @@ from mathmill.tasks import labels
 from mathmill.tasks.curate import DecontamConfig, DedupConfig, NormalizeConfig
 from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.labels import (
+    FRAME_COLUMNS,
     SPLITS,
     DifficultyConfig,
     DomainConfig,
@@ -47,6 +50,7 @@ __all__ = ["PIPELINE", "SIDE_OUTPUTS", "CurateParams", "CurateResult", "curate"]
 
 SOLVER_DEFAULTS = ModelRole(temperature=0.2, max_tokens=1024)
 JUDGE_DEFAULTS = ModelRole(temperature=0.0, max_tokens=256)
+LABELER_DEFAULTS = ModelRole(temperature=0.0, max_tokens=768)
 SIDE_OUTPUTS = (
     "dropped",
     "duplicates",
@@ -131,8 +135,26 @@ class CurateParams(InputFields, FanOutFields, BudgetFields, StorageFields):
     splits: SplitConfig = Field(default_factory=SplitConfig)
 
     @model_validator(mode="after")
-    def _benchmarks_exist(self) -> CurateParams:
-        """Unknown benchmark names and missing benchmark files fail before any stage."""
+    def _settings_exist(self) -> CurateParams:
+        """Unknown benchmarks, missing benchmark files, clashing rung names, unknown
+        domains and filter or split columns fail before any stage runs.
+        """
+        names = [r.name for r in self.rungs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"rungs: names must differ ({names})")
+        if clash := {"unsolved", "error"} & set(names):
+            raise ValueError(f"rungs: {sorted(clash)} is a bucket name; choose another")
+        if bad := [d for d in self.keep_domains if d not in DEFAULT_DOMAINS]:
+            raise ValueError(f"keep_domains: unknown {bad} (known: {', '.join(DEFAULT_DOMAINS)})")
+        columns = [
+            *self.filters.require_labels,
+            *self.filters.outlier_by,
+            *self.splits.stratify_by,
+        ]
+        if bad := [c for c in columns if c not in FRAME_COLUMNS]:
+            raise ValueError(
+                f"filters/splits: unknown columns {bad} (known: {', '.join(FRAME_COLUMNS)})"
+            )
         if not self.decontaminate:
             return self
         unknown = [n for n in self.benchmarks if n not in DEFAULT_BENCHMARKS]
@@ -146,9 +168,6 @@ class CurateParams(InputFields, FanOutFields, BudgetFields, StorageFields):
             raise ValueError(
                 f"extra_benchmarks: {missing} do not exist (a file, a directory or hf:NAME)"
             )
-        names = [r.name for r in self.rungs]
-        if len(set(names)) != len(names):
-            raise ValueError(f"rungs: names must differ ({names})")
         return self
 
 
@@ -163,6 +182,9 @@ class LadderRung(BaseModel):
     )
     backend: GenBackend = Field(
         default_factory=GenBackend, description="Where it generates (endpoint by default)."
+    )
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="Its sampling temperature (default: ladder_temperature)."
     )
 
 
@@ -199,8 +221,10 @@ def _ladder(p: CurateParams) -> LadderConfig:
     return LadderConfig(
         enabled=p.ladder,
         rungs=tuple(r.name for r in p.rungs),
+        temperatures=tuple(r.temperature for r in p.rungs),
         samples=p.ladder_samples,
         threshold=p.exit_threshold,
+        chunk_size=p.chunk_size,
         sampling=SamplingParams(
             temperature=p.ladder_temperature, max_tokens=p.ladder_max_tokens, seed=p.seed
         ),
@@ -245,7 +269,7 @@ def _resources(p: CurateParams) -> Resources:
     roles = {
         "solver": p.solver.over(SOLVER_DEFAULTS),
         "judge": p.judge.over(p.solver).over(JUDGE_DEFAULTS),
-        "labeler": p.labeler.over(p.solver).over(JUDGE_DEFAULTS),
+        "labeler": p.labeler.over(p.solver).over(LABELER_DEFAULTS),
     }
     backends = {}
     for rung in p.rungs if p.ladder else []:
@@ -270,12 +294,49 @@ def _summary(state: RunState) -> dict[str, Any]:
 def _report(state: RunState) -> str:
     read, curated = state.rows("problems"), state.rows("curated")
     lost = ", ".join(f"{state.rows(n)} {n}" for n in SIDE_OUTPUTS if state.rows(n))
-    return (
+    text = (
         f"{read} problems read, {curated} curated"
         + (f"; side outputs: {lost}" if lost else "")
         + ". Every problem in `curated` has a program that computes its reference answer "
         "in the sandbox."
     )
+    strata = _split_report(state)
+    if strata:
+        lines = ["", "", "## Splits by stratum (`splits.json`)", ""]
+        lines += [
+            "| stratum | rows | clusters | train | validation | test |",
+            "|---|---|---|---|---|---|",
+        ]
+        for e in strata:
+            got = [f"{e['counts'][s]} ({e['achieved'][s]:.0%})" for s in SPLITS]
+            lines.append(
+                f"| {e['stratum']} | {e['rows']} | {e['clusters']} | " + " | ".join(got) + " |"
+            )
+        target = strata[-1]["target"]
+        lines += ["", "Targets: " + ", ".join(f"{s} {target[s]:.0%}" for s in SPLITS) + "."]
+        text += "\n".join(lines)
+    return text
+
+
+def _split_report(state: RunState) -> list[dict[str, Any]]:
+    """The achieved proportions per stratum of the splits (empty when none were made)."""
+    import polars as pl
+
+    from mathmill.labels.split import split_report
+    from mathmill.records import CuratedRow
+    from mathmill.tasks.labels import frame_rows
+
+    store = state.rt.store
+    rows = [
+        row | {"split": ref.dataset}
+        for ref in state.refs
+        if ref.dataset in SPLITS
+        for row in frame_rows(store.dataset(ref.dataset).read_chunk(ref, CuratedRow))
+    ]
+    if not rows or not state.params.assign_splits:
+        return []
+    frame = pl.DataFrame(rows, schema_overrides={"tokens": pl.Int64, "difficulty": pl.Float64})
+    return split_report(frame, state.params.splits)
 
 
 def _stats(state: RunState) -> list[dict[str, Any]]:
@@ -326,8 +387,12 @@ def _exports(state: RunState) -> dict[str, str]:
             f"{name}.parquet", sink.getvalue().to_pybytes()
         )
     splits = {n: t for n, t in tables.items() if n in SPLITS}
-    if splits or "curated" in tables:
-        outputs["hf"] = _save_to_disk(store, splits or tables["curated"])
+    if splits and state.params.assign_splits:
+        outputs["hf"] = _save_to_disk(store, splits)
+        data = json.dumps(_split_report(state), indent=2).encode()
+        outputs["splits.json"] = store.write_bytes("splits.json", data)
+    elif "curated" in tables:
+        outputs["hf"] = _save_to_disk(store, tables["curated"])
     return outputs
 
 
@@ -403,6 +468,9 @@ PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
                 enabled=p.leak_check, judge=p.leak_judge, rounds=p.leak_rounds, solve=_solve(p)
             ),
         ),
+        Step(
+            labels.domains, lambda p: DomainConfig(enabled=p.classify, keep=tuple(p.keep_domains))
+        ),
         Step(labels.ladder, _ladder),
         Step(
             labels.difficulty,
@@ -412,9 +480,6 @@ PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
                 threshold=p.exit_threshold,
                 chunk_size=p.chunk_size,
             ),
-        ),
-        Step(
-            labels.domains, lambda p: DomainConfig(enabled=p.classify, keep=tuple(p.keep_domains))
         ),
         Step(labels.structure, lambda p: StructureConfig(enabled=p.structure)),
         Step(

@@ -72,7 +72,10 @@ def _evaluation(state: RunState) -> dict[str, Any]:
 
 def _exports(state: RunState) -> dict[str, str]:
     evaluation = _evaluation(state)
-    evaluation["model"] = state.params.model.model or "embedded"
+    params = state.params
+    engine = params.backend.engine if params.backend.kind != "endpoint" else None
+    evaluation["model"] = engine.model if engine is not None else params.model.model or "embedded"
+    evaluation["backend"] = params.backend.kind
     data = json.dumps(evaluation, indent=2, ensure_ascii=False).encode()
     return {"evaluation.json": state.rt.store.write_bytes("evaluation.json", data)}
 

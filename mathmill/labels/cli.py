@@ -79,7 +79,7 @@ def classify_file(
     ignored) whose text adds code and plan signals.
     """
     errors = errors or sys.stderr
-    fields = FieldMap(statement=field, answer="answer", solution="solution", source_id="id")
+    fields = FieldMap(statement=field, answer=None, solution=None, source_id="id")
     summary = ClassifySummary(domains=rules.domains)
     start = time.perf_counter()
     for item in read_problems(source, fields):

@@ -166,7 +166,9 @@ class VLLMEngine:
             )
         s = request.sampling
         kwargs: dict[str, Any] = {
-            "n": s.n,
+            # greedy decoding gives one answer: vLLM refuses n > 1 at temperature 0, so
+            # one is generated and _convert repeats it n times (as an OpenAI server does)
+            "n": 1 if s.temperature == 0 else s.n,
             "temperature": 1.0 if s.temperature is None else s.temperature,
             "top_p": 1.0 if s.top_p is None else s.top_p,
             "max_tokens": min(s.max_tokens or self.max_model_len, self.max_model_len - prompt_len),
@@ -290,6 +292,9 @@ class VLLMEngine:
             prompt_tokens=len(output.prompt_token_ids),
             completion_tokens=sum(c.tokens for c in choices),
         )
+        if choices and len(choices) < s.n and s.temperature == 0:  # greedy: the same n times
+            first = min(choices, key=lambda c: c.index)
+            choices += [first.model_copy(update={"index": k}) for k in range(len(choices), s.n)]
         return Generation(
             id=request.id,
             model=self.config.label,

@@ -1,7 +1,8 @@
 """Evaluation metrics of a model on a split (the AIMO pipeline's stage 10): accuracy
 overall, by difficulty bucket, by domain and by structure tag, each with a Wilson 95%
-interval; failure patterns (no answer, format, wrong value, truncated, error) with
-examples.
+interval over the graded samples (with several samples per problem they are not
+independent: the interval is then too narrow; pass@n has its own over problems);
+failure patterns (no answer, format, wrong value, truncated, error) with examples.
 
 >>> wilson(8, 10)
 (0.4902, 0.9433)
@@ -34,12 +35,13 @@ def wilson(correct: int, total: int, z: float = 1.96) -> tuple[float, float]:
     return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
 
 
-def failure_kind(sample: Sample) -> str | None:
+def failure_kind(sample: Sample, written: str | None = None) -> str | None:
     """Why a sample is not right: ``truncated`` (ran out of tokens), ``no_answer``,
-    ``format`` (an answer of another form than the reference's: a decimal for a
-    fraction, text for a number), ``wrong_value``, ``error``; None when correct.
+    ``format`` (an answer of another form than the reference as the source wrote it,
+    ``written``: a decimal for a fraction, text for a number), ``wrong_value``, ``error``;
+    None when correct or not gradable (no reference).
     """
-    if sample.status == "correct":
+    if sample.status in ("correct", "unvalidated"):
         return None
     if sample.status == "error":
         return "error"
@@ -47,7 +49,8 @@ def failure_kind(sample: Sample) -> str | None:
         return "truncated"
     if sample.status == "no_answer" or not sample.final_answer:
         return "no_answer"
-    if sample.reference and answer_form(sample.reference) != answer_form(sample.final_answer):
+    reference = written or sample.reference
+    if reference and answer_form(reference) != answer_form(sample.final_answer):
         return "format"
     return "wrong_value"
 
@@ -74,8 +77,11 @@ def _tags(problem: Problem) -> dict[str, list[str]]:
 
 
 def _group(samples: Iterable[Sample]) -> dict[str, Any]:
+    """Accuracy over the graded samples: a failed request (``error``) counts as wrong;
+    a sample with no reference (``unvalidated``) is not graded.
+    """
     rows = list(samples)
-    graded = [s for s in rows if s.status in ("correct", "incorrect", "no_answer")]
+    graded = [s for s in rows if s.status != "unvalidated"]
     correct = sum(s.status == "correct" for s in graded)
     low, high = wilson(correct, len(graded))
     return {
@@ -103,11 +109,19 @@ def evaluate_samples(problems: Sequence[Problem], samples: Sequence[Sample]) -> 
             for group, values in _tags(problem).items():
                 for v in values:
                     groups[group][v].append(s)
-        if (kind := failure_kind(s)) is not None:
+        written = problem.metadata.get("original_answer") if problem is not None else None
+        if (kind := failure_kind(s, str(written) if written else None)) is not None:
             failures[kind].append(s)
     solved = sum(any(x.status == "correct" for x in v) for v in per_problem.values())
+    problems_n = len(per_problem)
     return {
-        "overall": _group(samples) | {"problems": len(per_problem), "pass@n": solved},
+        "overall": _group(samples)
+        | {
+            "problems": problems_n,
+            "pass@n": solved,
+            "pass@n_rate": round(solved / problems_n, 4) if problems_n else None,
+            "pass@n_ci95": list(wilson(solved, problems_n)),
+        },
         "by": {
             group: {value: _group(rows) for value, rows in sorted(values.items())}
             for group, values in sorted(groups.items())
@@ -137,7 +151,14 @@ def metric_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     failure counts.
     """
     rows = [{"metric": "accuracy (all)", "value": _cell(evaluation["overall"])}]
-    rows.append({"metric": "problems solved (pass@n)", "value": evaluation["overall"]["pass@n"]})
+    o = evaluation["overall"]
+    low, high = o["pass@n_ci95"]
+    rows.append(
+        {
+            "metric": "problems solved (pass@n)",
+            "value": f"{o['pass@n']}/{o['problems']} [{low:.3f}, {high:.3f}]",
+        }
+    )
     for group, values in evaluation["by"].items():
         rows += [
             {"metric": f"accuracy ({group} = {v})", "value": _cell(g)} for v, g in values.items()

@@ -8,6 +8,7 @@ switched off passes its rows through.
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mathmill.labels.domain import DEFAULT_DOMAINS, DEFAULT_RULES, classify
 from mathmill.labels.rasch import LadderObs, fit_rasch
 from mathmill.labels.split import FilterConfig, SplitConfig, apply_filters, assign_splits
-from mathmill.pipeline.chunks import drop, map_rows, split_rows
+from mathmill.pipeline.chunks import drop, map_rows, raise_if_transient, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -42,7 +43,9 @@ __all__ = [
     "StructureConfig",
     "difficulty",
     "domains",
+    "frame_rows",
     "ladder",
+    "program_tokens",
     "rung_role",
     "splits",
     "structure",
@@ -65,27 +68,37 @@ class LadderConfig(BaseModel):
 
     enabled: bool = True
     rungs: tuple[str, ...] = Field(min_length=1)
+    temperatures: tuple[float | None, ...] = Field(
+        (), description="Per rung, a temperature instead of the sampling's (None: keep)."
+    )
     samples: int = Field(4, ge=1, le=256)
     threshold: float = Field(0.5, gt=0.0, le=1.0, description="Pass rate that exits.")
     sampling: SamplingParams = Field(default_factory=SamplingParams)
+    chunk_size: int = Field(200, ge=1, description="Rows per output chunk.")
 
 
 @stage(
     "ladder",
     params=LadderConfig,
+    kind="whole",
     roles=("rung.*",),
     prompts=("sample_system",),
-    inputs={"curated": CuratedRow},
+    inputs={"classified": CuratedRow},
     outputs={"laddered": CuratedRow, "ladder_samples": Sample},
 )
 async def ladder(chunk: Chunk, cfg: LadderConfig) -> StageResult:
-    """Each rung samples the problems no smaller rung solved; a problem whose pass rate
-    reaches the threshold exits. Per problem: pass counts per rung, the bucket, tokens.
+    """Rung by rung over the whole set (one model loaded at a time; a deployment rung
+    shares its requests out among its generate runs): each rung samples the problems no
+    smaller rung solved; a problem whose pass rate reaches the threshold exits. Per
+    problem: pass counts per rung, the bucket, tokens. A transient failure stops the
+    ladder before the next rung (a re-run replays the finished calls); a permanent one
+    leaves ``[0, 0]`` at that rung and, with no graded sample at any rung, the bucket
+    ``error``.
     """
-    rows: list[CuratedRow] = chunk.rows("curated")
+    rows: list[CuratedRow] = chunk.rows("classified")
     counts: Counter[str] = Counter()
     if not cfg.enabled:
-        return StageResult(rows={"laddered": rows}, counts=counts)
+        return StageResult(rows=dict(split_rows("laddered", rows, cfg.chunk_size)), counts=counts)
     sampling = cfg.sampling.model_copy(update={"n": cfg.samples})
     buckets: dict[str, dict[str, list[int]]] = {r.id: {} for r in rows}
     tokens: Counter[str] = Counter()
@@ -96,13 +109,23 @@ async def ladder(chunk: Chunk, cfg: LadderConfig) -> StageResult:
     for i, rung in enumerate(cfg.rungs):
         if not active:
             continue
-        gens = await generate(
-            chunk.rt, rung_role(rung), sample_requests(active, sampling), stage=f"ladder.{rung}"
+        own = cfg.temperatures[i] if i < len(cfg.temperatures) else None
+        rung_sampling = (
+            sampling if own is None else sampling.model_copy(update={"temperature": own})
         )
-        errors += [g.error for g in gens if g.error is not None]
+        gens = await generate(
+            chunk.rt,
+            rung_role(rung),
+            sample_requests(active, rung_sampling),
+            stage=f"ladder.{rung}",
+        )
+        failed = [g.error for g in gens if g.error is not None]
+        raise_if_transient(f"ladder.{rung}", chunk.spec.key, failed, len(gens))
+        errors += failed
+        counts[f"ladder.errors.{rung}"] += len(failed)
         graded = [
             s.model_copy(update={"rung": rung, "id": stable_id(s.id, rung)})
-            for s in grade_samples(active, gens, sampling)
+            for s in grade_samples(active, gens, rung_sampling)
         ]
         samples += graded
         for g in gens:
@@ -122,19 +145,20 @@ async def ladder(chunk: Chunk, cfg: LadderConfig) -> StageResult:
         later = len(cfg.rungs) - i - 1
         counts["ladder.samples_saved"] += (len(active) - len(still)) * later * cfg.samples
         active = still
-    counts["ladder.unsolved"] += len(active)
-    out = [
-        r.model_copy(
-            update={
-                "computation_buckets": buckets[r.id],
-                "bucket": solved_at.get(r.id, "unsolved"),
-                "ladder_tokens": tokens[r.id],
-            }
-        )
-        for r in rows
-    ]
+    out: list[CuratedRow] = []
+    for r in rows:
+        seen = any(n > 0 for _, n in buckets[r.id].values())
+        bucket = solved_at.get(r.id, "unsolved" if seen else "error")
+        counts[f"ladder.bucket.{bucket}"] += 1
+        update = {
+            "computation_buckets": buckets[r.id],
+            "bucket": bucket,
+            "ladder_tokens": tokens[r.id],
+        }
+        out.append(r.model_copy(update=update))
     return StageResult(
-        rows={"laddered": out, "ladder_samples": samples},
+        rows=dict(split_rows("laddered", out, cfg.chunk_size))
+        | dict(split_rows("ladder_samples", samples, 4 * cfg.chunk_size)),
         counts=counts,
         errors=errors,
         attempted=len(rows),
@@ -169,7 +193,7 @@ async def difficulty(chunk: Chunk, cfg: DifficultyConfig) -> StageResult:
     """
     rows: list[CuratedRow] = chunk.rows("laddered")
     counts: Counter[str] = Counter()
-    observed = [r for r in rows if r.computation_buckets]
+    observed = [r for r in rows if any(v[1] > 0 for v in r.computation_buckets.values())]
     if cfg.enabled and observed and cfg.rungs:
         obs = [
             LadderObs(r.id, {k: (int(v[0]), int(v[1])) for k, v in r.computation_buckets.items()})
@@ -208,14 +232,14 @@ class DomainConfig(BaseModel):
 @stage(
     "domains",
     params=DomainConfig,
-    inputs={"scored": CuratedRow},
+    inputs={"curated": CuratedRow},
     outputs={"classified": CuratedRow, "off_domain": Dropped},
 )
 async def domains(chunk: Chunk, cfg: DomainConfig) -> StageResult:
     """Each row's domain by keyword scoring and hard rules over its text and code; with
     ``keep``, rows of other domains go to ``off_domain`` before any LLM labelling.
     """
-    rows: list[CuratedRow] = chunk.rows("scored")
+    rows: list[CuratedRow] = chunk.rows("curated")
     counts: Counter[str] = Counter()
     if not cfg.enabled:
         return StageResult(rows={"classified": rows}, counts=counts)
@@ -271,14 +295,14 @@ class StructureConfig(BaseModel):
     params=StructureConfig,
     roles=("labeler",),
     prompts=("label_structure",),
-    inputs={"classified": CuratedRow},
+    inputs={"scored": CuratedRow},
     outputs={"labeled": CuratedRow},
 )
 async def structure(chunk: Chunk, cfg: StructureConfig) -> StageResult:
     """The problem's and the solution's structure, read by the labeller (structured
     output); a reply that does not parse leaves ``structure`` empty, counted.
     """
-    rows: list[CuratedRow] = chunk.rows("classified")
+    rows: list[CuratedRow] = chunk.rows("scored")
     counts: Counter[str] = Counter()
     if not cfg.enabled:
         return StageResult(rows={"labeled": rows}, counts=counts)
@@ -294,8 +318,7 @@ async def structure(chunk: Chunk, cfg: StructureConfig) -> StageResult:
             raise_on_error=False,
         )
         if got.value is None:
-            error = got.error or got.result.error
-            return r, error
+            return r, got.result.error or got.error
         value = got.value
         depth = max(0, min(100, int(value.depth)))
         found = Structure(
@@ -307,8 +330,8 @@ async def structure(chunk: Chunk, cfg: StructureConfig) -> StageResult:
 
     done = await map_rows(rows, one, chunk.rt.row_concurrency)
     errors = [e for _, e in done if e is not None]
-    counts["structure.extracted"] = sum(1 for r, e in done if e is None)
-    counts["structure.failed"] = len(errors)
+    counts["structure.extracted"] = sum(1 for r, _ in done if r.structure is not None)
+    counts["structure.failed"] = len(rows) - counts["structure.extracted"]
     return StageResult(
         rows={"labeled": [r for r, _ in done]},
         counts=counts,
@@ -328,15 +351,42 @@ class SplitStageConfig(BaseModel):
     chunk_size: int = Field(500, ge=1)
 
 
-def _frame_rows(rows: Sequence[CuratedRow]) -> list[dict[str, Any]]:
+_TOKENS = re.compile(r"\w+|[^\w\s]")
+FRAME_COLUMNS = (
+    "bucket",
+    "domain",
+    "domain_heuristic",
+    "source",
+    "difficulty",
+    "subdomain",
+    "tokens",
+    "leaking",
+)
+"""The columns quality filters and split strata can name (``require_labels``,
+``stratify_by``, ``outlier_by``)."""
+
+
+def program_tokens(code: str) -> int:
+    """The length of a solution program in tokens (words, numbers and symbols): what
+    the length filter measures (not what its repair rounds spent).
+    """
+    return len(_TOKENS.findall(code))
+
+
+def frame_rows(rows: Sequence[CuratedRow]) -> list[dict[str, Any]]:
+    """The rows as the filters and splits see them (:data:`FRAME_COLUMNS`)."""
     return [
         {
             "id": r.id,
             "cluster_id": r.cluster_id,
             "bucket": r.bucket,
             "domain": r.domain,
-            "tokens": r.completion_tokens or None,
-            "leaking": False,
+            "domain_heuristic": r.domain_heuristic,
+            "source": r.source,
+            "difficulty": r.difficulty,
+            "subdomain": r.structure.subdomain or None if r.structure is not None else None,
+            "tokens": program_tokens(r.code) if r.code else None,
+            "leaking": r.leak_verdict not in ("none", "cleared", "repaired"),
         }
         for r in rows
     ]
@@ -364,7 +414,10 @@ async def splits(chunk: Chunk, cfg: SplitStageConfig) -> StageResult:
     counts: Counter[str] = Counter()
     if not cfg.enabled or not rows:
         return StageResult(rows=dict(split_rows("train", rows, cfg.chunk_size)), counts=counts)
-    frame = pl.DataFrame(_frame_rows(rows), schema_overrides={"tokens": pl.Int64})
+    frame = pl.DataFrame(
+        frame_rows(rows),
+        schema_overrides={"tokens": pl.Int64, "difficulty": pl.Float64, "leaking": pl.Boolean},
+    )
     kept, removed = apply_filters(frame, cfg.filters)
     by_id = {r.id: r for r in rows}
     filtered = [
