@@ -432,6 +432,19 @@ def run_tir(params: TirParams, options: Mapping[str, Any]) -> None:
     )
 
 
+def run_checked(flow_: Any, name: str, params: Any, options: Mapping[str, Any]) -> None:
+    """Check a pipeline's input, answer a dry run, else run ``flow_`` with progress and
+    print its result (sample, curate, evaluate).
+    """
+    params.check_input()
+    if params.dry_run:
+        console.print("dry run: parameters are valid, nothing was called")
+        return
+    progress = show_progress(options)
+    done = run_flow(flow_, options["prefect_server"], progress=progress, params=params)
+    print_result(*done, name=name)
+
+
 def sample_model() -> type[SampleParams]:
     """The sample flow's parameters (imports the flow)."""
     from mathmill.flows.sample import SampleParams
@@ -443,13 +456,7 @@ def run_sample(params: SampleParams, options: Mapping[str, Any]) -> None:
     """N solutions per problem with token logprobs, graded against the answers."""
     from mathmill.flows.sample import sample
 
-    params.check_input()
-    if params.dry_run:
-        console.print("dry run: parameters are valid, nothing was called")
-        return
-    progress = show_progress(options)
-    done = run_flow(sample, options["prefect_server"], progress=progress, params=params)
-    print_result(*done, name="sample")
+    run_checked(sample, "sample", params, options)
 
 
 def curate_model() -> type[CurateParams]:
@@ -465,13 +472,7 @@ def run_curate(params: CurateParams, options: Mapping[str, Any]) -> None:
     """
     from mathmill.flows.curate import curate
 
-    params.check_input()
-    if params.dry_run:
-        console.print("dry run: parameters are valid, nothing was called")
-        return
-    progress = show_progress(options)
-    done = run_flow(curate, options["prefect_server"], progress=progress, params=params)
-    print_result(*done, name="curate")
+    run_checked(curate, "curate", params, options)
 
 
 def evaluate_model() -> type[EvaluateParams]:
@@ -487,13 +488,7 @@ def run_evaluate(params: EvaluateParams, options: Mapping[str, Any]) -> None:
     """
     from mathmill.flows.evaluate import evaluate
 
-    params.check_input()
-    if params.dry_run:
-        console.print("dry run: parameters are valid, nothing was called")
-        return
-    progress = show_progress(options)
-    done = run_flow(evaluate, options["prefect_server"], progress=progress, params=params)
-    print_result(*done, name="evaluate")
+    run_checked(evaluate, "evaluate", params, options)
 
 
 params_command(
