@@ -294,3 +294,27 @@ def test_pass_at_k_keeps_every_sample(prefect_api: dict[str, str], tmp_path: Pat
     assert unsolved[never]["reason"] == "wrong_answer"
     tried = [a for a in attempts if a["problem_id"] == unsolved[never]["target_id"]]
     assert sorted({a["sample_index"] for a in tried}) == [0, 1] and len(tried) == 6
+
+
+def test_endpoint_down_mid_solve_keeps_rows_and_resumes(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    from mathmill.errors import IncompleteRun
+
+    planted = planted_input(per_kind=1)
+    data = write_jsonl(tmp_path / "in.jsonl", planted.rows)
+    world = CurateWorld(planted.kinds, failing={"solve.repair"})  # first tries work
+    with FakeOpenAIServer(world) as fake:
+        cfg = config(fake.base_url, data, tmp_path / "run")
+        with pytest.raises(IncompleteRun, match="re-run the same command to resume"):
+            run_flow(cfg)
+        first_tries = world.stages["solve.code"]
+        assert first_tries > 0 and world.stages["solve.repair"] == 0  # 503s are not answers
+        world.failing.clear()
+        result = run_flow(cfg)
+        with FakeOpenAIServer(CurateWorld(planted.kinds)) as other:
+            whole = run_flow(config(other.base_url, data, tmp_path / "whole"))
+    assert world.paid_twice() == {}  # the first tries were replayed, not paid again
+    assert world.stages["solve.code"] == first_tries
+    assert curated_and_side(tmp_path / "run") == curated_and_side(tmp_path / "whole")
+    assert result.curated == whole.curated > 0
