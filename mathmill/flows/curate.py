@@ -2,7 +2,10 @@
 databases → normalized → deduplicated (exact and near) → decontaminated against
 benchmarks → solved by a program run in the sandbox, with repair rounds → leak
 checked and repaired → a curated set where every problem has code that computes its
-answer, and a side output for every row that did not make it, with the reason.
+answer → domain (heuristic) → difficulty ladder with early exit → Rasch difficulty →
+structure (LLM) → quality filters and train/validation/test splits that keep
+near-duplicate clusters together; a side output for every row that did not make it,
+with the reason (docs/curate.md).
 
 >>> CurateParams(input="problems.jsonl").rounds
 2
