@@ -275,9 +275,9 @@ def mutated(named: Sequence[tuple[str, dict[str, str]]], n: int, seed: int) -> l
 
 
 class PlainIndex:
-    """The plain way: a dict from each item's word 8-gram strings to the items."""
+    """The plain way: a dict from each item's word 6-gram strings to the items."""
 
-    def __init__(self, items: Sequence[str], n: int = 8) -> None:
+    def __init__(self, items: Sequence[str], n: int = 6) -> None:
         self.n = n
         self.grams: dict[str, list[int]] = {}
         self.sizes: list[int] = []
