@@ -18,7 +18,7 @@ from mathmill.grading.leaks import detect_leak
 from mathmill.pipeline.chunks import Runtime, drop
 from mathmill.prompts import load_prompt
 from mathmill.records import Attempt, CuratedRow, Dropped, ErrorInfo, Verdict
-from mathmill.tasks.solve import SolveConfig, grade_attempt
+from mathmill.tasks.solve import SolveConfig, ask_for_code, grade_attempt
 
 __all__ = ["LeakConfig", "LeakJudgement", "LeakOutcome", "check_row"]
 
@@ -94,29 +94,18 @@ async def _repair(
 ) -> Attempt:
     """One "compute it, don't print it" round, run and graded."""
     prompt = load_prompt("curate_leak_repair")
-    client = rt.client("solver")
-    text = prompt.render(problem=row.problem, code=code, reason=reason)
-    sampling = cfg.solve.sampling
-    reply = await client.chat(
-        [{"role": "user", "content": text}],
-        stage="leaks.repair",
-        sampling=sampling,
-        raise_on_error=False,
-        cache_salt=f"leak:{row.id}:{parent}",
-    )
-    attempt = Attempt(
+    attempt = await ask_for_code(
+        rt,
+        "solver",
+        prompt.ref,
+        prompt.render(problem=row.problem, code=code, reason=reason),
         problem_id=row.id,
-        kind="code",
-        model=reply.model or client.endpoint.model,
-        sampling=sampling,
-        prompt=prompt.ref,
+        sampling=cfg.solve.sampling,
+        stage="leaks.repair",
+        salt=f"leak:{row.id}:{parent}",
         sample_index=row.sample_index,
-        round=row.rounds + 1,
+        round_=row.rounds + 1,
         parent_id=parent,
-        text=reply.text if reply.ok else None,
-        usage=reply.usage,
-        latency_ms=reply.latency_ms,
-        error=reply.error,
         metadata={"step": "leak_repair", "role": "solver", "leak_reason": reason},
     )
     return await grade_attempt(rt, cfg.solve, attempt, row.answer, "leaks")

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from mathmill.grading.coderun import check_code
 from mathmill.grading.leaks import detect_leak
@@ -29,6 +29,7 @@ from mathmill.records import (
     CuratedRow,
     ErrorInfo,
     Problem,
+    PromptRef,
     SamplingParams,
     Verdict,
     VerdictStatus,
@@ -41,6 +42,7 @@ __all__ = [
     "REPAIRABLE",
     "SolveConfig",
     "answer_form",
+    "ask_for_code",
     "curated_row",
     "failure_feedback",
     "grade_attempt",
@@ -131,6 +133,50 @@ async def _run(
     return verdict, check.execution.stderr, check.execution
 
 
+async def ask_for_code(
+    rt: Runtime,
+    role: str,
+    prompt: PromptRef,
+    text: str,
+    *,
+    problem_id: str,
+    sampling: SamplingParams,
+    stage: str,
+    salt: str,
+    sample_index: int,
+    round_: int,
+    parent_id: str | None,
+    metadata: dict[str, JsonValue],
+) -> Attempt:
+    """One chat call asking ``role`` for a program, as an ungraded :class:`Attempt`
+    (the reply's text, usage and error; ``round_`` and ``parent_id`` place it in its
+    lineage). Solve rounds, repairs and leak repairs all ask this way.
+    """
+    client = rt.client(role)
+    reply = await client.chat(
+        [{"role": "user", "content": text}],
+        stage=stage,
+        sampling=sampling,
+        raise_on_error=False,
+        cache_salt=salt,
+    )
+    return Attempt(
+        problem_id=problem_id,
+        kind="code",
+        model=reply.model or client.endpoint.model,
+        sampling=sampling,
+        prompt=prompt,
+        sample_index=sample_index,
+        round=round_,
+        parent_id=parent_id,
+        text=reply.text if reply.ok else None,
+        usage=reply.usage,
+        latency_ms=reply.latency_ms,
+        error=reply.error,
+        metadata=metadata,
+    )
+
+
 async def solve_lineage(
     rt: Runtime,
     cfg: SolveConfig,
@@ -145,7 +191,6 @@ async def solve_lineage(
     spent. A transient LLM or sandbox failure ends the lineage with an ``llm_error``
     attempt carrying the error (the chunk is then retried).
     """
-    client = rt.client(role)
     solve_prompt, repair_prompt = load_prompt("curate_solve"), load_prompt("curate_repair")
     reference = problem.answer
     sampling = cfg.sampling
@@ -163,26 +208,18 @@ async def solve_lineage(
             text = prompt.render(
                 problem=problem.statement, code=previous.code or "(none)", feedback=feedback
             )
-        reply = await client.chat(
-            [{"role": "user", "content": text}],
-            stage=f"{stage}.code" if previous is None else f"{stage}.repair",
-            sampling=sampling,
-            raise_on_error=False,
-            cache_salt=f"{stage}:{problem.id}:{sample_index}:{len(lineage)}",
-        )
-        attempt = Attempt(
+        attempt = await ask_for_code(
+            rt,
+            role,
+            prompt.ref,
+            text,
             problem_id=problem.id,
-            kind="code",
-            model=reply.model or client.endpoint.model,
             sampling=sampling,
-            prompt=prompt.ref,
+            stage=f"{stage}.code" if previous is None else f"{stage}.repair",
+            salt=f"{stage}:{problem.id}:{sample_index}:{len(lineage)}",
             sample_index=sample_index,
-            round=len(lineage),
+            round_=len(lineage),
             parent_id=previous.id if previous else None,
-            text=reply.text if reply.ok else None,
-            usage=reply.usage,
-            latency_ms=reply.latency_ms,
-            error=reply.error,
             metadata={"step": stage, "role": role},
         )
         form = problem.metadata.get("original_answer")
