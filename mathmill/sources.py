@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from mathmill.errors import ConfigError
 from mathmill.records import ErrorInfo, Problem
 
-__all__ = ["MAX_ROW_BYTES", "FieldMap", "read_problems", "read_problems_jsonl"]
+__all__ = ["MAX_ROW_BYTES", "FieldMap", "decode_utf8", "read_problems", "read_problems_jsonl"]
 
 MAX_ROW_BYTES = 1_000_000
 """A row (a JSONL line, or a row's problem text) above this many bytes is dropped."""
@@ -91,14 +91,9 @@ def read_problems_jsonl(
             if len(raw) > MAX_ROW_BYTES:
                 yield _oversized(where, len(raw))
                 continue
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = raw[e.start : e.start + 1]
-                yield ErrorInfo(
-                    kind="malformed_row",
-                    message=f"{where}: not UTF-8 (byte {e.start + 1}: {bad!r})",
-                )
+            line = decode_utf8(raw, where)
+            if isinstance(line, ErrorInfo):
+                yield line
                 continue
             if not line.strip():
                 continue
@@ -108,6 +103,20 @@ def read_problems_jsonl(
                 yield ErrorInfo(kind="malformed_row", message=f"{where}: not JSON: {e.msg}")
                 continue
             yield problem_from_row(row, fields, where, path.name)
+
+
+def decode_utf8(raw: bytes, where: str, what: str = "") -> str | ErrorInfo:
+    """``raw`` as text, or the malformed-row error naming ``where`` (and ``what``, e.g.
+    ``"column 'problem' is "``) and the first byte that is not UTF-8.
+    """
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        bad = raw[e.start : e.start + 1]
+        return ErrorInfo(
+            kind="malformed_row",
+            message=f"{where}: {what}not UTF-8 (byte {e.start + 1}: {bad!r})",
+        )
 
 
 def _oversized(where: str, size: int) -> ErrorInfo:

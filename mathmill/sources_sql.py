@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mathmill.errors import ConfigError
 from mathmill.records import ErrorInfo, Problem
-from mathmill.sources import FieldMap, problem_from_row, read_problems
+from mathmill.sources import FieldMap, decode_utf8, problem_from_row, read_problems
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL, Connection, Engine
@@ -242,14 +242,9 @@ def _decoded(raw: Mapping[str, Any], where: str) -> dict[str, Any] | ErrorInfo:
         if isinstance(value, memoryview | bytearray):
             value = bytes(value)
         if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                bad = value[e.start : e.start + 1]
-                return ErrorInfo(
-                    kind="malformed_row",
-                    message=f"{where}: column {name!r} is not UTF-8 (byte {e.start + 1}: {bad!r})",
-                )
+            value = decode_utf8(value, where, f"column {name!r} is ")
+            if isinstance(value, ErrorInfo):
+                return value
         row[name] = _plain(value)
     return row
 
