@@ -322,7 +322,16 @@ def _report(state: RunState) -> str:
 
 
 def _split_report(state: RunState) -> list[dict[str, Any]]:
-    """The achieved proportions per stratum of the splits (empty when none were made)."""
+    """The achieved proportions per stratum of the splits (empty when none were made);
+    computed once at the end (``splits.json`` and the report read it).
+    """
+    cached: list[dict[str, Any]] | None = state.rt.extra.get("split_report")
+    if cached is None:
+        cached = state.rt.extra["split_report"] = _compute_split_report(state)
+    return cached
+
+
+def _compute_split_report(state: RunState) -> list[dict[str, Any]]:
     import polars as pl
 
     from mathmill.labels.split import split_report

@@ -67,11 +67,18 @@ def _rows(state: RunState, dataset: str, model: type[Any]) -> list[Any]:
 
 
 def _evaluation(state: RunState) -> dict[str, Any]:
-    return evaluate_samples(_rows(state, "problems", Problem), _rows(state, "samples", Sample))
+    """The run's evaluation, computed once at the end (the exports, report, statistics
+    and result all read it).
+    """
+    cached: dict[str, Any] | None = state.rt.extra.get("evaluation")
+    if cached is None:
+        problems, samples = _rows(state, "problems", Problem), _rows(state, "samples", Sample)
+        cached = state.rt.extra["evaluation"] = evaluate_samples(problems, samples)
+    return cached
 
 
 def _exports(state: RunState) -> dict[str, str]:
-    evaluation = _evaluation(state)
+    evaluation = dict(_evaluation(state))
     params = state.params
     engine = params.backend.engine if params.backend.kind != "endpoint" else None
     evaluation["model"] = engine.model if engine is not None else params.model.model or "embedded"
