@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer
 from tests.curate_world import CurateWorld, planted_input, write_jsonl
+from tests.resume_support import kill_9_midway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -66,23 +65,13 @@ def test_kill_9_mid_solve_then_resume(prefect_api: dict[str, str], tmp_path: Pat
 
     world = CurateWorld(planted.kinds)
     with FakeOpenAIServer(world) as fake:
-        proc = subprocess.Popen(
+        kill_9_midway(
             command(fake.base_url, data, tmp_path / "run"),
-            env=env(prefect_api),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            env(prefect_api),
+            ready=lambda: world.stages["solve.code"] + world.stages["solve.repair"] >= 14,
+            paused=world.paused,
         )
-        deadline = time.monotonic() + 300
-        while world.stages["solve.code"] + world.stages["solve.repair"] < 14:  # mid-solve
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        world.paused.set()
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
         killed_at = dict(world.stages)
-        world.paused.clear()
         resumed = subprocess.run(
             command(fake.base_url, data, tmp_path / "run"),
             env=env(prefect_api),

@@ -6,17 +6,16 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer, Fault, RecordedRequest, Reply, Response
+from tests.resume_support import kill_9_midway
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -98,22 +97,12 @@ def test_kill_9_then_resume(prefect_api: dict[str, str], tmp_path: Path) -> None
 
     solver = Solver()
     with FakeOpenAIServer(solver) as fake:
-        proc = subprocess.Popen(
+        kill_9_midway(
             command(fake.base_url, data, tmp_path / "run"),
-            env=env(prefect_api),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
+            env(prefect_api),
+            ready=lambda: solver.answered >= PROBLEMS * 3 // 2,  # about half the calls
+            paused=solver.paused,
         )
-        deadline = time.monotonic() + 240
-        while solver.answered < PROBLEMS * 3 // 2:  # about half the calls
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
-        solver.paused.set()
-        time.sleep(0.5)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        solver.paused.clear()
         resumed = subprocess.run(
             command(fake.base_url, data, tmp_path / "run"),
             env=env(prefect_api),
