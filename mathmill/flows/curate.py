@@ -239,7 +239,7 @@ def _decontam(p: CurateParams) -> DecontamConfig:
         enabled=p.decontaminate,
         benchmarks=tuple(p.benchmarks),
         extra=tuple(p.extra_benchmarks),
-        identity=_benchmarks_identity(p.benchmarks, p.extra_benchmarks),
+        identity=_benchmarks_identity(p.benchmarks, p.extra_benchmarks) if p.decontaminate else "",
         ngram=p.ngram,
         overlap=p.overlap,
     )
