@@ -380,3 +380,50 @@ async def test_limiter_with_many_waiters_keeps_its_bound_and_order() -> None:
     assert order == list(range(200))  # first come, first served
     assert peak == 3
     assert limit.in_flight == 0 and limit._woken == 0 and not limit._waiters
+
+
+async def test_requests_are_those_the_sdk_methods_send(fake: FakeOpenAIServer) -> None:
+    """The client posts its bodies without the SDK's typed walk: the server gets the
+    same JSON and headers as from ``chat.completions.create`` / ``completions.create``,
+    and a body that is not plain JSON still goes through the typed method.
+    """
+    import openai
+
+    from mathmill.llm.client import _send
+
+    sdk = openai.AsyncOpenAI(base_url=fake.base_url, api_key="sk-test", max_retries=0)
+    chat = {
+        "model": "m",
+        "temperature": 0.8,
+        "max_tokens": 5,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "messages": [{"role": "system", "content": "s"}, *USER],
+        "response_format": {"type": "json_object"},
+        "extra_headers": {"X-Mathmill-Stage": "sample"},
+        "extra_body": {"prompt_logprobs": 1},
+    }
+    text = {"model": "m", "prompt": "2+2=", "max_tokens": 3, "logprobs": 1, "echo": True}
+    odd = {**chat, "messages": tuple(USER)}  # not plain JSON: the typed path
+    got = []
+    try:
+        for kind, body in (("chat", chat), ("completions", text), ("chat", odd)):
+            method = sdk.chat.completions if kind == "chat" else sdk.completions
+            typed = await method.create(**body)  # type: ignore[call-overload]
+            posted = await _send(sdk, kind, dict(body))
+            assert type(posted) is type(typed)
+            assert posted.choices == typed.choices
+            got.append(kind)
+    finally:
+        await sdk.close()
+    assert got == ["chat", "completions", "chat"]
+    volatile = {"idempotency-key", "x-stainless-retry-count", "x-stainless-read-timeout"}
+    for typed_req, posted_req in zip(fake.requests[::2], fake.requests[1::2], strict=True):
+        assert posted_req.path == typed_req.path
+        assert posted_req.body == typed_req.body
+        heads = [
+            {k.lower(): v for k, v in r.headers.items() if k.lower() not in volatile}
+            for r in (typed_req, posted_req)
+        ]
+        assert heads[0] == heads[1]
+        assert heads[1]["authorization"] == "Bearer sk-test"
