@@ -172,6 +172,40 @@ def test_the_plain_run_matches_and_the_code_key_follows_imports(tmp_path: Path) 
     assert stage_code("mathmill.tasks.load") != stage_code("mathmill.tasks.synthesize")
 
 
+def test_the_imports_a_key_follows_are_cached_by_source_text(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a module imports is parsed once and kept on disk by its text: a warm
+    cache gives the same closure, and an edited file is parsed again.
+    """
+    import importlib
+    import sys
+
+    from mathmill.pipeline import stage as kit
+
+    monkeypatch.setenv("MATHMILL_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(kit, "_unsaved", set())
+    kit._import_cache.cache_clear()
+    module = tmp_path / "mm_plugin_stage.py"
+    module.write_text("import json\nfrom mathmill.records import Problem\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.import_module("mm_plugin_stage")
+    try:
+        cold = kit._imports("mm_plugin_stage")
+        assert "mathmill.records" in cold
+        kit._save_import_cache()
+        assert (tmp_path / "cache" / "stage-imports-v1.json").is_file()
+        kit._import_cache.cache_clear()  # a new process: read back from disk
+        assert kit._imports("mm_plugin_stage") == cold and not kit._unsaved
+        module.write_text("from mathmill.sources import read_problems\n")
+        edited = kit._imports("mm_plugin_stage")
+        assert "mathmill.sources" in edited and "mathmill.records" not in edited
+    finally:
+        sys.modules.pop("mm_plugin_stage", None)
+        kit._origin.cache_clear()
+        kit._import_cache.cache_clear()
+
+
 def test_the_new_pipeline_gets_its_command_line(
     prefect_api: dict[str, str], tmp_path: Path
 ) -> None:
