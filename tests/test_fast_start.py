@@ -92,8 +92,20 @@ def test_a_run_imports_no_optional_backend(prefect_api: dict[str, str], tmp_path
     assert "5 problems, 10 samples" in out
     top = {m.split(".")[0] for m in mods}
     assert not top & OPTIONAL, top & OPTIONAL
+    assert "fastapi" not in top  # the flow run's parameters are stored without it
     # pyarrow's probe for pandas objects is spared (0.4 s): pandas is tried, not loaded
     assert "pandas.core" not in mods
+
+
+def test_flow_parameters_are_stored_as_prefect_stores_them() -> None:
+    from fastapi.encoders import jsonable_encoder
+
+    from mathmill.flows.sample import SampleParams, sample
+
+    params = SampleParams(input="p.jsonl", model={"base_url": "http://h/v1", "model": "m"})
+    assert sample.serialize_parameters({"params": params}) == {"params": jsonable_encoder(params)}
+    # anything else is Prefect's to serialize
+    assert sample.serialize_parameters({"params": object()}) == {"params": "<object>"}
 
 
 def test_pandas_still_works_after_the_probe_is_spared() -> None:

@@ -15,7 +15,7 @@ import importlib
 import json
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import ConfigError, IncompleteRun
@@ -23,6 +23,7 @@ from mathmill.flows.registry import PIPELINES
 from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, prompt_hashes, use_runtime
 from mathmill.pipeline.dag import Pipeline, open_pipeline_runtime
 from mathmill.pipeline.fanout import usage_path
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.pipeline.stage import Stage
 from mathmill.tasks.export import write_run_file
 
@@ -86,7 +87,7 @@ def check_spec(stage: Stage[Any], spec: ChunkSpec, rt: Runtime) -> None:
         raise ConfigError(f"{where}: this worker's prompt templates differ from the run's")
 
 
-@flow(name="chunks", validate_parameters=True, log_prints=False)
+@pipeline_flow("chunks")
 async def chunks(params: ChunksParams) -> ChunksResult:
     """Run a share of a fanned-out stage's chunks on this worker."""
     from prefect.runtime import flow_run

@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 from typing import Any, Literal
 
-from prefect import flow
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mathmill.curate.contamination import DEFAULT_BENCHMARKS
@@ -30,6 +29,7 @@ from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import SamplingParams
 from mathmill.tasks import curate as stages
 from mathmill.tasks import labels
@@ -516,7 +516,7 @@ PIPELINE: Pipeline[CurateParams, CurateResult] = Pipeline(
 """load → normalize → dedup (whole) → decontaminate → solve → leaks → exports."""
 
 
-@flow(name="curate", validate_parameters=True, log_prints=False)
+@pipeline_flow("curate")
 async def curate(params: CurateParams) -> CurateResult:
     """Curate problems with reference answers into a set where every problem has code
     that computes its answer in the sandbox.

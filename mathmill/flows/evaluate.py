@@ -12,13 +12,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from prefect import flow
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.finish import RunResult
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Problem, Sample, SamplingParams
 from mathmill.tasks.evaluate import evaluate_samples, metric_rows
 from mathmill.tasks.generation import GenBackend
@@ -139,7 +139,7 @@ PIPELINE: Pipeline[EvaluateParams, EvaluateResult] = Pipeline(
 """load → sample (grade) → evaluation.json, metrics table."""
 
 
-@flow(name="evaluate", validate_parameters=True, log_prints=False)
+@pipeline_flow("evaluate")
 async def evaluate(params: EvaluateParams) -> EvaluateResult:
     """Evaluate a model on a split: accuracy by bucket, domain and structure tag."""
     return await run_pipeline(PIPELINE, params)

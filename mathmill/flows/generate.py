@@ -16,7 +16,7 @@ import json
 import logging
 import time
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import ConfigError
@@ -30,6 +30,7 @@ from mathmill.pipeline.chunks import (
     use_runtime,
 )
 from mathmill.pipeline.fanout import usage_path
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Generation
 from mathmill.storage import RunStore
 from mathmill.tasks.generation import (
@@ -72,7 +73,7 @@ class GenerateResult(BaseModel):
         return self.completion_tokens / self.wall_s if self.wall_s else 0.0
 
 
-@flow(name="generate", validate_parameters=True, log_prints=False)
+@pipeline_flow("generate")
 async def generate(params: GenerateParams) -> GenerateResult:
     """Chunks of prompts in, chunks of completions with usage out, on vLLM's engine
     (loaded once for the whole run)."""

@@ -20,13 +20,14 @@ import datetime
 import json
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import acreate_link_artifact
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, model_validator
 
 from mathmill.errors import ConfigError, IncompleteRun
 from mathmill.flows.options import StorageFields
 from mathmill.flows.registry import entry
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.storage import RunStore
 from mathmill.tasks.export import dump_json
 
@@ -144,7 +145,7 @@ def _summary(result: BaseModel) -> dict[str, Any]:
     return {"path": fields["out"], **keep}
 
 
-@flow(name="refresh", validate_parameters=True, log_prints=False)
+@pipeline_flow("refresh")
 async def refresh(params: RefreshParams | None = None) -> RefreshResult:
     """Run the configured pipelines into ``<root>/<version>/`` and mark it latest."""
     params = params or RefreshParams()

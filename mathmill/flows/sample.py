@@ -14,13 +14,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import flow
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.finish import RunResult
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Sample, SamplingParams
 from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.load import LoadConfig, load
@@ -146,7 +146,7 @@ PIPELINE: Pipeline[SampleParams, SampleResult] = Pipeline(
 """load → sample (generate on the sampler's backend, grade) → exports."""
 
 
-@flow(name="sample", validate_parameters=True, log_prints=False)
+@pipeline_flow("sample")
 async def sample(params: SampleParams) -> SampleResult:
     """N solutions per problem with logprobs, graded against the reference answers."""
     return await run_pipeline(PIPELINE, params)

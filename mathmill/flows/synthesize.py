@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
 from mathmill.errors import IncompleteRun
@@ -27,6 +27,7 @@ from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import SamplingParams
 from mathmill.tasks import synthesize as stages
 from mathmill.tasks.generation import GenBackend
@@ -279,7 +280,7 @@ PIPELINE: Pipeline[SynthesizeParams, SynthesizeResult] = Pipeline(
 """topics → problems (slices of the topics) → dedup → per chunk: cots → verify."""
 
 
-@flow(name="synthesize", validate_parameters=True, log_prints=False)
+@pipeline_flow("synthesize")
 async def synthesize(params: SynthesizeParams) -> SynthesizeResult:
     """Generate problems and solutions and keep those whose answer code reproduces."""
     return await run_synthesize(params, prefect=True)

@@ -13,7 +13,6 @@ import contextvars
 import json
 from typing import Any
 
-from prefect import flow
 from pydantic import ConfigDict, Field
 
 from mathmill.flows.options import InputFields, ModelRole, SandboxOptions, StorageFields
@@ -22,6 +21,7 @@ from mathmill.pipeline.chunks import Runtime
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.fanout import FanOutFields
 from mathmill.pipeline.finish import RunResult
+from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Attempt, Problem, SamplingParams
 from mathmill.storage import ChunkRef, RunStore
 from mathmill.tasks.load import LoadConfig, load
@@ -121,7 +121,7 @@ PIPELINE: Pipeline[TirParams, TirResult] = Pipeline(
 """load → per chunk of problems: trajectories → ShareGPT and chat exports, stats."""
 
 
-@flow(name="tir", validate_parameters=True, log_prints=False)
+@pipeline_flow("tir")
 async def tir(params: TirParams) -> TirResult:
     """Tool-integrated reasoning trajectories, validated against expected answers."""
     return await run_pipeline(PIPELINE, params)
