@@ -12,10 +12,12 @@ embedded model by default, or a vLLM OpenAI server), the ``generate`` deployment
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 from pydantic import ConfigDict, Field
 
+from mathmill.codec import from_table
 from mathmill.flows.options import InputFields, ModelRole, StorageFields
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
@@ -24,7 +26,13 @@ from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Sample, SamplingParams
 from mathmill.tasks.generation import GenBackend
 from mathmill.tasks.load import LoadConfig, load
-from mathmill.tasks.sample import SampleConfig, grade_samples, sample_stats
+from mathmill.tasks.sample import (
+    STATS_COLUMNS,
+    SampleConfig,
+    SampleFigures,
+    grade_samples,
+    sample_stats,
+)
 from mathmill.tasks.sample import sample as sample_stage
 
 __all__ = ["PIPELINE", "SampleParams", "SampleResult", "grade_samples", "sample"]
@@ -104,13 +112,20 @@ def _resources(params: SampleParams) -> Resources:
 
 
 def _stats(state: RunState) -> list[dict[str, Any]]:
-    store = state.rt.store
-    rows = [
-        s
-        for ref in state.refs
-        if ref.dataset == "samples"
-        for s in store.dataset("samples").read_chunk(ref, Sample)
-    ]
+    """The statistics of the samples written, from the columns they need (a chunk
+    written without them is read as records).
+    """
+    dataset = state.rt.store.dataset("samples")
+    rows: list[SampleFigures] = []
+    for ref in state.refs:
+        if ref.dataset != "samples":
+            continue
+        table = dataset.read_table(ref)
+        if set(STATS_COLUMNS) <= set(table.column_names):
+            picked = table.select(list(STATS_COLUMNS)).to_pylist()
+            rows += [SimpleNamespace(**row) for row in picked]
+        else:
+            rows += from_table(table, Sample)
     return sample_stats(rows, state.rows("problems"), state.rows("dropped"))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -27,7 +27,15 @@ from mathmill.records import (
 )
 from mathmill.tasks.generation import generate
 
-__all__ = ["SampleConfig", "grade_samples", "sample", "sample_requests", "sample_stats"]
+__all__ = [
+    "STATS_COLUMNS",
+    "SampleConfig",
+    "SampleFigures",
+    "grade_samples",
+    "sample",
+    "sample_requests",
+    "sample_stats",
+]
 
 SAMPLES_PER_CHUNK = 1000
 
@@ -143,11 +151,30 @@ def grade_samples(
     return rows
 
 
-def sample_stats(rows: Sequence[Sample], problems: int, dropped: int = 0) -> list[dict[str, Any]]:
+class SampleFigures(Protocol):
+    """What :func:`sample_stats` reads of a sample (a :class:`Sample` has it)."""
+
+    @property
+    def problem_id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def tokens(self) -> int: ...
+    @property
+    def logprob_mean(self) -> float | None: ...
+
+
+STATS_COLUMNS = ("problem_id", "status", "tokens", "logprob_mean")
+"""The columns of the samples dataset :func:`sample_stats` reads."""
+
+
+def sample_stats(
+    rows: Sequence[SampleFigures], problems: int, dropped: int = 0
+) -> list[dict[str, Any]]:
     """The run's statistics as table rows (metric, value); ``dropped``: input rows the
     load stage did not pass on (malformed, duplicate).
     """
-    per: dict[str, list[Sample]] = defaultdict(list)
+    per: dict[str, list[SampleFigures]] = defaultdict(list)
     for r in rows:
         per[r.problem_id].append(r)
     graded = [r for r in rows if r.status in ("correct", "incorrect", "no_answer")]
