@@ -279,3 +279,38 @@ def test_progress_flags_and_debug() -> None:
     for name in ("sample", "tir", "synthesize"):
         help_ = CliRunner().invoke(run_app(), [name, "--help"], env={"COLUMNS": "200"}, color=False)
         assert "--no-progress" in help_.output and "MATHMILL_PROGRESS" in help_.output, name
+
+
+def test_progress_updates_go_in_the_background_in_order() -> None:
+    """A chunk's progress update does not hold the run: updates are sent one at a time,
+    the latest waiting one replacing older ones; flush waits and reports a send's error.
+    """
+    import asyncio
+
+    from mathmill.pipeline.progress import Tracker
+
+    class Recording(Tracker):
+        sent: list[str]
+
+        async def publish(self, message: str, *, finished: bool = False) -> None:
+            await asyncio.sleep(0.01)
+            if message == "bad":
+                raise RuntimeError("API down")
+            self.sent.append(message)
+
+    async def main() -> list[str]:
+        tracker = Recording(artifacts=True)
+        tracker.sent, tracker.progress_id = [], "id"
+        tracker.publish_soon("a")  # returns at once
+        await asyncio.sleep(0)  # "a" is being sent
+        for message in ("b", "c"):  # "c" replaces "b", which was waiting
+            tracker.publish_soon(message)
+        assert tracker.sent == []
+        await tracker.flush()
+        tracker.publish_soon("bad")
+        with pytest.raises(RuntimeError, match="API down"):
+            await tracker.flush()
+        await tracker.flush()  # the error is reported once
+        return tracker.sent
+
+    assert asyncio.run(main()) == ["a", "c"]

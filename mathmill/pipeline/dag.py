@@ -368,7 +368,7 @@ class _Runner:
     async def done(self, pos: int, index: int, out: StageOutput) -> None:
         self.written.extend(out.refs.values())
         save_spend(self.rt)
-        await self.tracker.publish(f"{self.steps[pos].stage.name} chunk {index + 1} done")
+        self.tracker.publish_soon(f"{self.steps[pos].stage.name} chunk {index + 1} done")
 
     async def _step(self, pos: int) -> None:
         step = self.steps[pos]

@@ -119,6 +119,7 @@ async def finish_run(state: RunState) -> Any:
     write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
     save_spend(state.rt)
     if state.prefect:
+        await state.tracker.flush()  # the chunks' progress updates, sent meanwhile
         await _artifacts(state, report, status, stats)
     if failed:
         for error in state.failures:  # bad settings: say so, re-running won't help

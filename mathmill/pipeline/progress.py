@@ -5,6 +5,7 @@ terminal's live view) that see the same figures.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import dataclasses
 import io
@@ -71,6 +72,9 @@ class Tracker:
         self.counts: Counter[str] = Counter()
         self.stages: dict[str, StageProgress] = {}
         self.progress_id: Any = None
+        self._next: str | None = None  # the update publish_soon has not sent yet
+        self._sender: asyncio.Task[None] | None = None
+        self._send_error: BaseException | None = None
 
     def stage(self, name: str) -> StageProgress:
         """The figures of stage ``name`` (created on first use)."""
@@ -116,6 +120,34 @@ class Tracker:
 
             value = 100.0 if finished else round(100.0 * self.fraction, 1)
             await aupdate_progress_artifact(self.progress_id, value, description=message)
+
+    def publish_soon(self, message: str) -> None:
+        """:meth:`publish` in the background, so that no chunk waits for the Prefect
+        API: updates are sent one at a time, in order, the latest waiting one replacing
+        any older (a sent update shows the fraction at its sending). :meth:`flush`
+        waits for them and raises the first error of a send.
+        """
+        if not self.artifacts or self.progress_id is None:
+            return
+        self._next = message
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.get_running_loop().create_task(self._send())
+
+    async def _send(self) -> None:
+        while self._next is not None:
+            message, self._next = self._next, None
+            try:
+                await self.publish(message)
+            except Exception as e:
+                self._send_error = self._send_error or e
+
+    async def flush(self) -> None:
+        """Wait for the updates :meth:`publish_soon` queued; raise a send's error."""
+        if self._sender is not None:
+            await asyncio.shield(self._sender)
+        if (error := self._send_error) is not None:
+            self._send_error = None
+            raise error
 
     def timing_table(self) -> dict[str, tuple[int, int, float]]:
         """Stage -> (chunks, chunks reused, busy seconds)."""
