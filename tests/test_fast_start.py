@@ -106,6 +106,10 @@ def test_flow_parameters_are_stored_as_prefect_stores_them() -> None:
     assert sample.serialize_parameters({"params": params}) == {"params": jsonable_encoder(params)}
     # anything else is Prefect's to serialize
     assert sample.serialize_parameters({"params": object()}) == {"params": "<object>"}
+    # the parameters' schema, made on first use, is Prefect's
+    from prefect.utilities.callables import parameter_schema
+
+    assert sample.parameters == parameter_schema(sample.fn)
 
 
 def test_pandas_still_works_after_the_probe_is_spared() -> None:
