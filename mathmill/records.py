@@ -22,7 +22,10 @@ __all__ = [
     "RECORD_TYPES",
     "Attempt",
     "AttemptKind",
+    "ConsistencyFlag",
     "Critique",
+    "CritiqueExample",
+    "CritiqueTarget",
     "CuratedRow",
     "Dropped",
     "ErrorInfo",
@@ -32,6 +35,8 @@ __all__ = [
     "GenRequest",
     "Generation",
     "Label",
+    "MergedProblem",
+    "ModelTally",
     "Problem",
     "PromptRef",
     "Record",
@@ -562,6 +567,74 @@ class Sample(Record):
     sampling: SamplingParams = Field(default_factory=SamplingParams)
     prompt: PromptRef | None = None
     rung: str | None = Field(None, description="The difficulty-ladder rung that drew it.")
+    generator: str | None = Field(
+        None,
+        description="The name of the model in the run's list that drew it (critique: two "
+        "names may serve the same model at two temperatures).",
+    )
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+
+ConsistencyFlag = Literal["all_right", "all_wrong", "mixed", "ungraded"]
+
+
+class ModelTally(BaseModel):
+    """One model's graded samples of one problem."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    right: int = Field(0, ge=0)
+    wrong: int = Field(0, ge=0, description="Incorrect or without a final answer.")
+    ungraded: int = Field(0, ge=0, description="Errors, and samples with no reference.")
+    pass_rate: float | None = Field(None, description="right / (right + wrong).")
+    flag: ConsistencyFlag = "ungraded"
+
+
+class MergedProblem(Record):
+    """Every model's samples of one problem (critique's merge), in input order: per
+    model the tally and consistency flag, and whether the consistency filter kept it.
+    """
+
+    id: str
+    position: int = Field(ge=0, description="Its place in the input.")
+    problem: str
+    reference: str | None = None
+    source: str | None = None
+    models: dict[str, ModelTally] = Field(default_factory=dict)
+    pass_rate: float | None = Field(None, description="Over every model's graded samples.")
+    kept: bool
+    reason: str = Field(description="Why it was kept or dropped (the filter's rule).")
+    examples: int = Field(0, ge=0, description="Critique examples drawn from it.")
+
+
+CritiqueTarget = Literal["right", "wrong"]
+
+
+class CritiqueExample(Record):
+    """A critique training example: a model's solution of a problem, the prompt asking
+    whether it is right, the grader's verdict as the target; with a teacher, the
+    teacher's explanation when its own conclusion agrees with the grader.
+    """
+
+    id: str
+    problem_id: str
+    position: int = Field(ge=0, description="The problem's place in the input.")
+    question: str
+    solution: str
+    ground_truth: str | None = Field(None, description="The question's reference answer.")
+    final_answer: str | None = Field(None, description="The answer the solution gave.")
+    target: CritiqueTarget
+    model: str = Field(description="The name of the model in the run's list.")
+    served_model: str = ""
+    sample_id: str
+    sample_index: int = Field(ge=0)
+    source: str | None = None
+    data_source: str
+    prompt: str = Field(description="The critique prompt, filled in.")
+    prompt_ref: PromptRef | None = None
+    critique: str | None = Field(None, description="The teacher's critique, when kept.")
+    teacher_conclusion: CritiqueTarget | None = None
+    teacher_model: str | None = None
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
@@ -578,6 +651,8 @@ RECORD_TYPES: dict[str, type[Record]] = {
         Label,
         Verdict,
         Critique,
+        MergedProblem,
+        CritiqueExample,
         ExecutionResult,
         Turn,
         TokenUsage,

@@ -33,6 +33,7 @@ from mathmill.flows.cli_params import (
 )
 
 if TYPE_CHECKING:
+    from mathmill.flows.critique import CritiqueParams
     from mathmill.flows.curate import CurateParams
     from mathmill.flows.evaluate import EvaluateParams
     from mathmill.flows.sample import SampleParams
@@ -265,6 +266,11 @@ def print_result(result: Any, link: str | None = None, *, name: str = "") -> Non
 
 
 def _headline(result: Any) -> str:
+    if hasattr(result, "examples"):
+        return (
+            f"{result.problems} problems, {result.kept} kept, {result.examples} critique "
+            f"examples ({result.right} right, {result.wrong} wrong)"
+        )
     if hasattr(result, "accuracy"):
         return f"{result.problems} problems, accuracy {result.accuracy}"
     if hasattr(result, "curated"):
@@ -352,6 +358,16 @@ CURATE_FLAGS: dict[str, str | Shortcut] = {
     "--judge-model": "judge.model",
     "--sandbox-url": SANDBOX_URL,
     "--sandbox-timeout": "sandbox.timeout_s",
+}
+CRITIQUE_FLAGS: dict[str, str | Shortcut] = {
+    "--models": Shortcut("model_names", help="Served model names on the endpoint, A,B,..."),
+    "--base-url": "endpoint.base_url",
+    "--api-key-env": "endpoint.api_key_env",
+    "--teacher-model": Shortcut(
+        "teacher_model.model",
+        also={"teacher": True},
+        help="A teacher explains each example (only explanations that agree are kept).",
+    ),
 }
 EVALUATE_FLAGS: dict[str, str | Shortcut] = {
     "--base-url": "model.base_url",
@@ -475,6 +491,22 @@ def run_curate(params: CurateParams, options: Mapping[str, Any]) -> None:
     run_checked(curate, "curate", params, options)
 
 
+def critique_model() -> type[CritiqueParams]:
+    """The critique flow's parameters (imports the flow)."""
+    from mathmill.flows.critique import CritiqueParams
+
+    return CritiqueParams
+
+
+def run_critique(params: CritiqueParams, options: Mapping[str, Any]) -> None:
+    """N samples per problem from several models, kept where they disagree, turned into
+    right/wrong critique data (verl parquet).
+    """
+    from mathmill.flows.critique import critique
+
+    run_checked(critique, "critique", params, options)
+
+
 def evaluate_model() -> type[EvaluateParams]:
     """The evaluate flow's parameters (imports the flow)."""
     from mathmill.flows.evaluate import EvaluateParams
@@ -521,6 +553,14 @@ params_command(
     curate_model,
     run_curate,
     shortcuts=CURATE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "critique",
+    critique_model,
+    run_critique,
+    shortcuts=CRITIQUE_FLAGS,
     extra=[PREFECT_SERVER, PROGRESS],
 )
 params_command(

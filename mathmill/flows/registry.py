@@ -42,6 +42,7 @@ PIPELINES = {
         Entry("sample", "mathmill.flows.sample", "sample", "params"),
         Entry("curate", "mathmill.flows.curate", "curate", "params"),
         Entry("evaluate", "mathmill.flows.evaluate", "evaluate", "params"),
+        Entry("critique", "mathmill.flows.critique", "critique", "params"),
     )
 }
 

@@ -1,0 +1,476 @@
+"""The critique stages: N samples per problem from each model in a list, merged per
+problem with per-model consistency flags, filtered to the problems the models do not
+all agree on, turned into right/wrong critique examples (balanced, seeded), optionally
+explained by a teacher model; and the verl rows they are exported as.
+
+>>> keep_decision({"a": ModelTally(right=2, wrong=0, flag="all_right")}, "any_mixed")
+(False, 'all_right')
+>>> parse_conclusion("The sum is off by one.\\nConclusion: wrong [END]")
+'wrong'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import re
+from collections import Counter, defaultdict
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from mathmill.pipeline.chunks import raise_if_transient, split_rows
+from mathmill.pipeline.stage import Chunk, StageResult, stage
+from mathmill.prompts import load_prompt
+from mathmill.records import (
+    ConsistencyFlag,
+    CritiqueExample,
+    CritiqueTarget,
+    ErrorInfo,
+    GenRequest,
+    MergedProblem,
+    ModelTally,
+    Problem,
+    Sample,
+    SamplingParams,
+    stable_id,
+)
+from mathmill.tasks.generation import generate, role_model
+from mathmill.tasks.sample import grade_samples, sample_requests
+
+__all__ = [
+    "KEEP_RULES",
+    "CritiqueSampleConfig",
+    "KeepRule",
+    "MergeConfig",
+    "TeacherConfig",
+    "critique_example",
+    "critique_sample",
+    "distribution",
+    "keep_decision",
+    "merge",
+    "model_role",
+    "parse_conclusion",
+    "pick_examples",
+    "tally",
+    "teacher",
+    "verl_row",
+]
+
+KeepRule = Literal["any_mixed", "disagree", "all"]
+KEEP_RULES: dict[str, str] = {
+    "any_mixed": "keep a problem when at least one model is mixed (right and wrong samples)",
+    "disagree": "keep when some sample is right and some wrong, over all models together "
+    "(a mixed model, or models that each agree with themselves but not with each other)",
+    "all": "keep every problem with a graded sample",
+}
+GRADED = ("correct", "incorrect", "no_answer")
+_CONCLUSION = re.compile(r"conclusion\s*[:：]\s*\**\s*(right|wrong)\b", re.IGNORECASE)
+
+
+def model_role(name: str) -> str:
+    """The role of model ``name`` of the run's list."""
+    return f"model.{name}"
+
+
+# -- sample ---------------------------------------------------------------------------
+
+
+class CritiqueSampleConfig(BaseModel):
+    """How each model samples: the shared sampling, per-model temperatures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[str, ...] = Field(min_length=1)
+    sampling: SamplingParams
+    temperatures: tuple[float | None, ...] = Field(
+        (), description="Per model, a temperature instead of the sampling's (None: keep)."
+    )
+    engine_in_process: bool = Field(
+        False, description="A model runs vLLM in this process: models take turns."
+    )
+    rows_per_chunk: int = Field(2000, ge=1)
+
+
+@stage(
+    "critique_sample",
+    params=CritiqueSampleConfig,
+    roles=("model.*",),
+    prompts=("sample_system",),
+    inputs={"problems": Problem},
+    outputs={"samples": Sample},
+)
+async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResult:
+    """A chunk of problems sampled by every model (each on its own backend: an
+    endpoint, vLLM here, or the ``generate`` deployment, whose generation chunks are
+    shared out among flow runs and kept one by one), each sample graded against the
+    reference answer and named by its model.
+    """
+    problems: list[Problem] = chunk.rows("problems")
+
+    async def one(i: int, name: str) -> tuple[str, list[Sample], list[ErrorInfo]]:
+        own = cfg.temperatures[i] if i < len(cfg.temperatures) else None
+        sampling = (
+            cfg.sampling if own is None else cfg.sampling.model_copy(update={"temperature": own})
+        )
+        requests = sample_requests(problems, sampling)
+        gens = await generate(chunk.rt, model_role(name), requests, stage=f"critique_sample.{name}")
+        failed = [g.error for g in gens if g.error is not None]
+        raise_if_transient(f"critique_sample.{name}", chunk.spec.key, failed, len(gens))
+        rows = [
+            s.model_copy(update={"id": stable_id(s.id, name), "generator": name})
+            for s in grade_samples(problems, gens, sampling)
+        ]
+        return name, rows, failed
+
+    jobs = [one(i, name) for i, name in enumerate(cfg.models)]
+    if cfg.engine_in_process:  # one engine at a time in this process
+        done = [await job for job in jobs]
+    else:
+        done = list(await asyncio.gather(*jobs))
+    rows: list[Sample] = []
+    errors: list[ErrorInfo] = []
+    counts: Counter[str] = Counter()
+    for name, got, failed in done:
+        rows += got
+        errors += failed
+        counts.update(f"critique_sample.{name}.{s.status}" for s in got)
+    return StageResult(
+        rows=dict(split_rows("samples", rows, cfg.rows_per_chunk)),
+        counts=counts,
+        errors=errors,
+        attempted=len(problems) * len(cfg.models),
+    )
+
+
+# -- merge, filter, pick ----------------------------------------------------------------
+
+
+class MergeConfig(BaseModel):
+    """The merge, the consistency filter and the drawing of critique examples."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    models: tuple[str, ...] = Field(min_length=1)
+    keep: KeepRule = "any_mixed"
+    per_problem: int = Field(4, ge=1, le=1024, description="Critique examples per problem.")
+    balance: bool = Field(True, description="As many right as wrong where possible.")
+    seed: int = 0
+    data_source: str = Field("{source}_critique")
+    problems_per_chunk: int = Field(ge=1, description="The load stage's rows per chunk.")
+    rows_per_chunk: int = Field(2000, ge=1)
+
+
+def tally(samples: Sequence[Sample]) -> ModelTally:
+    """One model's samples of one problem, counted and flagged."""
+    right = sum(s.status == "correct" for s in samples)
+    wrong = sum(s.status in ("incorrect", "no_answer") for s in samples)
+    graded = right + wrong
+    flag: ConsistencyFlag = (
+        "ungraded"
+        if not graded
+        else "all_right"
+        if not wrong
+        else "all_wrong"
+        if not right
+        else "mixed"
+    )
+    return ModelTally(
+        right=right,
+        wrong=wrong,
+        ungraded=len(samples) - graded,
+        pass_rate=round(right / graded, 6) if graded else None,
+        flag=flag,
+    )
+
+
+def keep_decision(tallies: Mapping[str, ModelTally], rule: KeepRule) -> tuple[bool, str]:
+    """Whether the consistency filter keeps a problem, and why (see :data:`KEEP_RULES`).
+    Models without a graded sample take no part.
+    """
+    graded = [t for t in tallies.values() if t.flag != "ungraded"]
+    if not graded:
+        return False, "ungraded"
+    if rule == "all":
+        return True, "graded"
+    if any(t.flag == "mixed" for t in graded):
+        return True, "mixed"
+    if all(t.flag == "all_right" for t in graded):
+        return False, "all_right"
+    if all(t.flag == "all_wrong" for t in graded):
+        return False, "all_wrong"
+    if rule == "disagree":
+        return True, "models_disagree"
+    return False, "models_consistent"
+
+
+def _round_robin(groups: Sequence[list[Sample]]) -> list[Sample]:
+    out: list[Sample] = []
+    for i in range(max((len(g) for g in groups), default=0)):
+        out += [g[i] for g in groups if i < len(g)]
+    return out
+
+
+def pick_examples(
+    samples: Sequence[Sample], k: int, *, balance: bool, rng: random.Random
+) -> list[Sample]:
+    """Up to ``k`` graded samples drawn from every model in turn (order shuffled by
+    ``rng``). Balanced: ``k // 2`` wrong and the rest right (a side short of samples
+    leaves its place to the other); else ``k`` at random.
+    """
+    graded = [s for s in samples if s.status in GRADED]
+
+    def spread(rows: Sequence[Sample]) -> list[Sample]:
+        by_model: dict[str, list[Sample]] = defaultdict(list)
+        for s in rows:
+            by_model[s.generator or s.model].append(s)
+        names = sorted(by_model)
+        rng.shuffle(names)
+        for name in names:
+            rng.shuffle(by_model[name])
+        return _round_robin([by_model[n] for n in names])
+
+    if not balance:
+        return spread(graded)[:k]
+    right = spread([s for s in graded if s.status == "correct"])
+    wrong = spread([s for s in graded if s.status != "correct"])
+    n_wrong = min(len(wrong), k - min(len(right), k - k // 2))
+    n_right = min(len(right), k - n_wrong)
+    return right[:n_right] + wrong[:n_wrong]
+
+
+def critique_example(
+    problem: Problem, sample: Sample, position: int, data_source: str
+) -> CritiqueExample:
+    """The critique example of one graded sample: the filled-in prompt, the grader's
+    verdict as the target.
+    """
+    prompt = load_prompt("critique_prompt")
+    target: CritiqueTarget = "right" if sample.status == "correct" else "wrong"
+    return CritiqueExample(
+        id=stable_id(sample.id, "critique"),
+        problem_id=problem.id,
+        position=position,
+        question=problem.statement,
+        solution=sample.text,
+        ground_truth=problem.answer,
+        final_answer=sample.final_answer,
+        target=target,
+        model=sample.generator or sample.model,
+        served_model=sample.model,
+        sample_id=sample.id,
+        sample_index=sample.index,
+        source=problem.source,
+        data_source=data_source.format(source=problem.source or "mathmill"),
+        prompt=prompt.render(question=problem.statement, solution=sample.text),
+        prompt_ref=prompt.ref,
+    )
+
+
+@stage(
+    "merge",
+    params=MergeConfig,
+    prompts=("critique_prompt",),
+    inputs={"samples": Sample, "problems": Problem},
+    outputs={"merged": MergedProblem, "examples": CritiqueExample},
+)
+async def merge(chunk: Chunk, cfg: MergeConfig) -> StageResult:
+    """Every model's samples per problem, in input order: tallies and flags per model,
+    the consistency filter's decision, and for a kept problem up to ``per_problem``
+    critique examples (seeded per problem: the same run, the same draw).
+    """
+    samples: list[Sample] = chunk.rows("samples")
+    problems: list[Problem] = chunk.rows("problems")
+    by_problem: dict[str, list[Sample]] = defaultdict(list)
+    for s in samples:
+        by_problem[s.problem_id].append(s)
+    merged: list[MergedProblem] = []
+    examples: list[CritiqueExample] = []
+    counts: Counter[str] = Counter()
+    first = chunk.index * cfg.problems_per_chunk
+    for offset, p in enumerate(problems):
+        mine = by_problem.get(p.id, [])
+        per_model = {m: [s for s in mine if (s.generator or s.model) == m] for m in cfg.models}
+        tallies = {m: tally(rows) for m, rows in per_model.items()}
+        kept, reason = keep_decision(tallies, cfg.keep)
+        right = sum(t.right for t in tallies.values())
+        graded = right + sum(t.wrong for t in tallies.values())
+        chosen: list[Sample] = []
+        if kept:
+            rng = random.Random(f"{cfg.seed}:{p.id}")
+            ordered = [s for m in cfg.models for s in sorted(per_model[m], key=_sample_order)]
+            chosen = pick_examples(ordered, cfg.per_problem, balance=cfg.balance, rng=rng)
+            examples += [critique_example(p, s, first + offset, cfg.data_source) for s in chosen]
+        counts[f"merge.{'kept' if kept else 'dropped'}.{reason}"] += 1
+        for m, t in tallies.items():
+            counts[f"merge.flag.{m}.{t.flag}"] += 1
+        merged.append(
+            MergedProblem(
+                id=p.id,
+                position=first + offset,
+                problem=p.statement,
+                reference=p.answer,
+                source=p.source,
+                models=tallies,
+                pass_rate=round(right / graded, 6) if graded else None,
+                kept=kept,
+                reason=reason,
+                examples=len(chosen),
+            )
+        )
+    counts.update(f"merge.target.{e.target}" for e in examples)
+    return StageResult(
+        rows=dict(split_rows("merged", merged, cfg.rows_per_chunk))
+        | dict(split_rows("examples", examples, cfg.rows_per_chunk)),
+        counts=counts,
+        attempted=len(problems),
+    )
+
+
+def _sample_order(s: Sample) -> tuple[int, str]:
+    return s.index, s.id
+
+
+# -- teacher ----------------------------------------------------------------------------
+
+
+class TeacherConfig(BaseModel):
+    """The optional teacher: it explains each example; only explanations whose own
+    conclusion agrees with the grader are kept.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = False
+    sees_reference: bool = Field(
+        True, description="The teacher is told the question's correct final answer."
+    )
+    sampling: SamplingParams = Field(default_factory=SamplingParams)
+    rows_per_chunk: int = Field(2000, ge=1)
+
+
+def parse_conclusion(text: str) -> CritiqueTarget | None:
+    """The last ``Conclusion: right|wrong`` of a critique; None without one."""
+    found = _CONCLUSION.findall(text)
+    if not found:
+        return None
+    value = found[-1].lower()
+    return "right" if value == "right" else "wrong"
+
+
+def _teacher_request(e: CritiqueExample, cfg: TeacherConfig) -> GenRequest:
+    text = e.prompt
+    if cfg.sees_reference and e.ground_truth is not None:
+        text = load_prompt("critique_teacher").render(prompt=e.prompt, ground_truth=e.ground_truth)
+    return GenRequest(id=e.id, messages=[{"role": "user", "content": text}], sampling=cfg.sampling)
+
+
+@stage(
+    "teacher",
+    params=TeacherConfig,
+    roles=("teacher",),
+    prompts=("critique_prompt", "critique_teacher"),
+    inputs={"examples": CritiqueExample},
+    outputs={"critiques": CritiqueExample},
+)
+async def teacher(chunk: Chunk, cfg: TeacherConfig) -> StageResult:
+    """Each example explained by the teacher (when enabled): the critique is kept when
+    its conclusion agrees with the grader's target; the teacher's conclusion is kept
+    either way. Off: the examples pass through.
+    """
+    rows: list[CritiqueExample] = chunk.rows("examples")
+    counts: Counter[str] = Counter()
+    if not cfg.enabled or not rows:
+        return StageResult(rows=dict(split_rows("critiques", rows, cfg.rows_per_chunk)))
+    requests = [_teacher_request(e, cfg) for e in rows]
+    gens = await generate(chunk.rt, "teacher", requests, stage="teacher")
+    failed = [g.error for g in gens if g.error is not None]
+    raise_if_transient("teacher", chunk.spec.key, failed, len(gens))
+    name = role_model(chunk.rt, "teacher")
+    out: list[CritiqueExample] = []
+    for e, g in zip(rows, gens, strict=True):
+        text = g.choices[0].text if g.error is None and g.choices else ""
+        said = parse_conclusion(text)
+        agrees = said is not None and said == e.target
+        outcome = (
+            "error"
+            if g.error
+            else "agrees"
+            if agrees
+            else "no_conclusion"
+            if not said
+            else "disagrees"
+        )
+        counts[f"teacher.{outcome}"] += 1
+        update: dict[str, Any] = {"teacher_conclusion": said, "teacher_model": g.model or name}
+        if agrees:
+            update["critique"] = text.strip()
+        out.append(e.model_copy(update=update))
+    return StageResult(
+        rows=dict(split_rows("critiques", out, cfg.rows_per_chunk)),
+        counts=counts,
+        errors=failed,
+        attempted=len(rows),
+    )
+
+
+# -- export -----------------------------------------------------------------------------
+
+
+def verl_row(e: CritiqueExample, index: int, split: str = "train") -> dict[str, Any]:
+    """One example in verl's RL parquet layout: ``prompt`` as a role list,
+    ``reward_model`` ``{ground_truth: right|wrong, style: rule}``, ``ability``,
+    ``data_source``, ``extra_info`` (the original solution, the question's ground truth,
+    the model and sample).
+    """
+    return {
+        "data_source": e.data_source,
+        "prompt": [{"role": "user", "content": e.prompt}],
+        "ability": "critique",
+        "reward_model": {"ground_truth": e.target, "style": "rule"},
+        "extra_info": {
+            "index": index,
+            "split": split,
+            "question": e.question,
+            "original_solution": e.solution,
+            "question_ground_truth": e.ground_truth or "",
+            "final_answer": e.final_answer or "",
+            "model": e.model,
+            "served_model": e.served_model,
+            "sample_index": e.sample_index,
+            "problem_id": e.problem_id,
+            "sample_id": e.sample_id,
+        },
+    }
+
+
+def distribution(rows: Sequence[CritiqueExample]) -> dict[str, Any]:
+    """The right/wrong balance of the examples: overall, per model, per source."""
+
+    def split(group: Sequence[CritiqueExample]) -> dict[str, Any]:
+        right = sum(e.target == "right" for e in group)
+        return {
+            "examples": len(group),
+            "right": right,
+            "wrong": len(group) - right,
+            "right_ratio": round(right / len(group), 4) if group else None,
+        }
+
+    per_model: dict[str, list[CritiqueExample]] = defaultdict(list)
+    per_source: dict[str, list[CritiqueExample]] = defaultdict(list)
+    for e in rows:
+        per_model[e.model].append(e)
+        per_source[e.data_source].append(e)
+    out: dict[str, Any] = {
+        "overall": split(rows),
+        "per_model": {k: split(v) for k, v in sorted(per_model.items())},
+        "per_source": {k: split(v) for k, v in sorted(per_source.items())},
+    }
+    with_teacher = [e for e in rows if e.teacher_model is not None]
+    if with_teacher:
+        out["teacher"] = {
+            "examples": len(with_teacher),
+            "kept": sum(e.critique is not None for e in with_teacher),
+        }
+    return out
