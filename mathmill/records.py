@@ -605,6 +605,7 @@ class MergedProblem(Record):
     kept: bool
     reason: str = Field(description="Why it was kept or dropped (the filter's rule).")
     examples: int = Field(0, ge=0, description="Critique examples drawn from it.")
+    created_at: UTCDateTime = Field(default_factory=_now)
 
 
 CritiqueTarget = Literal["right", "wrong"]
