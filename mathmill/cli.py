@@ -16,6 +16,7 @@ from typer.exceptions import TyperException
 from mathmill import __version__
 from mathmill.deploy_cli import blocks_app, server_app
 from mathmill.errors import MathmillError
+from mathmill.export.cli import export
 from mathmill.flows.cli import PrefectServer, run_app
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ app.add_typer(server_app, name="server")
 app.add_typer(blocks_app, name="blocks")
 vllm_app = typer.Typer(help="vLLM helpers (the vllm work pool).", no_args_is_help=True)
 app.add_typer(vllm_app, name="vllm")
+app.command()(export)  # mathmill export RUN_DIR --format trl|verl|sharegpt|hf (docs/export.md)
 console = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
@@ -195,6 +197,23 @@ def classify(
     print_summary(summary, stderr=out is None)
     if summary.rows == 0 and summary.bad_rows:
         raise typer.Exit(1)  # every row was bad: say so in the exit status too
+
+
+@app.command()
+def report(
+    run_dir: Annotated[str, typer.Argument(help="Run directory: a local path or s3://...")],
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="S3-compatible endpoint (env MATHMILL_S3_ENDPOINT_URL).")
+    ] = None,
+) -> None:
+    """Re-render a run's dataset report (report.html and report/*.png, in the run
+    directory) from its manifest and datasets; prints where report.html is.
+    """
+    from mathmill.report.cli import run_report
+
+    files, seconds = run_report(run_dir, endpoint_url)
+    console.print(f"{len(files) - 1} charts in {seconds:.1f} s", highlight=False)
+    console.print(files["report.html"], markup=False, highlight=False)
 
 
 @app.command()

@@ -226,20 +226,14 @@ def _exports(state: RunState) -> dict[str, str]:
     ``critique_verl.jsonl``, ``critique_sft.jsonl`` (chat messages, the teacher's agreed
     critiques only) and ``distribution.json``.
     """
-    import tempfile
-    from pathlib import Path
-
-    import datasets
+    from mathmill.export.formats import write_parquet
 
     store = state.rt.store
     rows = _critiques(state)
     verl = [verl_row(e, i) for i, e in enumerate(rows)]
     outputs: dict[str, str] = {}
     if verl:
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "critique.parquet"
-            datasets.Dataset.from_list(verl).to_parquet(str(path))
-            outputs["critique.parquet"] = store.write_bytes("critique.parquet", path.read_bytes())
+        outputs["critique.parquet"] = write_parquet(store, "critique.parquet", verl)
     lines = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in verl)
     outputs["critique_verl.jsonl"] = store.write_bytes("critique_verl.jsonl", lines)
     sft = [

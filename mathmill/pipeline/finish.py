@@ -111,16 +111,25 @@ async def finish_run(state: RunState) -> Any:
         **fields,
     )
     manifest = {
+        "pipeline": pipeline.name,
+        "stages": [step.stage.name for step in pipeline.steps],
         "status": status,
         "params": _public(state.params.model_dump(mode="json")),
         "result": result.model_dump(mode="json"),
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
+    rendered = await _dataset_report(state, manifest, logger)
+    if rendered is not None:
+        result.outputs["report.html"] = manifest["result"]["outputs"]["report.html"] = (
+            rendered.html_url
+        )
     write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
     save_spend(state.rt)
     if state.prefect:
         await state.tracker.flush()  # the chunks' progress updates, sent meanwhile
         await _artifacts(state, report, status, stats)
+        if rendered is not None:
+            await _report_artifacts(state, rendered, status, logger)
     if failed:
         for error in state.failures:  # bad settings: say so, re-running won't help
             if isinstance(error, ConfigError):
@@ -171,6 +180,63 @@ async def _artifacts(
             stats, key=f"{name}-stats", description=f"{name} statistics ({status})"
         )
     await acreate_markdown_artifact(report, key=f"{name}-report", description=f"{name} run report")
+
+
+async def _dataset_report(state: RunState, manifest: dict[str, Any], logger: Any) -> Any:
+    """``report.html`` and its charts (:mod:`mathmill.report`), drawn in a worker
+    thread; None, with a warning, when that fails: a chart never fails a run.
+    """
+    import asyncio
+
+    try:
+        from mathmill.report import render
+
+        return await asyncio.to_thread(render, state.rt.store, manifest)
+    except Exception as e:  # the report is a convenience: the run is done
+        logger.warning("could not write the dataset report (report.html): %s", e)
+        return None
+
+
+async def _report_artifacts(state: RunState, rendered: Any, status: str, logger: Any) -> None:
+    """The dataset report's Prefect artifacts: ``<pipeline>-dataset-report`` (markdown:
+    key figures, where report.html is), ``<pipeline>-report-html`` (a link to it) and
+    ``<pipeline>-report-chart`` (the rows-by-outcome chart as an image).
+    """
+    import base64
+
+    from prefect.artifacts import (
+        acreate_image_artifact,
+        acreate_link_artifact,
+        acreate_markdown_artifact,
+    )
+
+    name, url = state.pipeline.name, rendered.html_url
+    try:
+        await acreate_markdown_artifact(
+            rendered.markdown,
+            key=f"{name}-dataset-report",
+            description=f"{name} dataset report: key figures ({status})",
+        )
+        link = f"file://{url}" if url.startswith("/") else url
+        await acreate_link_artifact(
+            link,
+            link_text="report.html",
+            key=f"{name}-report-html",
+            description=f"{name} dataset report with charts",
+        )
+        png = rendered.pngs.get("rows")
+        if png is not None and len(png) <= _IMAGE_ARTIFACT_MAX:
+            await acreate_image_artifact(
+                "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
+                key=f"{name}-report-chart",
+                description=f"{name}: rows by stage and outcome",
+            )
+    except Exception as e:  # artifacts are a convenience
+        logger.warning("could not publish the dataset report's artifacts: %s", e)
+
+
+_IMAGE_ARTIFACT_MAX = 400_000
+"""Bytes of PNG sent inline (as a data: URL) as the image artifact, at most."""
 
 
 def _headline(result: BaseModel) -> str:
