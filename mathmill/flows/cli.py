@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from mathmill.flows.sample import SampleParams
     from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
+    from mathmill.flows.train import TrainParams
 
 __all__ = [
     "PrefectServer",
@@ -507,6 +508,34 @@ def run_critique(params: CritiqueParams, options: Mapping[str, Any]) -> None:
     run_checked(critique, "critique", params, options)
 
 
+def train_model() -> type[TrainParams]:
+    """The train flow's parameters (imports the flow, not torch)."""
+    from mathmill.flows.train import TrainParams
+
+    return TrainParams
+
+
+def run_train(params: TrainParams, options: Mapping[str, Any]) -> None:
+    """Fine-tune a model on a train split with TRL (LoRA optional), checkpointed and
+    resumable; the loss curves in the run directory.
+    """
+    from mathmill.flows.train import train
+
+    if params.dry_run:
+        console.print("dry run: parameters are valid, nothing was trained")
+        return
+    result, link = run_flow(train, options["prefect_server"], params=params)
+    console.print(
+        f"{result.steps} steps on {result.train_rows} rows ({result.device}): loss "
+        f"{result.first_loss} -> {result.train_loss}, validation {result.eval_loss}, "
+        f"{result.tokens_per_s:.1f} tokens/s"
+        + (f", resumed from {result.resumed_from}" if result.resumed_from else "")
+    )
+    for name, path in result.outputs.items():
+        console.print(f"  {name:16} {path}", markup=False, highlight=False)
+    print_ui(link)
+
+
 def evaluate_model() -> type[EvaluateParams]:
     """The evaluate flow's parameters (imports the flow)."""
     from mathmill.flows.evaluate import EvaluateParams
@@ -562,6 +591,14 @@ params_command(
     run_critique,
     shortcuts=CRITIQUE_FLAGS,
     extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "train",
+    train_model,
+    run_train,
+    shortcuts={"--lora": Shortcut("lora.enabled", help="Train LoRA adapters (PEFT).")},
+    extra=[PREFECT_SERVER],
 )
 params_command(
     run_app,
