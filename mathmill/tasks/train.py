@@ -203,7 +203,7 @@ def _mean_tokens(data: Any, tokenizer: Any, max_length: int, sample: int = 2000)
     for row in rows:
         if "messages" in row and row["messages"] is not None:
             ids = tokenizer.apply_chat_template(row["messages"], tokenize=True)
-            if isinstance(ids, dict):
+            if hasattr(ids, "keys"):  # a BatchEncoding (transformers 5)
                 ids = ids["input_ids"]
             n = len(ids)
         else:
