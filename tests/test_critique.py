@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -168,37 +169,40 @@ def _per_problem(rows: list[CritiqueExample]) -> dict[str, Counter[str]]:
     return out
 
 
+EITHER = {(2, 1), (1, 2)}  # an odd K's extra place goes to a side drawn per problem
+
+
 @pytest.mark.parametrize(
     ("k", "expected"),
     [
         (
             4,
             {
-                "mixed_and_right": {"right": 2, "wrong": 2},  # 6 right, 2 wrong
-                "both_mixed": {"right": 2, "wrong": 2},  # 4 right, 4 wrong
-                "models_differ": {"right": 2, "wrong": 2},
-                "all_right": {"right": 4},
-                "all_wrong": {"wrong": 4},
+                "mixed_and_right": {(2, 2)},  # 6 right, 2 wrong
+                "both_mixed": {(2, 2)},  # 4 right, 4 wrong
+                "models_differ": {(2, 2)},
+                "all_right": {(4, 0)},
+                "all_wrong": {(0, 4)},
             },
         ),
         (
             3,
             {
-                "mixed_and_right": {"right": 2, "wrong": 1},
-                "both_mixed": {"right": 2, "wrong": 1},
-                "models_differ": {"right": 2, "wrong": 1},
-                "all_right": {"right": 3},
-                "all_wrong": {"wrong": 3},
+                "mixed_and_right": EITHER,
+                "both_mixed": EITHER,
+                "models_differ": EITHER,
+                "all_right": {(3, 0)},
+                "all_wrong": {(0, 3)},
             },
         ),
         (
             7,
             {
-                "mixed_and_right": {"right": 5, "wrong": 2},  # the wrong side runs short
-                "both_mixed": {"right": 4, "wrong": 3},
-                "models_differ": {"right": 4, "wrong": 3},
-                "all_right": {"right": 7},
-                "all_wrong": {"wrong": 7},
+                "mixed_and_right": {(5, 2)},  # the wrong side runs short
+                "both_mixed": {(4, 3), (3, 4)},
+                "models_differ": {(4, 3), (3, 4)},
+                "all_right": {(7, 0)},
+                "all_wrong": {(0, 7)},
             },
         ),
     ],
@@ -208,13 +212,15 @@ def test_k_per_question_is_balanced_right_and_wrong_from_both_models(
     tmp_path: Path,
     data: Path,
     k: int,
-    expected: dict[str, dict[str, int]],
+    expected: dict[str, set[tuple[int, int]]],
 ) -> None:
     with FakeOpenAIServer(TwoModels()) as fake:
         result = run(params(fake.base_url, data, tmp_path / "run", keep="all", per_problem=k))
     rows = examples(tmp_path / "run")
-    assert {n: dict(c) for n, c in _per_problem(rows).items()} == expected
-    assert result.examples == len(rows) == sum(sum(c.values()) for c in expected.values())
+    got = {n: (c["right"], c["wrong"]) for n, c in _per_problem(rows).items()}
+    assert set(got) == set(expected)
+    assert all(got[n] in allowed for n, allowed in expected.items()), got
+    assert result.examples == len(rows) == k * len(expected)
     for e in rows:  # the target is the grader's verdict on the sample
         assert (e.final_answer == WORLD[e.question.split(":")[0][8:]][0]) == (e.target == "right")
         assert e.solution in e.prompt and e.question in e.prompt
@@ -225,6 +231,64 @@ def test_k_per_question_is_balanced_right_and_wrong_from_both_models(
         models = [e.model for e in both if e.target == target]
         assert len(set(models)) == min(2, len(models))
     assert len({e.sample_id for e in rows}) == len(rows)
+
+
+def test_an_odd_k_favours_neither_side() -> None:
+    """K = 1 over 200 problems of 4 right and 4 wrong samples: about half each."""
+    from mathmill.records import Sample
+    from mathmill.tasks.critique import pick_examples
+
+    def sample(i: int, right: bool) -> Sample:
+        status = "correct" if right else "incorrect"
+        return Sample(
+            id=f"s{i}",
+            problem_id="p",
+            problem="x",
+            reference="1",
+            index=i,
+            text="",
+            status=status,
+            generator="a" if i % 2 else "b",
+        )
+
+    pool = [sample(i, i < 4) for i in range(8)]
+    drawn = [
+        pick_examples(pool, 1, balance=True, rng=random.Random(f"0:p{n}"))[0].status
+        for n in range(200)
+    ]
+    assert 70 <= drawn.count("correct") <= 130
+
+
+def test_no_reference_means_ungraded_whatever_the_sample_printed() -> None:
+    from mathmill.records import Sample
+    from mathmill.tasks.critique import pick_examples, tally
+
+    rows = [
+        Sample(
+            id=f"s{i}", problem_id="p", problem="x", reference=None, index=i, text="", status=status
+        )
+        for i, status in enumerate(["no_answer", "unvalidated", "error"])
+    ]
+    t = tally(rows)
+    assert (t.right, t.wrong, t.ungraded, t.flag) == (0, 0, 3, "ungraded")
+    assert pick_examples(rows, 4, balance=True, rng=random.Random(0)) == []
+
+
+def test_a_conclusion_is_read_through_markdown() -> None:
+    from mathmill.tasks.critique import parse_conclusion
+
+    assert parse_conclusion("**Conclusion**: right [END]") == "right"
+    assert parse_conclusion("Conclusion: `wrong` [END]") == "wrong"
+    assert parse_conclusion("Conclusion: right.\nOn second thought, Conclusion: wrong") == "wrong"
+    assert parse_conclusion("no verdict here") is None
+
+
+def test_served_names_become_list_names_chunk_keys_allow() -> None:
+    p = CritiqueParams(input="x.jsonl", model_names=["Qwen/Qwen2.5-7B", "a:b"])
+    assert [m.name for m in p.all_models()] == ["Qwen_Qwen2.5-7B", "a_b"]
+    assert [m.model.model for m in p.all_models()] == ["Qwen/Qwen2.5-7B", "a:b"]
+    with pytest.raises(ValueError, match="distinct"):
+        CritiqueParams(input="x.jsonl", model_names=["a/b", "a:b"])
 
 
 def test_the_draw_is_seeded_and_a_rerun_pays_for_nothing(

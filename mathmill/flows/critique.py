@@ -16,6 +16,7 @@ explanations that agree with the grader) → ``critique.parquet`` (verl),
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -54,7 +55,12 @@ class CritiqueModel(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:/-]*$", max_length=128)
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+        max_length=64,
+        description="Letters, digits, '_', '.', '-' (it names the model's chunks); the "
+        "served model's own name goes in `model.model`.",
+    )
     model: ModelRole = Field(
         default_factory=ModelRole,
         description="Its endpoint model (endpoint backend; unset fields from `endpoint`).",
@@ -65,6 +71,14 @@ class CritiqueModel(BaseModel):
     temperature: float | None = Field(
         None, ge=0.0, le=2.0, description="Its sampling temperature (default: temperature)."
     )
+
+
+def model_key(served: str) -> str:
+    """A served model's name as a name of the list (``Qwen/Qwen2.5-7B`` ->
+    ``Qwen_Qwen2.5-7B``): what chunk keys allow.
+    """
+    key = re.sub(r"[^A-Za-z0-9_.-]", "_", served).strip("_.-") or "model"
+    return key[:64]
 
 
 class CritiqueParams(InputFields, BudgetFields, StorageFields):
@@ -100,7 +114,8 @@ class CritiqueParams(InputFields, BudgetFields, StorageFields):
     balance: bool = Field(True, description="Balance right and wrong examples where possible.")
     data_source: str = Field(
         "{source}_critique",
-        description="verl's data_source; {source} is the problem's source (its file's name).",
+        description="verl's data_source; {source} is the problem's source (its row's "
+        "`source`, else the input's name) as a slug: lower case, [a-z0-9_] only.",
     )
     teacher: bool = Field(False, description="Have a teacher model explain each example.")
     teacher_model: ModelRole = Field(
@@ -114,8 +129,9 @@ class CritiqueParams(InputFields, BudgetFields, StorageFields):
         None,
         ge=1,
         le=1_000_000,
-        description="Problems per chunk (default: 200; all in one when a model is on the "
-        "deployment backend, whose generation chunks are then shared out among runs).",
+        description="Problems per chunk (default: 200; all in one when a model is on vLLM: "
+        "the engine loads once; the deployment backend's generation chunks are then shared "
+        "out among runs).",
     )
     concurrency: int = Field(16, ge=1, le=4096, description="Requests in flight (endpoints).")
     dry_run: bool = Field(False, description="Validate, check the input; call nothing.")
@@ -126,23 +142,32 @@ class CritiqueParams(InputFields, BudgetFields, StorageFields):
         twice = sorted({n for n in names if names.count(n) > 1})
         if twice:
             raise ValueError(f"models: names must be distinct ({', '.join(twice)} twice)")
-        if "{" in self.data_source.replace("{source}", ""):
-            raise ValueError("data_source: only {source} may be filled in")
+        try:
+            self.data_source.format(source="x")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(
+                "data_source: only {source} may be filled in (a literal brace is {{ or }})"
+            ) from None
         return self
 
     def all_models(self) -> list[CritiqueModel]:
         """The models in order: ``model_names``, then ``models``; the embedded model
         alone when neither is given.
         """
-        named = [CritiqueModel(name=n, model=ModelRole(model=n)) for n in self.model_names]
+        named = [
+            CritiqueModel(name=model_key(n), model=ModelRole(model=n)) for n in self.model_names
+        ]
         return named + list(self.models) or [CritiqueModel(name="default")]
+
+    def on_vllm(self) -> bool:
+        """Whether a model generates on vLLM (here or on the vllm pool)."""
+        return any(m.backend.kind != "endpoint" for m in self.all_models())
 
     def load_chunk(self) -> int:
         """Problems per chunk (see ``chunk_size``)."""
         if self.chunk_size is not None:
             return self.chunk_size
-        deployed = any(m.backend.kind == "deployment" for m in self.all_models())
-        return 1_000_000 if deployed else ENDPOINT_CHUNK
+        return 1_000_000 if self.on_vllm() else ENDPOINT_CHUNK
 
 
 class CritiqueResult(RunResult):
@@ -202,7 +227,13 @@ def _resources(p: CritiqueParams) -> Resources:
             backends[model_role(m.name)] = m.backend
     if p.teacher:
         roles["teacher"] = p.teacher_model.over(p.endpoint)
-    return Resources(roles=roles, backends=backends, row_concurrency=p.concurrency)
+    return Resources(
+        roles=roles,
+        backends=backends,
+        row_concurrency=p.concurrency,
+        # vLLM in this process holds one engine at a time: one chunk at a time
+        chunk_concurrency=1 if any(m.backend.kind == "engine" for m in p.all_models()) else 4,
+    )
 
 
 def _rows(state: RunState, dataset: str, model: type[Any]) -> list[Any]:

@@ -48,11 +48,13 @@ __all__ = [
     "critique_example",
     "critique_sample",
     "distribution",
+    "graded",
     "keep_decision",
     "merge",
     "model_role",
     "parse_conclusion",
     "pick_examples",
+    "source_slug",
     "tally",
     "teacher",
     "verl_row",
@@ -66,7 +68,7 @@ KEEP_RULES: dict[str, str] = {
     "all": "keep every problem with a graded sample",
 }
 GRADED = ("correct", "incorrect", "no_answer")
-_CONCLUSION = re.compile(r"conclusion\s*[:：]\s*\**\s*(right|wrong)\b", re.IGNORECASE)
+_CONCLUSION = re.compile(r"conclusion[\s*_`]*[:：][\s*_`]*(right|wrong)\b", re.IGNORECASE)
 
 
 def model_role(name: str) -> str:
@@ -127,8 +129,12 @@ async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResul
     jobs = [one(i, name) for i, name in enumerate(cfg.models)]
     if cfg.engine_in_process:  # one engine at a time in this process
         done = [await job for job in jobs]
-    else:
-        done = list(await asyncio.gather(*jobs))
+    else:  # every model finishes (its calls cached) before a failure fails the chunk
+        outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        done = [o for o in outcomes if not isinstance(o, BaseException)]
     rows: list[Sample] = []
     errors: list[ErrorInfo] = []
     counts: Counter[str] = Counter()
@@ -162,14 +168,21 @@ class MergeConfig(BaseModel):
     rows_per_chunk: int = Field(2000, ge=1)
 
 
+def graded(s: Sample) -> bool:
+    """Whether a sample was graded against a reference answer (a sample of a problem
+    without one, or one that errored, is not, whatever it printed).
+    """
+    return s.reference is not None and s.status in GRADED
+
+
 def tally(samples: Sequence[Sample]) -> ModelTally:
     """One model's samples of one problem, counted and flagged."""
-    right = sum(s.status == "correct" for s in samples)
-    wrong = sum(s.status in ("incorrect", "no_answer") for s in samples)
-    graded = right + wrong
+    right = sum(graded(s) and s.status == "correct" for s in samples)
+    wrong = sum(graded(s) and s.status != "correct" for s in samples)
+    n_graded = right + wrong
     flag: ConsistencyFlag = (
         "ungraded"
-        if not graded
+        if not n_graded
         else "all_right"
         if not wrong
         else "all_wrong"
@@ -179,8 +192,8 @@ def tally(samples: Sequence[Sample]) -> ModelTally:
     return ModelTally(
         right=right,
         wrong=wrong,
-        ungraded=len(samples) - graded,
-        pass_rate=round(right / graded, 6) if graded else None,
+        ungraded=len(samples) - n_graded,
+        pass_rate=round(right / n_graded, 6) if n_graded else None,
         flag=flag,
     )
 
@@ -216,10 +229,11 @@ def pick_examples(
     samples: Sequence[Sample], k: int, *, balance: bool, rng: random.Random
 ) -> list[Sample]:
     """Up to ``k`` graded samples drawn from every model in turn (order shuffled by
-    ``rng``). Balanced: ``k // 2`` wrong and the rest right (a side short of samples
-    leaves its place to the other); else ``k`` at random.
+    ``rng``). Balanced: half right and half wrong, an odd ``k``'s extra place on a side
+    drawn by ``rng`` (a side short of samples leaves its places to the other); else
+    ``k`` at random.
     """
-    graded = [s for s in samples if s.status in GRADED]
+    pool = [s for s in samples if graded(s)]
 
     def spread(rows: Sequence[Sample]) -> list[Sample]:
         by_model: dict[str, list[Sample]] = defaultdict(list)
@@ -232,12 +246,24 @@ def pick_examples(
         return _round_robin([by_model[n] for n in names])
 
     if not balance:
-        return spread(graded)[:k]
-    right = spread([s for s in graded if s.status == "correct"])
-    wrong = spread([s for s in graded if s.status != "correct"])
-    n_wrong = min(len(wrong), k - min(len(right), k - k // 2))
+        return spread(pool)[:k]
+    right = spread([s for s in pool if s.status == "correct"])
+    wrong = spread([s for s in pool if s.status != "correct"])
+    half = k // 2 + (k % 2 if rng.random() < 0.5 else 0)  # an odd K's extra: either side
+    n_wrong = min(len(wrong), k - min(len(right), k - half))
     n_right = min(len(right), k - n_wrong)
     return right[:n_right] + wrong[:n_wrong]
+
+
+def source_slug(source: str | None) -> str:
+    """A problem's source as verl's data_source likes it (it picks the reward function
+    by it): lower case, ``[a-z0-9_]``, at most 64 characters.
+
+    >>> source_slug("tests/data/GSM8K test.jsonl")
+    'tests_data_gsm8k_test_jsonl'
+    """
+    slug = re.sub(r"[^a-z0-9]+", "_", (source or "").lower()).strip("_")[-64:].strip("_")
+    return slug or "mathmill"
 
 
 def critique_example(
@@ -262,7 +288,7 @@ def critique_example(
         sample_id=sample.id,
         sample_index=sample.index,
         source=problem.source,
-        data_source=data_source.format(source=problem.source or "mathmill"),
+        data_source=data_source.format(source=source_slug(problem.source)),
         prompt=prompt.render(question=problem.statement, solution=sample.text),
         prompt_ref=prompt.ref,
     )
@@ -295,7 +321,7 @@ async def merge(chunk: Chunk, cfg: MergeConfig) -> StageResult:
         tallies = {m: tally(rows) for m, rows in per_model.items()}
         kept, reason = keep_decision(tallies, cfg.keep)
         right = sum(t.right for t in tallies.values())
-        graded = right + sum(t.wrong for t in tallies.values())
+        n_graded = right + sum(t.wrong for t in tallies.values())
         chosen: list[Sample] = []
         if kept:
             rng = random.Random(f"{cfg.seed}:{p.id}")
@@ -313,7 +339,7 @@ async def merge(chunk: Chunk, cfg: MergeConfig) -> StageResult:
                 reference=p.answer,
                 source=p.source,
                 models=tallies,
-                pass_rate=round(right / graded, 6) if graded else None,
+                pass_rate=round(right / n_graded, 6) if n_graded else None,
                 kept=kept,
                 reason=reason,
                 examples=len(chosen),
