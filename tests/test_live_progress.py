@@ -314,3 +314,46 @@ def test_progress_updates_go_in_the_background_in_order() -> None:
         return tracker.sent
 
     assert asyncio.run(main()) == ["a", "c"]
+
+
+def test_progress_artifact_is_created_in_the_background(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The progress artifact is created while the run goes on: updates wait for it and
+    name it; flush reports a failed creation once, and later updates send nothing.
+    """
+    import asyncio
+
+    import prefect.artifacts
+
+    from mathmill.pipeline.progress import Tracker
+
+    sent: list[tuple[object, float, str]] = []
+
+    async def create(value: float, key: str, description: str) -> str:
+        await asyncio.sleep(0.01)
+        if key == "bad":
+            raise RuntimeError("API down")
+        return f"id-{key}"
+
+    async def update(progress_id: object, value: float, description: str) -> None:
+        sent.append((progress_id, value, description))
+
+    monkeypatch.setattr(prefect.artifacts, "acreate_progress_artifact", create)
+    monkeypatch.setattr(prefect.artifacts, "aupdate_progress_artifact", update)
+
+    async def main() -> None:
+        tracker = Tracker(artifacts=True)
+        tracker.create_artifact("run", "starting")  # returns at once
+        assert tracker.progress_id is None
+        tracker.publish_soon("a")
+        await tracker.flush()
+        assert tracker.progress_id == "id-run" and sent == [("id-run", 0.0, "a")]
+        failing = Tracker(artifacts=True)
+        failing.create_artifact("bad", "starting")
+        failing.publish_soon("b")
+        with pytest.raises(RuntimeError, match="API down"):
+            await failing.flush()
+        await failing.flush()  # reported once
+        await failing.publish("done", finished=True)  # no artifact: nothing sent
+        assert len(sent) == 1
+
+    asyncio.run(main())

@@ -22,9 +22,6 @@ from mathmill.llm.client import LLMPool
 from mathmill.llm.config import EndpointConfig
 from mathmill.llm.live import LiveLimits
 from mathmill.pipeline.chunks import Runtime
-from mathmill.sandbox.http import HTTPSandbox
-from mathmill.sandbox.local import LocalSandbox
-from mathmill.sandbox.pool import SandboxPool
 from mathmill.sandbox.protocol import Sandbox
 from mathmill.storage import RunStore, StorageConfig
 
@@ -47,6 +44,7 @@ def call_cache_path(store: RunStore) -> str:
 async def _docker_sandbox(options: SandboxOptions) -> Sandbox:
     """``options.replicas`` containers of the sandbox image (all started, or none)."""
     from mathmill.sandbox.docker import DEFAULT_IMAGE, DockerSandbox
+    from mathmill.sandbox.pool import SandboxPool
 
     boxes = [
         DockerSandbox(
@@ -66,6 +64,13 @@ async def _docker_sandbox(options: SandboxOptions) -> Sandbox:
 
 
 async def _sandbox(options: SandboxOptions) -> Sandbox:
+    """The run's sandbox (its modules imported here: a run without one, such as
+    sample's, needs none of them).
+    """
+    from mathmill.sandbox.http import HTTPSandbox
+    from mathmill.sandbox.local import LocalSandbox
+    from mathmill.sandbox.pool import SandboxPool
+
     if options.block:
         block = await load_block(SandboxEndpoint, options.block, "sandbox.block")
         options = block.options()

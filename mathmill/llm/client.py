@@ -14,7 +14,9 @@ applies a per-request timeout and records usage, latency and cost per stage.
 from __future__ import annotations
 
 import email.utils
+import functools
 import json
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -55,6 +57,15 @@ Message = dict[str, Any]
 
 _RETRY_STATUS = {408, 409, 429}
 _CONNECTIONS_PER_SHARD = 32
+
+
+@functools.cache
+def _tls_context() -> ssl.SSLContext:
+    """The TLS context of every connection shard: what ``verify=True`` makes (the CA
+    bundle, ``SSL_CERT_FILE`` and ``SSL_CERT_DIR`` honoured), made once per process,
+    not per shard (~20 ms each: 8 shards at 256 in flight).
+    """
+    return httpx2.create_ssl_context()
 
 
 @dataclass(slots=True)
@@ -237,7 +248,7 @@ class LLMClient:
             api_key=self.endpoint.api_key.get_secret_value(),
             timeout=self.endpoint.timeout_s,
             max_retries=0,  # retries are ours (tenacity), so they are counted and logged
-            http_client=openai.DefaultAsyncHttpx2Client(limits=limits),
+            http_client=openai.DefaultAsyncHttpx2Client(limits=limits, verify=_tls_context()),
         )
 
     async def aclose(self) -> None:

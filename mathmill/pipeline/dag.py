@@ -238,12 +238,8 @@ async def run_pipeline(
     async with open_pipeline_runtime(pipeline, params) as (rt, res):
         with use_runtime(rt):
             tracker = Tracker(artifacts=prefect, listener=listener, meter=rt.pool.meter)
-            if prefect:
-                from prefect.artifacts import acreate_progress_artifact
-
-                tracker.progress_id = await acreate_progress_artifact(
-                    0.0, key=f"{pipeline.name}-progress", description=f"{pipeline.name}: starting"
-                )
+            if prefect:  # created while the first stage runs
+                tracker.create_artifact(f"{pipeline.name}-progress", f"{pipeline.name}: starting")
             runner = _Runner(pipeline, stage_params, params, rt, tracker, prefect)
             refs, failures = await runner.run(res.chunk_concurrency)
             state = RunState(pipeline, params, rt, tracker, refs, failures, started, prefect)

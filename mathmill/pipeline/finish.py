@@ -5,7 +5,9 @@ and the incomplete-run error when chunks failed.
 
 from __future__ import annotations
 
+import asyncio
 import time
+from collections.abc import Awaitable
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -126,10 +128,16 @@ async def finish_run(state: RunState) -> Any:
     write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
     save_spend(state.rt)
     if state.prefect:
-        await state.tracker.flush()  # the chunks' progress updates, sent meanwhile
-        await _artifacts(state, report, status, stats)
+        try:
+            await state.tracker.flush()  # the chunks' progress updates, sent meanwhile
+        except Exception as e:  # the progress bar is a convenience: the run is done
+            logger.warning("could not update the run's progress artifact: %s", e)
+        sends = _artifacts(state, report, status, stats)
+        if not failed:  # the progress artifact at 100, sent with them
+            sends.append(state.tracker.publish("done", finished=True))
         if rendered is not None:
-            await _report_artifacts(state, rendered, status, logger)
+            sends.append(_report_artifacts(state, rendered, status, logger))
+        await asyncio.gather(*sends)
     if failed:
         for error in state.failures:  # bad settings: say so, re-running won't help
             if isinstance(error, ConfigError):
@@ -145,8 +153,6 @@ async def finish_run(state: RunState) -> Any:
             f"(first: {first}); finished rows are kept in {store.url}; re-run the same "
             "command to resume"
         ) from first
-    if state.prefect:
-        await state.tracker.publish("done", finished=True)
     logger.info("%s: %s", pipeline.name, _headline(result))
     return result
 
@@ -164,30 +170,38 @@ def _stats_markdown(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines + [f"| {r['metric']} | {r['value']} |" for r in rows])
 
 
-async def _artifacts(
+def _artifacts(
     state: RunState, report: str, status: str, stats: list[dict[str, Any]]
-) -> None:
+) -> list[Awaitable[Any]]:
+    """The sends of the counts table, the statistics and the report (one Prefect API
+    call each, independent of one another: awaited together).
+    """
     from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
     name = state.pipeline.name
-    await acreate_table_artifact(
-        count_rows(state.tracker.counts),
-        key=f"{name}-counts",
-        description=f"Rows by stage and outcome ({status})",
-    )
-    if stats:
-        await acreate_table_artifact(
-            stats, key=f"{name}-stats", description=f"{name} statistics ({status})"
+    sends: list[Awaitable[Any]] = [
+        acreate_table_artifact(
+            count_rows(state.tracker.counts),
+            key=f"{name}-counts",
+            description=f"Rows by stage and outcome ({status})",
         )
-    await acreate_markdown_artifact(report, key=f"{name}-report", description=f"{name} run report")
+    ]
+    if stats:
+        sends.append(
+            acreate_table_artifact(
+                stats, key=f"{name}-stats", description=f"{name} statistics ({status})"
+            )
+        )
+    sends.append(
+        acreate_markdown_artifact(report, key=f"{name}-report", description=f"{name} run report")
+    )
+    return sends
 
 
 async def _dataset_report(state: RunState, manifest: dict[str, Any], logger: Any) -> Any:
     """``report.html`` and its charts (:mod:`mathmill.report`), drawn in a worker
     thread; None, with a warning, when that fails: a chart never fails a run.
     """
-    import asyncio
-
     try:
         from mathmill.report import render
 

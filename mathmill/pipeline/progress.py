@@ -72,6 +72,7 @@ class Tracker:
         self.counts: Counter[str] = Counter()
         self.stages: dict[str, StageProgress] = {}
         self.progress_id: Any = None
+        self._creating: asyncio.Task[None] | None = None  # the artifact, being created
         self._next: str | None = None  # the update publish_soon has not sent yet
         self._sender: asyncio.Task[None] | None = None
         self._send_error: BaseException | None = None
@@ -113,8 +114,28 @@ class Tracker:
         ended = sum(s.done + s.failed for s in self.stages.values())
         return ended / planned if planned else 0.0
 
+    def create_artifact(self, key: str, description: str) -> None:
+        """Create the run's progress artifact (at 0) in the background, so that the
+        first stage does not wait for the Prefect API: updates wait for it, and
+        :meth:`flush` raises its error.
+        """
+        if not self.artifacts:
+            return
+        from prefect.artifacts import acreate_progress_artifact
+
+        async def create() -> None:
+            self.progress_id = await acreate_progress_artifact(
+                0.0, key=key, description=description
+            )
+
+        self._creating = asyncio.get_running_loop().create_task(create())
+        # its error is flush's to report; a run that stops before never asks for it
+        self._creating.add_done_callback(lambda t: t.cancelled() or t.exception())
+
     async def publish(self, message: str, *, finished: bool = False) -> None:
         """Move the progress artifact to :attr:`fraction` (100 when ``finished``)."""
+        if self._creating is not None:
+            await asyncio.shield(self._creating)  # raises its error
         if self.artifacts and self.progress_id is not None:
             from prefect.artifacts import aupdate_progress_artifact
 
@@ -127,7 +148,7 @@ class Tracker:
         any older (a sent update shows the fraction at its sending). :meth:`flush`
         waits for them and raises the first error of a send.
         """
-        if not self.artifacts or self.progress_id is None:
+        if not self.artifacts or (self.progress_id is None and self._creating is None):
             return
         self._next = message
         if self._sender is None or self._sender.done():
@@ -142,7 +163,15 @@ class Tracker:
                 self._send_error = self._send_error or e
 
     async def flush(self) -> None:
-        """Wait for the updates :meth:`publish_soon` queued; raise a send's error."""
+        """Wait for the artifact's creation and the updates :meth:`publish_soon`
+        queued; raise the creation's or a send's error (once).
+        """
+        if (creating := self._creating) is not None:
+            try:
+                await asyncio.shield(creating)
+            except Exception as e:
+                self._send_error = self._send_error or e
+            self._creating = None  # created (progress_id set), or failed: reported once
         if self._sender is not None:
             await asyncio.shield(self._sender)
         if (error := self._send_error) is not None:
