@@ -203,3 +203,37 @@ def test_the_loss_chart_has_data_or_is_left_out() -> None:
     assert loss_chart([], "t") is None
     png = loss_chart([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5, "eval_loss": 1.7}], "t")
     assert png is not None and png.startswith(PNG) and len(png) > 5000
+
+
+@pytest.mark.slow
+@pytest.mark.vllm
+@pytest.mark.timeout(1200)
+def test_checkpoints_and_the_model_on_object_storage(s3_store: Any, tmp_path: Path) -> None:
+    """On S3 (moto): every checkpoint copied up with its marker last, only the newest
+    ``save_total_limit`` kept there; a second run resumes from the newest one and
+    replaces ``model/`` (no ``model/model``).
+    """
+    from mathmill.llm.vllm_model import local_vllm_model
+    from mathmill.tasks.train import Hyper, LoraOptions, read_messages, train_sft
+
+    data = read_messages(str(split(tmp_path / "train.jsonl", 4)), "train")
+    settings = hyper(max_steps=4, save_steps=1, save_total_limit=2, max_length=64)
+    kwargs: dict[str, Any] = {
+        "model": str(local_vllm_model()),
+        "train": data,
+        "validation": None,
+        "store": s3_store,
+        "hyper": Hyper.model_validate(settings),
+        "lora": LoraOptions(enabled=True, r=4, alpha=8),
+    }
+    first = train_sft(**kwargs)
+    assert first.steps == 4 and first.resumed_from is None
+    fs, root = s3_store.fs, s3_store.root
+    kept = sorted(str(p).rsplit("/", 1)[-1] for p in fs.ls(f"{root}/checkpoints", detail=False))
+    assert kept == ["checkpoint-3", "checkpoint-4"]
+    assert all(fs.exists(f"{root}/checkpoints/{k}/.mathmill-complete") for k in kept)
+    assert fs.exists(f"{root}/model/config.json")
+    again = train_sft(**kwargs)
+    assert again.resumed_from == "checkpoints/checkpoint-4" and again.steps == 4
+    assert fs.exists(f"{root}/model/config.json")
+    assert not fs.exists(f"{root}/model/model")

@@ -84,14 +84,23 @@ class RunRows:
     """The run's own splits (curate's), in order; empty when it has none."""
 
 
-def detect_pipeline(manifest: dict[str, Any]) -> str:
-    """The pipeline that wrote a run, from its manifest's datasets (and params).
+KNOWN_PIPELINES = ("synthesize", "tir", "sample", "evaluate", "curate", "critique")
 
+
+def detect_pipeline(manifest: dict[str, Any]) -> str:
+    """The pipeline that wrote a run: its manifest's ``pipeline`` (runs since the dataset
+    report), else guessed from its datasets (and params).
+
+    >>> detect_pipeline({"pipeline": "evaluate", "chunks": {"samples": []}})
+    'evaluate'
     >>> detect_pipeline({"chunks": {"trajectories": [], "problems": []}})
     'tir'
     >>> detect_pipeline({"chunks": {"samples": []}, "params": {"top_p": 1.0}})
     'sample'
     """
+    named = manifest.get("pipeline")
+    if isinstance(named, str) and named in KNOWN_PIPELINES:
+        return named
     names = set(manifest.get("chunks") or {})
     params = _params(manifest)
     if names & {"critiques", "merged", "examples"}:

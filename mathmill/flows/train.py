@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -40,7 +41,7 @@ class TrainParams(StorageFields):
 
     train: str = Field(
         description="Train split: a .jsonl or .parquet with 'messages' (or 'text') rows.",
-        examples=["runs/export/trl/train.jsonl"],
+        examples=["runs/export/train.jsonl"],
     )
     validation: str | None = Field(None, description="Validation split (same format).")
     model: str | None = Field(
@@ -52,7 +53,7 @@ class TrainParams(StorageFields):
     limit: int | None = Field(None, ge=1, description="Train on the first N rows only.")
     hyper: Hyper = Field(default_factory=Hyper, description="Hyperparameters.")
     lora: LoraOptions = Field(default_factory=LoraOptions, description="LoRA (PEFT).")
-    dry_run: bool = Field(False, description="Validate and read the data; train nothing.")
+    dry_run: bool = Field(False, description="Validate the parameters; train nothing.")
 
     def model_dir(self) -> str:
         """The model to fine-tune."""
@@ -170,19 +171,18 @@ async def train(params: TrainParams) -> TrainResult:
     )
     if params.dry_run:
         return result
-    try:
-        outcome = await asyncio.to_thread(
-            train_sft,
-            model=model,
-            train=data,
-            validation=validation,
-            store=store,
-            hyper=params.hyper,
-            lora=params.lora,
-            on_checkpoint=lambda path: log.info("checkpoint saved: %s", path),
-        )
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"train: {type(e).__name__}: {e}") from e
+    if not await asyncio.to_thread(os.path.isdir, model):
+        raise ConfigError(f"model: {model} is not a model directory on this machine")
+    outcome = await asyncio.to_thread(
+        train_sft,
+        model=model,
+        train=data,
+        validation=validation,
+        store=store,
+        hyper=params.hyper,
+        lora=params.lora,
+        on_checkpoint=lambda path: log.info("checkpoint saved: %s", path),
+    )
     history = _history_with_steps(outcome)
     losses = [h["loss"] for h in history if "loss" in h]
     result = result.model_copy(

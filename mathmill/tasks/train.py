@@ -30,9 +30,12 @@ __all__ = [
     "Hyper",
     "LoraOptions",
     "TrainOutcome",
+    "download_dir",
     "latest_checkpoint",
+    "prune_remote",
     "read_messages",
     "train_sft",
+    "upload_dir",
 ]
 
 log = logging.getLogger("mathmill.train")
@@ -168,6 +171,38 @@ def latest_checkpoint(store: RunStore, prefix: str = "checkpoints") -> str | Non
     return f"{prefix}/checkpoint-{max(steps)}" if steps else None
 
 
+def upload_dir(store: RunStore, local: Path, relpath: str) -> None:
+    """Copy the files of ``local`` to ``relpath`` of the run directory, replacing what
+    was there (fsspec's recursive put nests a directory into an existing one).
+    """
+    remote = f"{store.root}/{relpath}"
+    if store.fs.exists(remote):
+        store.fs.rm(remote, recursive=True)
+    for file in sorted(p for p in local.rglob("*") if p.is_file()):
+        store.fs.put_file(str(file), f"{remote}/{file.relative_to(local).as_posix()}")
+
+
+def download_dir(store: RunStore, relpath: str, local: Path) -> None:
+    """Copy ``relpath`` of the run directory (its files) into ``local``."""
+    remote = f"{store.root}/{relpath}"
+    for path in store.fs.find(remote):
+        name = str(path).split(remote.split("://")[-1], 1)[-1].lstrip("/")
+        target = local / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        store.fs.get_file(path, str(target))
+
+
+def prune_remote(store: RunStore, keep: set[str]) -> None:
+    """Delete the run directory's checkpoints the trainer no longer keeps locally
+    (``save_total_limit``), so object storage holds as many as the trainer does.
+    """
+    root = f"{store.root}/checkpoints"
+    for entry in store.fs.ls(root, detail=False):
+        name = str(entry).rstrip("/").rsplit("/", 1)[-1]
+        if name.startswith("checkpoint-") and name not in keep:
+            store.fs.rm(f"{root}/{name}", recursive=True)
+
+
 @contextmanager
 def _local_dir(store: RunStore) -> Iterator[tuple[Path, bool]]:
     """A local directory for the trainer's output: the run directory itself when it is
@@ -242,7 +277,7 @@ def train_sft(
         ckpt_dir = local / "checkpoints"
         resume = latest_checkpoint(store)
         if resume is not None and not store.is_local:  # fetch it from object storage
-            store.fs.get(f"{store.root}/{resume}", str(local / resume), recursive=True)
+            download_dir(store, resume, local / resume)
         resume_path = str(local / resume) if resume is not None else None
         if resume_path is not None:
             log.info("resuming from %s", resume)
@@ -255,9 +290,14 @@ def train_sft(
                 path = ckpt_dir / name
                 if not path.exists():
                     return
-                (path / DONE_MARKER).write_text(json.dumps({"step": state.global_step}))
-                if not store.is_local:
-                    store.fs.put(str(path), f"{store.root}/checkpoints/{name}", recursive=True)
+                marker = json.dumps({"step": state.global_step})
+                if store.is_local:
+                    (path / DONE_MARKER).write_text(marker)
+                else:  # the files first, the marker last: a half-copied one is not complete
+                    upload_dir(store, path, f"checkpoints/{name}")
+                    store.write_bytes(f"checkpoints/{name}/{DONE_MARKER}", marker.encode())
+                    (path / DONE_MARKER).write_text(marker)
+                    prune_remote(store, {p.name for p in ckpt_dir.glob("checkpoint-*")})
                 if on_checkpoint is not None:
                     on_checkpoint(f"checkpoints/{name}")
 
@@ -329,7 +369,7 @@ def train_sft(
         final = Path(scratch) / "model" if not store.is_local else local / "model"
         _save_final(trainer, tokenizer, final, lora)
         if not store.is_local:
-            store.fs.put(str(final), f"{store.root}/model", recursive=True)
+            upload_dir(store, final, "model")
         history = [dict(h) for h in trainer.state.log_history]
         losses = [h["loss"] for h in history if "loss" in h]
         steps_done = trainer.state.global_step
