@@ -19,6 +19,7 @@ import pytest
 
 from mathmill.report import charts
 from mathmill.report.data import RunData
+from tests.prefect_support import artifacts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -37,25 +38,6 @@ def check_report(out: Path, expect: set[str]) -> str:
         assert data.startswith(PNG) and len(data) > 5_000, (src, len(data))
         assert by_name[Path(src).stem].title in page
     return page
-
-
-def artifacts(flow_run_id: Any, key: str) -> list[Any]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            flt = ArtifactFilter(
-                key=ArtifactFilterKey(any_=[key]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-            )
-            return list(await client.read_artifacts(artifact_filter=flt))
-
-    return asyncio.run(read())
 
 
 # -- real runs ---------------------------------------------------------------------------

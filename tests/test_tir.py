@@ -21,6 +21,7 @@ from mathmill.prompts import load_prompt
 from mathmill.records import Attempt
 from mathmill.storage import RunStore
 from mathmill.tasks.tir import NUDGE, REMINDER, clean_reply
+from tests.prefect_support import artifacts
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -254,22 +255,7 @@ def test_sessions_are_deleted_and_trajectories_kept_as_attempts(run: Any) -> Non
 
 
 def test_stats_artifact_is_on_the_server(run: Any) -> None:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    async def read() -> list[Any]:
-        async with get_client() as client:
-            flt = ArtifactFilter(
-                key=ArtifactFilterKey(any_=["tir-stats"]),
-                flow_run_id=ArtifactFilterFlowRunId(any_=[run[3]]),
-            )
-            return list(await client.read_artifacts(artifact_filter=flt))
-
-    (artifact,) = asyncio.run(read())
+    (artifact,) = artifacts(run[3], "tir-stats")
     data = artifact.data
     rows = data if isinstance(data, list) else json.loads(data)
     assert {"metric": "accuracy of the validated", "value": "80.0%"} in rows
