@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.pipeline.chunks import raise_if_transient, split_rows
+from mathmill.pipeline.chunks import Runtime, fingerprint, raise_if_transient, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
 from mathmill.records import (
@@ -48,6 +48,7 @@ __all__ = [
     "critique_example",
     "critique_sample",
     "distribution",
+    "engine_groups",
     "graded",
     "keep_decision",
     "merge",
@@ -110,31 +111,51 @@ async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResul
     reference answer and named by its model.
     """
     problems: list[Problem] = chunk.rows("problems")
+    position = {name: i for i, name in enumerate(cfg.models)}
 
-    async def one(i: int, name: str) -> tuple[str, list[Sample], list[ErrorInfo]]:
+    def sampling_of(name: str) -> SamplingParams:
+        i = position[name]
         own = cfg.temperatures[i] if i < len(cfg.temperatures) else None
-        sampling = (
-            cfg.sampling if own is None else cfg.sampling.model_copy(update={"temperature": own})
-        )
-        requests = sample_requests(problems, sampling)
-        gens = await generate(chunk.rt, model_role(name), requests, stage=f"critique_sample.{name}")
-        failed = [g.error for g in gens if g.error is not None]
-        raise_if_transient(f"critique_sample.{name}", chunk.spec.key, failed, len(gens))
-        rows = [
-            s.model_copy(update={"id": stable_id(s.id, name), "generator": name})
-            for s in grade_samples(problems, gens, sampling)
-        ]
-        return name, rows, failed
+        return cfg.sampling if own is None else cfg.sampling.model_copy(update={"temperature": own})
 
-    jobs = [one(i, name) for i, name in enumerate(cfg.models)]
+    async def one(group: list[str]) -> list[tuple[str, list[Sample], list[ErrorInfo]]]:
+        """One generation call for models on the same engine (one load, one batch)."""
+        requests: list[GenRequest] = []
+        for name in group:
+            for r in sample_requests(problems, sampling_of(name)):
+                requests.append(
+                    r if len(group) == 1 else r.model_copy(update={"id": f"{r.id}@{name}"})
+                )
+        stage = f"critique_sample.{group[0]}" + (f".x{len(group)}" if len(group) > 1 else "")
+        gens = await generate(chunk.rt, model_role(group[0]), requests, stage=stage)
+        failed = [g.error for g in gens if g.error is not None]
+        raise_if_transient(stage, chunk.spec.key, failed, len(gens))
+        out = []
+        for name in group:
+            mine = gens
+            if len(group) > 1:
+                tail = f"@{name}"
+                mine = [
+                    g.model_copy(update={"id": g.id.removesuffix(tail)})
+                    for g in gens
+                    if g.id.endswith(tail)
+                ]
+            rows = [
+                s.model_copy(update={"id": stable_id(s.id, name), "generator": name})
+                for s in grade_samples(problems, mine, sampling_of(name))
+            ]
+            out.append((name, rows, [g.error for g in mine if g.error is not None]))
+        return out
+
+    jobs = [one(group) for group in engine_groups(chunk.rt, cfg.models)]
     if cfg.engine_in_process:  # one engine at a time in this process
-        done = [await job for job in jobs]
+        done = [x for job in jobs for x in await job]
     else:  # every model finishes (its calls cached) before a failure fails the chunk
         outcomes = await asyncio.gather(*jobs, return_exceptions=True)
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        done = [o for o in outcomes if not isinstance(o, BaseException)]
+        done = [x for o in outcomes if not isinstance(o, BaseException) for x in o]
     rows: list[Sample] = []
     errors: list[ErrorInfo] = []
     counts: Counter[str] = Counter()
@@ -148,6 +169,23 @@ async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResul
         errors=errors,
         attempted=len(problems) * len(cfg.models),
     )
+
+
+def engine_groups(rt: Runtime, names: Sequence[str]) -> list[list[str]]:
+    """The models in groups that generate together: models on vLLM (here or on the
+    vllm pool) with the same engine (``identity()``) and deployment share one call, so
+    the engine loads once for all of them (the same model at two temperatures); the
+    first model's backend settings (chunk size, runs) serve the group. Every other model
+    is a group of its own. Order kept.
+    """
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        backend = rt.backends.get(model_role(name))
+        key = f"own:{name}"
+        if backend is not None and backend.kind != "endpoint" and backend.engine is not None:
+            key = fingerprint([backend.kind, backend.deployment, backend.engine.identity()])
+        groups.setdefault(key, []).append(name)
+    return list(groups.values())
 
 
 # -- merge, filter, pick ----------------------------------------------------------------
