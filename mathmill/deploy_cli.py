@@ -81,7 +81,7 @@ def server_up(
     ] = None,
 ) -> None:
     """Start a local Prefect server (SQLite, or PostgreSQL with --database) unless one
-    answers, create the cpu and vllm work pools, register the block types and deploy
+    answers, create the cpu, vllm and gpu work pools, register the block types and deploy
     deployments/prefect.yaml.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
