@@ -22,6 +22,7 @@ import pytest
 from mathmill.errors import ConfigError
 from mathmill.flows.train import TrainParams, TrainResult, loss_chart, train
 from tests.deploy_support import ROOT
+from tests.prefect_support import artifacts
 
 GSM8K = ROOT / "tests" / "data" / "gsm8k_test.jsonl"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -83,12 +84,17 @@ def test_a_few_steps_lower_the_loss_and_write_checkpoints_and_the_model(
     data = split(tmp_path / "train.jsonl", 6)
     val = split(tmp_path / "validation.jsonl", 4, skip=100)
     out = tmp_path / "run"
-    result = run(
-        train=str(data),
-        validation=str(val),
-        out=str(out),
-        hyper=hyper(max_steps=4, save_steps=4, eval_steps=2),
+    params = TrainParams.model_validate(
+        {
+            "train": str(data),
+            "validation": str(val),
+            "out": str(out),
+            "hyper": hyper(max_steps=4, save_steps=4, eval_steps=2),
+        }
     )
+    state = asyncio.run(train(params=params, return_state=True))
+    result: TrainResult = state.result()
+    flow_run_id = state.state_details.flow_run_id
     assert result.steps == 4 and result.train_rows == 6 and result.validation_rows == 4
     assert result.first_loss is not None and result.train_loss is not None
     assert result.train_loss < result.first_loss  # the same six rows, seen again: learned
@@ -104,6 +110,11 @@ def test_a_few_steps_lower_the_loss_and_write_checkpoints_and_the_model(
     assert any("eval_loss" in h for h in history)
     summary = json.loads((out / "train.json").read_text())
     assert summary["steps"] == 4 and summary["outputs"]["model"].endswith("model")
+    (markdown,) = artifacts(flow_run_id, "train-summary")
+    assert "4 steps on 6 rows" in markdown.data and "validation loss" in markdown.data
+    (table,) = artifacts(flow_run_id, "train-loss")
+    rows = table.data if isinstance(table.data, list) else json.loads(table.data)
+    assert [r["step"] for r in rows if r["loss"] is not None][-1] == 4
 
 
 @pytest.mark.slow

@@ -133,21 +133,21 @@ def _markdown(result: TrainResult) -> str:
     return "\n".join(lines)
 
 
-def _publish(result: TrainResult, history: list[dict[str, Any]]) -> None:
+async def _publish(result: TrainResult, history: list[dict[str, Any]]) -> None:
     """The markdown and the loss table as artifacts of the flow run (when there is one)."""
-    from prefect.artifacts import create_markdown_artifact, create_table_artifact
+    from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
     from prefect.context import FlowRunContext
 
     if FlowRunContext.get() is None:
         return
-    create_markdown_artifact(key="train-summary", markdown=_markdown(result))
+    await acreate_markdown_artifact(key="train-summary", markdown=_markdown(result))
     rows = [
         {k: h.get(k) for k in ("step", "loss", "eval_loss", "learning_rate", "grad_norm")}
         for h in history
         if "loss" in h or "eval_loss" in h
     ]
     if rows:
-        create_table_artifact(key="train-loss", table=rows)
+        await acreate_table_artifact(key="train-loss", table=rows)
 
 
 @pipeline_flow("train")
@@ -210,7 +210,7 @@ async def train(params: TrainParams) -> TrainResult:
     outputs["train.json"] = store.write_bytes(
         "train.json", result.model_dump_json(indent=2).encode()
     )
-    _publish(result, history)
+    await _publish(result, history)
     log.info(
         "train: %d steps, loss %s -> %s, validation %s, %.1f tokens/s, model in %s",
         result.steps,
