@@ -236,19 +236,11 @@ def _resources(p: CritiqueParams) -> Resources:
     )
 
 
-def _rows(state: RunState, dataset: str, model: type[Any]) -> list[Any]:
-    store = state.rt.store
-    refs = sorted((r for r in state.refs if r.dataset == dataset), key=lambda r: r.key)
-    rows: list[Any] = []
-    for ref in refs:
-        rows += store.dataset(dataset).read_chunk(ref, model)
-    return sorted(rows, key=lambda r: r.position)
-
-
 def _critiques(state: RunState) -> list[CritiqueExample]:
     cached = state.rt.extra.get("critique.rows")
     if cached is None:
-        cached = state.rt.extra["critique.rows"] = _rows(state, "critiques", CritiqueExample)
+        rows = state.read("critiques", CritiqueExample)
+        cached = state.rt.extra["critique.rows"] = sorted(rows, key=lambda r: r.position)
     return list(cached)
 
 

@@ -56,23 +56,13 @@ class EvaluateResult(RunResult):
     accuracy: float | None = None
 
 
-def _rows(state: RunState, dataset: str, model: type[Any]) -> list[Any]:
-    store = state.rt.store
-    return [
-        row
-        for ref in state.refs
-        if ref.dataset == dataset
-        for row in store.dataset(dataset).read_chunk(ref, model)
-    ]
-
-
 def _evaluation(state: RunState) -> dict[str, Any]:
     """The run's evaluation, computed once at the end (the exports, report, statistics
     and result all read it).
     """
     cached: dict[str, Any] | None = state.rt.extra.get("evaluation")
     if cached is None:
-        problems, samples = _rows(state, "problems", Problem), _rows(state, "samples", Sample)
+        problems, samples = state.read("problems", Problem), state.read("samples", Sample)
         cached = state.rt.extra["evaluation"] = evaluate_samples(problems, samples)
     return cached
 

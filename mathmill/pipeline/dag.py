@@ -107,6 +107,14 @@ class RunState:
         """Rows the run wrote to ``dataset``."""
         return sum(r.rows for r in self.refs if r.dataset == dataset)
 
+    def read(self, dataset: str, model: type[Any]) -> list[Any]:
+        """Every row the run wrote to ``dataset``, as ``model`` records, chunk by chunk
+        in chunk-key order (a chunked stage's: its input order).
+        """
+        data = self.rt.store.dataset(dataset)
+        chunks = self.by_dataset().get(dataset, [])
+        return [row for ref in chunks for row in data.read_chunk(ref, model)]
+
 
 Hook = Callable[[RunState], Any]
 
