@@ -40,7 +40,7 @@ from mathmill.tasks.critique import (
     teacher,
     verl_row,
 )
-from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.generation import GenBackend, place_roles
 from mathmill.tasks.load import LoadConfig, load
 
 __all__ = ["PIPELINE", "CritiqueModel", "CritiqueParams", "CritiqueResult", "critique"]
@@ -218,13 +218,9 @@ def _teacher_config(p: CritiqueParams) -> TeacherConfig:
 
 
 def _resources(p: CritiqueParams) -> Resources:
-    roles: dict[str, Any] = {}
-    backends: dict[str, Any] = {}
-    for m in p.all_models():
-        if m.backend.kind == "endpoint":
-            roles[model_role(m.name)] = m.model.over(p.endpoint)
-        else:
-            backends[model_role(m.name)] = m.backend
+    roles, backends = place_roles(
+        {model_role(m.name): (m.model.over(p.endpoint), m.backend) for m in p.all_models()}
+    )
     if p.teacher:
         roles["teacher"] = p.teacher_model.over(p.endpoint)
     return Resources(

@@ -34,7 +34,7 @@ from mathmill.records import SamplingParams
 from mathmill.tasks import curate as stages
 from mathmill.tasks import labels
 from mathmill.tasks.curate import DecontamConfig, DedupConfig, NormalizeConfig
-from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.generation import GenBackend, place_roles
 from mathmill.tasks.labels import (
     FRAME_COLUMNS,
     SPLITS,
@@ -274,12 +274,9 @@ def _resources(p: CurateParams) -> Resources:
         "judge": p.judge.over(p.solver).over(JUDGE_DEFAULTS),
         "labeler": p.labeler.over(p.solver).over(LABELER_DEFAULTS),
     }
-    backends = {}
-    for rung in p.rungs if p.ladder else []:
-        if rung.backend.kind == "endpoint":
-            roles[rung_role(rung.name)] = rung.model.over(p.solver)
-        else:
-            backends[rung_role(rung.name)] = rung.backend
+    rungs = {rung_role(r.name): (r.model.over(p.solver), r.backend) for r in p.rungs}
+    on_endpoints, backends = place_roles(rungs if p.ladder else {})
+    roles |= on_endpoints
     return Resources(
         roles=roles,
         backends=backends,

@@ -21,7 +21,7 @@ from mathmill.pipeline.finish import RunResult
 from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Problem, Sample, SamplingParams
 from mathmill.tasks.evaluate import evaluate_samples, metric_rows
-from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.generation import GenBackend, place_roles
 from mathmill.tasks.load import LoadConfig, load
 from mathmill.tasks.sample import SampleConfig
 from mathmill.tasks.sample import sample as sample_stage
@@ -93,12 +93,8 @@ def _summary(state: RunState) -> dict[str, Any]:
 
 
 def _resources(p: EvaluateParams) -> Resources:
-    endpoint = p.backend.kind == "endpoint"
-    return Resources(
-        roles={"sampler": p.model} if endpoint else {},
-        backends={} if endpoint else {"sampler": p.backend},
-        row_concurrency=p.concurrency,
-    )
+    roles, backends = place_roles({"sampler": (p.model, p.backend)})
+    return Resources(roles=roles, backends=backends, row_concurrency=p.concurrency)
 
 
 PIPELINE: Pipeline[EvaluateParams, EvaluateResult] = Pipeline(

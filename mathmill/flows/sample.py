@@ -24,7 +24,7 @@ from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipel
 from mathmill.pipeline.finish import RunResult
 from mathmill.pipeline.flow import pipeline_flow
 from mathmill.records import Sample, SamplingParams
-from mathmill.tasks.generation import GenBackend
+from mathmill.tasks.generation import GenBackend, place_roles
 from mathmill.tasks.load import LoadConfig, load
 from mathmill.tasks.sample import (
     STATS_COLUMNS,
@@ -103,12 +103,8 @@ def _load_chunk(params: SampleParams) -> int:
 
 
 def _resources(params: SampleParams) -> Resources:
-    endpoint = params.backend.kind == "endpoint"
-    return Resources(
-        roles={"sampler": params.model} if endpoint else {},
-        backends={} if endpoint else {"sampler": params.backend},
-        row_concurrency=params.concurrency,
-    )
+    roles, backends = place_roles({"sampler": (params.model, params.backend)})
+    return Resources(roles=roles, backends=backends, row_concurrency=params.concurrency)
 
 
 def _stats(state: RunState) -> list[dict[str, Any]]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -56,6 +56,7 @@ __all__ = [
     "generate",
     "generate_rows",
     "generation_specs",
+    "place_roles",
     "read_generations",
     "role_model",
     "write_requests",
@@ -100,6 +101,23 @@ class GenBackend(BaseModel):
         if self.kind != "endpoint" and self.engine is None:
             raise ValueError(f"backend kind {self.kind!r} needs engine (the model to load)")
         return self
+
+
+def place_roles(
+    generators: Mapping[str, tuple[Any, GenBackend]],
+) -> tuple[dict[str, Any], dict[str, GenBackend]]:
+    """Roles that generate, each given as ``(its endpoint model, its backend)``, split
+    as a run opens them: ``(roles, backends)``, a role on the endpoint backend among the
+    endpoint roles, any other among the vLLM backends.
+    """
+    roles: dict[str, Any] = {}
+    backends: dict[str, GenBackend] = {}
+    for role, (model, backend) in generators.items():
+        if backend.kind == "endpoint":
+            roles[role] = model
+        else:
+            backends[role] = backend
+    return roles, backends
 
 
 def write_requests(
