@@ -9,10 +9,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,15 @@ from tests.prefect_support import artifacts
 
 GSM8K = ROOT / "tests" / "data" / "gsm8k_test.jsonl"
 PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True)
+def _free_the_disk(tmp_path: Path) -> Iterator[None]:
+    """Each test's models and checkpoints (~2 GB) are removed when it ends, pass or
+    fail: a CI disk must not hold every test's copies until the session ends.
+    """
+    yield
+    shutil.rmtree(tmp_path / "run", ignore_errors=True)
 
 
 def split(path: Path, rows: int, skip: int = 0) -> Path:
