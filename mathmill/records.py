@@ -31,14 +31,18 @@ __all__ = [
     "ErrorInfo",
     "ExecStatus",
     "ExecutionResult",
+    "FormalLemma",
+    "FormalReasoning",
     "GenChoice",
     "GenRequest",
     "Generation",
+    "Goal",
     "Label",
     "MergedProblem",
     "ModelTally",
     "Problem",
     "PromptRef",
+    "ProofState",
     "Record",
     "Sample",
     "SampleStatus",
@@ -639,6 +643,81 @@ class CritiqueExample(Record):
     created_at: UTCDateTime = Field(default_factory=_now)
 
 
+class Goal(Record):
+    """One open goal of a proof state: its hypotheses (``name : type``) and conclusion."""
+
+    hypotheses: list[str] = Field(default_factory=list)
+    conclusion: str
+
+
+class ProofState(Record):
+    """The goals before one tactic of a replayed proof (empty: no goal left)."""
+
+    goals: list[Goal] = Field(default_factory=list)
+
+
+class FormalReasoning(Record):
+    """A natural-language reasoning written for a formal proof, with its score: the
+    mean per-token log-probability of the proof's tactics given statement + reasoning,
+    minus the same given the statement alone (the reasoning's information gain).
+    """
+
+    index: int = Field(ge=0)
+    text: str
+    model: str = ""
+    score: float | None = Field(None, description="Information gain (nats per tactic token).")
+    logprob_with: float | None = Field(None, description="Mean logprob with the reasoning.")
+    scored_by: str | None = Field(None, description="The scoring model.")
+    verdict: Literal["pass", "fail"] | None = Field(
+        None, description="The judge: fail when it leans on already knowing the tactics."
+    )
+    verdict_reason: str | None = None
+
+
+class FormalLemma(Record):
+    """A lemma of a proof library: where it is, its statement and its proof as tactic
+    sentences; after replay the goals before each tactic; after the later stages its
+    token lengths, reasonings and the chosen one.
+    """
+
+    id: str
+    name: str
+    kind: str = Field("Lemma", description="Lemma, Theorem, Corollary, Fact, Remark, ...")
+    module: str = Field(description="The logical module path (mathcomp.ssreflect.ssrnat).")
+    file: str = Field(description="The file, relative to the source directory.")
+    line: int = Field(ge=1, description="The statement's first line.")
+    start: int = Field(0, ge=0, description="Byte offset of the statement in the file.")
+    end: int = Field(0, ge=0, description="Byte offset just after the proof's terminator.")
+    statement: str = Field(description="The statement sentence, as written.")
+    proof: str = Field(description="The proof as written (Proof. ... Qed.).")
+    tactics: list[str] = Field(
+        default_factory=list, description="The proof's tactic sentences (no Proof./Qed.)."
+    )
+    terminator: str = Field("Qed.", description="Qed. or Defined.")
+    notations: list[str] = Field(
+        default_factory=list, description="Notation declarations of its file."
+    )
+    premises: list[str] = Field(
+        default_factory=list, description="Qualified names its statement and proof use (.glob)."
+    )
+    states: list[ProofState] | None = Field(
+        None, description="Replayed: the goals before each tactic (one per tactic)."
+    )
+    statement_tokens: int | None = Field(None, ge=0)
+    proof_tokens: int | None = Field(None, ge=0, description="Statement + proof tokens.")
+    tactic_tokens: int | None = Field(None, ge=0, description="Tokens of the tactic sequence.")
+    tokenizer: str | None = None
+    reasonings: list[FormalReasoning] = Field(default_factory=list)
+    chosen: int | None = Field(None, description="Index of the kept reasoning.")
+    metadata: dict[str, JsonValue] = Field(default_factory=dict)
+    created_at: UTCDateTime = Field(default_factory=_now)
+
+    @property
+    def tactic_text(self) -> str:
+        """The tactic sequence, one sentence per line."""
+        return "\n".join(self.tactics)
+
+
 RECORD_TYPES: dict[str, type[Record]] = {
     cls.__name__: cls
     for cls in (
@@ -665,6 +744,10 @@ RECORD_TYPES: dict[str, type[Record]] = {
         GenChoice,
         TokenLogprob,
         Sample,
+        Goal,
+        ProofState,
+        FormalReasoning,
+        FormalLemma,
     )
 }
 """Every record type by name; Parquet chunks record which one they hold."""

@@ -19,14 +19,18 @@ from mathmill.records import (
     Dropped,
     ErrorInfo,
     ExecutionResult,
+    FormalLemma,
+    FormalReasoning,
     GenChoice,
     Generation,
     GenRequest,
+    Goal,
     Label,
     MergedProblem,
     ModelTally,
     Problem,
     PromptRef,
+    ProofState,
     Record,
     Sample,
     SamplingParams,
@@ -319,6 +323,45 @@ def full_examples() -> dict[str, Record]:
         metadata={"k": [1, 2]},
         created_at=WHEN,
     )
+    goal = Goal(hypotheses=["n : nat", "IH : n + 0 = n"], conclusion="S n + 0 = S n")
+    examples["Goal"] = goal
+    examples["ProofState"] = ProofState(goals=[goal, Goal(conclusion="True")])
+    reasoning = FormalReasoning(
+        index=1,
+        text="Induct on n.",
+        model="m",
+        score=0.25,
+        logprob_with=-1.5,
+        scored_by="s",
+        verdict="pass",
+        verdict_reason="explains the idea",
+    )
+    examples["FormalReasoning"] = reasoning
+    examples["FormalLemma"] = FormalLemma(
+        id="l",
+        name="addn0",
+        kind="Lemma",
+        module="mathcomp.ssreflect.ssrnat",
+        file="ssrnat.v",
+        line=12,
+        start=100,
+        end=180,
+        statement="Lemma addn0 : right_id 0 addn.",
+        proof="Proof. by move=> n; apply/eqP; elim: n. Qed.",
+        tactics=["move=> n.", "by elim: n."],
+        terminator="Qed.",
+        notations=['Notation "n .+1" := (succn n).'],
+        premises=["mathcomp.ssreflect.ssrnat.addn"],
+        states=[ProofState(goals=[goal]), ProofState()],
+        statement_tokens=9,
+        proof_tokens=20,
+        tactic_tokens=8,
+        tokenizer="cl100k_base",
+        reasonings=[reasoning, FormalReasoning(index=0, text="")],
+        chosen=1,
+        metadata={"root": "/x", "pick": 0},
+        created_at=WHEN,
+    )
     assert set(examples) == set(RECORD_TYPES), "every record type needs an example"
     return examples
 
@@ -357,6 +400,12 @@ def minimal_examples() -> dict[str, Record]:
             prompt="",
         ),
         "Structure": Structure(),
+        "Goal": Goal(conclusion=""),
+        "ProofState": ProofState(),
+        "FormalReasoning": FormalReasoning(index=0, text=""),
+        "FormalLemma": FormalLemma(
+            id="l", name="n", module="m", file="f", line=1, statement="", proof=""
+        ),
         "CuratedRow": CuratedRow(
             id="p", problem="x", original_problem="x", answer="1", original_answer="1", code=""
         ),
