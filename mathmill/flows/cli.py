@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from mathmill.flows.critique import CritiqueParams
     from mathmill.flows.curate import CurateParams
     from mathmill.flows.evaluate import EvaluateParams
+    from mathmill.flows.formal import FormalParams
     from mathmill.flows.sample import SampleParams
     from mathmill.flows.synthesize import SynthesizeParams
     from mathmill.flows.tir import TirParams
@@ -267,6 +268,11 @@ def print_result(result: Any, link: str | None = None, *, name: str = "") -> Non
 
 
 def _headline(result: Any) -> str:
+    if hasattr(result, "replayed"):
+        return (
+            f"{result.lemmas} lemmas, {result.replayed} replayed, {result.selected} selected, "
+            f"{result.kept} kept with a reasoning ({result.rejected} rejected)"
+        )
     if hasattr(result, "examples"):
         return (
             f"{result.problems} problems, {result.kept} kept, {result.examples} critique "
@@ -369,6 +375,16 @@ CRITIQUE_FLAGS: dict[str, str | Shortcut] = {
         also={"teacher": True},
         help="A teacher explains each example (only explanations that agree are kept).",
     ),
+}
+FORMAL_FLAGS: dict[str, str | Shortcut] = {
+    "--base-url": "endpoint.base_url",
+    "--model": "endpoint.model",
+    "--api-key-env": "endpoint.api_key_env",
+    "--judge-model": "judge.model",
+    "--scorer-base-url": "scorer.base_url",
+    "--scorer-model": "scorer.model",
+    "--scorer-backend": "scorer_backend.kind",
+    "--scorer-engine-model": "scorer_backend.engine.model",
 }
 EVALUATE_FLAGS: dict[str, str | Shortcut] = {
     "--base-url": "model.base_url",
@@ -508,6 +524,22 @@ def run_critique(params: CritiqueParams, options: Mapping[str, Any]) -> None:
     run_checked(critique, "critique", params, options)
 
 
+def formal_model() -> type[FormalParams]:
+    """The formal flow's parameters (imports the flow)."""
+    from mathmill.flows.formal import FormalParams
+
+    return FormalParams
+
+
+def run_formal(params: FormalParams, options: Mapping[str, Any]) -> None:
+    """Coq lemmas replayed with goals, filtered, a BM25-diverse subset given reasonings
+    scored by prompt logprobs and checked by a judge.
+    """
+    from mathmill.flows.formal import formal
+
+    run_checked(formal, "formal", params, options)
+
+
 def train_model() -> type[TrainParams]:
     """The train flow's parameters (imports the flow, not torch)."""
     from mathmill.flows.train import TrainParams
@@ -590,6 +622,14 @@ params_command(
     critique_model,
     run_critique,
     shortcuts=CRITIQUE_FLAGS,
+    extra=[PREFECT_SERVER, PROGRESS],
+)
+params_command(
+    run_app,
+    "formal",
+    formal_model,
+    run_formal,
+    shortcuts=FORMAL_FLAGS,
     extra=[PREFECT_SERVER, PROGRESS],
 )
 params_command(

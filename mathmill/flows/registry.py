@@ -43,6 +43,7 @@ PIPELINES = {
         Entry("curate", "mathmill.flows.curate", "curate", "params"),
         Entry("evaluate", "mathmill.flows.evaluate", "evaluate", "params"),
         Entry("critique", "mathmill.flows.critique", "critique", "params"),
+        Entry("formal", "mathmill.flows.formal", "formal", "params"),
     )
 }
 
