@@ -7,6 +7,10 @@ fake server for reasonings and judging and the engine for scoring.
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +22,7 @@ from mathmill.records import FormalLemma, FormalReasoning
 from mathmill.storage import RunStore
 from mathmill.tasks.formal import ScoreConfig, score_lemma, score_prompt, score_requests
 from tests.formal_world import COPY_MARK, FormalWorld
+from tests.resume_support import kill_9_midway
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1200)]
 
@@ -130,3 +135,52 @@ def test_the_flow_on_mathcomp_lemmas_with_the_engine_scoring(
     # copying the proof helps the small model predict it: the copy scores best nearly always
     assert copied_best >= 0.8 * len(kept)
     assert world.paid_twice() == {}
+
+
+def command(base_url: str, out: Path, engine: Any) -> list[str]:
+    """``mathmill run formal`` on 20 lemmas of ssrnat.v: the fake server reasons and
+    judges, vLLM in the run's process scores (the engine settings of the session's).
+    """
+    return [
+        *(sys.executable, "-m", "mathmill", "run", "formal", "--out", str(out)),
+        *("--source", str(MATHCOMP / "ssreflect"), "--logical", "mathcomp.ssreflect"),
+        *("--files", "ssrnat.v", "--base-url", base_url, "--model", "fake"),
+        *("--reasonings", "3", "--num-documents", "20", "--items-per-chunk", "2"),
+        *("--concurrency", "1", "--no-progress"),
+        *("--set", f"scorer_backend={json.dumps({'kind': 'engine', 'engine': engine})}"),
+    ]
+
+
+def env(prefect_api: dict[str, str]) -> dict[str, str]:
+    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE")
+    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api
+
+
+def test_kill_9_mid_reasoning_on_mathcomp_then_resume_pays_no_call_twice(
+    prefect_api: dict[str, str], vllm_config: Any, tmp_path: Path
+) -> None:
+    """kill -9 of ``mathmill run formal`` while the reasonings are written; the same
+    command again finishes (the engine scoring), and no reasoning or judge call was
+    answered twice.
+    """
+    world = FormalWorld()
+    engine = vllm_config.model_dump(mode="json")
+    with FakeOpenAIServer(world) as fake:
+        argv = command(fake.base_url, tmp_path / "run", engine)
+        kill_9_midway(
+            argv,
+            env(prefect_api),
+            ready=lambda: world.stages["formal_reason"] >= 6,
+            paused=world.paused,
+        )
+        killed_at = dict(world.stages)
+        resumed = subprocess.run(argv, env=env(prefect_api), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert 6 <= killed_at["formal_reason"] < 20  # killed mid-reasoning
+    assert world.stages["formal_reason"] == 20  # every lemma reasoned once, over both runs
+    assert world.paid_twice() == {}
+    kept = RunStore(str(tmp_path / "run")).dataset("formal").read_all(FormalLemma)
+    rejected = RunStore(str(tmp_path / "run")).dataset("rejected").read_all(FormalLemma)
+    assert len(kept) + len(rejected) == 20 and kept
+    assert all(r.scored_by for x in kept for r in x.reasonings)
+    assert "kept with a reasoning" in resumed.stdout
