@@ -19,9 +19,18 @@ import pytest
 from mathmill.errors import ConfigError
 from mathmill.flows.formal import FormalParams, FormalResult, formal
 from mathmill.llm.fake_server import FakeOpenAIServer
-from mathmill.records import Dropped, FormalLemma, Goal, ProofState, TokenLogprob
+from mathmill.records import (
+    Dropped,
+    ErrorInfo,
+    FormalLemma,
+    FormalReasoning,
+    Generation,
+    Goal,
+    ProofState,
+    TokenLogprob,
+)
 from mathmill.storage import RunStore
-from mathmill.tasks.formal import goals_text, score_prompt, tactic_tokens
+from mathmill.tasks.formal import goals_text, score_lemma, score_prompt, tactic_tokens
 from tests.formal_world import COPY_MARK, PLANTED, FormalWorld
 from tests.resume_support import kill_9_midway
 
@@ -50,6 +59,43 @@ def test_tactic_tokens_are_the_suffix_that_spells_the_tactics() -> None:
     assert [t.token for t in got] == ["elim", ":", " n", ".\n", "by", " [].", ""]
     with pytest.raises(ValueError, match="cover"):
         tactic_tokens(lp[-2:], "elim: n.\nby [].")
+
+
+def test_a_span_that_does_not_spell_the_tactics_is_refused_not_guessed() -> None:
+    # a token split inside a multi-byte character decodes to U+FFFD on its own
+    split = ["Proof", ".\n", "rewrite", " \ufffd", "\ufffd", " x."]
+    with pytest.raises(ValueError, match="multi-byte"):
+        tactic_tokens([TokenLogprob(token=t, logprob=-1.0) for t in split], "rewrite ≤ x.")
+    # a token across the boundary between the header and the tactics
+    across = ["Proof", ".\nby", " []."]
+    with pytest.raises(ValueError, match="straddles"):
+        tactic_tokens([TokenLogprob(token=t, logprob=-1.0) for t in across], "by [].")
+    # whitespace before the tactics in their first token is fine
+    spaced = [TokenLogprob(token=t, logprob=-1.0) for t in ["Proof.", "\nby", " []."]]
+    assert [t.token for t in tactic_tokens(spaced, "by [].")] == ["\nby", " []."]
+
+
+def test_a_reasoning_that_could_not_be_scored_is_left_out_not_the_lemma() -> None:
+    x = lemma(reasonings=[FormalReasoning(index=0, text="a"), FormalReasoning(index=1, text="b")])
+    tail = [TokenLogprob(token=t, logprob=v) for t, v in (("elim: n.\n", -2.0), ("by [].", -1.0))]
+    head = [TokenLogprob(token="Proof.\n", logprob=-0.1)]
+    failed = ErrorInfo(kind="bad_request", message="prompt too long", stage="formal_score")
+    by_id = {
+        "x:none": Generation(id="x:none", model="s", prompt_logprobs=head + tail),
+        "x:0": Generation(
+            id="x:0",
+            model="s",
+            prompt_logprobs=head + [t.model_copy(update={"logprob": -0.5}) for t in tail],
+        ),
+        "x:1": Generation(id="x:1", model="s", error=failed),
+    }
+    scored = score_lemma(x, by_id)
+    assert [r.index for r in scored.reasonings] == [0]
+    assert scored.reasonings[0].score == pytest.approx(-0.5 - (-1.5))
+    assert scored.reasonings[0].scored_by == "s"
+    assert "prompt too long" in str(scored.metadata["not_scored"])
+    with pytest.raises(ValueError, match="no reasoning"):
+        score_lemma(x, {**by_id, "x:0": by_id["x:1"].model_copy(update={"id": "x:0"})})
 
 
 def test_score_prompt_puts_the_tactics_last_with_and_without_the_reasoning() -> None:

@@ -229,6 +229,28 @@ def test_replay_mathcomp_file() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("name", ["seq.v", "bigop.v"])
+def test_replay_files_with_sections_keeps_their_lemmas_types(name: str) -> None:
+    """Files whose lemmas live in Sections: a lemma not asked for is replayed for real
+    there (Admitted would generalize it over every section variable and break the
+    file's later `Arguments` and proofs), so the 3-7-step lemmas all replay.
+    """
+    require_coq()
+    path = MATHCOMP_ROOT / "ssreflect" / name
+    module = f"mathcomp.ssreflect.{name.removesuffix('.v')}"
+    every = extract_file(path, MATHCOMP_ROOT / "ssreflect", module)
+    lemmas = [lem for lem in every if 3 <= len(lem.tactics) <= 7]
+    start = time.perf_counter()
+    outcomes = replay_file(path, module, lemmas, timeout_s=60)
+    took = time.perf_counter() - start
+    dropped = [err for lem, err in outcomes if lem is None]
+    done = len(lemmas) - len(dropped)
+    print(f"{name}: {done} of {len(lemmas)} replayed in {took:.1f}s; {dropped[:2]}")  # noqa: T201
+    assert len(lemmas) >= 20
+    assert len(dropped) <= 0.05 * len(lemmas), dropped[:3]
+
+
+@pytest.mark.slow
 def test_replay_planted_failures_and_timeout() -> None:
     require_coq()
     lemmas = extract_file(PLANTED, DATA, "planted")

@@ -65,10 +65,10 @@ def test_endpoint_backend_sends_vllm_extras_and_reads_them_back(
     assert "response_format" not in sent_text
     # the prompt's own token (rank 2) is picked by its id, the better one is in `top`
     lp = got_chat.prompt_logprobs
-    assert [t.token for t in lp] == ["two", "three", "four"]
+    assert [t.token for t in lp] == [" two", " three", " four"]
     assert [t.token_id for t in lp] == [101, 102, 103] and all(t.logprob == -0.5 for t in lp)
     assert lp[0].top == {"<best>": -0.1}
-    assert [t.token for t in got_text.prompt_logprobs] == ["beta", "gamma"]
+    assert [t.token for t in got_text.prompt_logprobs] == [" beta", " gamma"]
     assert got_text.prompt_logprobs[0].top == {}
     assert len(got_chat.choices) == 2 and got_chat.backend == "http"
     assert all(c.logprobs and c.tokens == len(c.logprobs) for c in got_chat.choices)

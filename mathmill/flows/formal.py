@@ -138,8 +138,10 @@ class FormalParams(BudgetFields, StorageFields):
         call): a clear error otherwise.
         """
         from mathmill.errors import ConfigError
+        from mathmill.formal.tokens import token_counter
         from mathmill.tasks.formal import source_files
 
+        token_counter(self.tokenizer)  # a tokenizer not here: a clear error now
         if not source_files(_extract_config(self)):
             dirs = ", ".join(d for d, _ in self.all_sources())
             raise ConfigError(f"source: no .v files under {dirs}")
@@ -282,9 +284,14 @@ def _stats(state: RunState) -> list[dict[str, Any]]:
         {"metric": "lemmas kept", "value": _count(state, "formal_judge.kept")},
         {"metric": "lemmas rejected", "value": _count(state, "formal_judge.rejected")},
     ]
-    scores = [r.score for x in _formal_rows(state) for r in x.reasonings if r.index == x.chosen]
+    scores = [
+        r.score
+        for x in _formal_rows(state)
+        for r in x.reasonings
+        if r.index == x.chosen and r.score is not None
+    ]
     if scores:
-        mean = sum(s for s in scores if s is not None) / len(scores)
+        mean = sum(scores) / len(scores)
         rows.append({"metric": "mean score of kept reasonings", "value": round(mean, 4)})
     return rows
 

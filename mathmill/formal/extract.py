@@ -29,6 +29,7 @@ __all__ = [
     "discover",
     "extract_all",
     "extract_file",
+    "in_section",
     "inner_modules",
     "is_bullet",
     "parse_blocks",
@@ -344,14 +345,14 @@ _MODULE_OPEN = re.compile(
 _END = re.compile(r"End\s+(" + _IDENT + r")\s*\.$")
 
 
-def inner_modules(sentences: Sequence[Sentence]) -> list[str]:
-    """For each sentence, the path of the Coq ``Module``s it is in (sections left out),
-    e.g. ``Order.POrderTheory``; empty at the file's top level.
+def _scopes(sentences: Sequence[Sentence]) -> list[tuple[tuple[str, str], ...]]:
+    """For each sentence, the ``Module``s and ``Section``s it is in, outermost first,
+    as ``(kind, name)``.
     """
     stack: list[tuple[str, str]] = []
-    out: list[str] = []
+    out: list[tuple[tuple[str, str], ...]] = []
     for s in sentences:
-        out.append(".".join(name for kind, name in stack if kind == "Module"))
+        out.append(tuple(stack))
         m = _MODULE_OPEN.match(s.text)
         if m is not None:
             if ":=" not in m.group(3):
@@ -364,6 +365,20 @@ def inner_modules(sentences: Sequence[Sentence]) -> list[str]:
                     del stack[k:]
                     break
     return out
+
+
+def inner_modules(sentences: Sequence[Sentence]) -> list[str]:
+    """For each sentence, the path of the Coq ``Module``s it is in (sections left out),
+    e.g. ``Order.POrderTheory``; empty at the file's top level.
+    """
+    return [".".join(n for kind, n in scope if kind == "Module") for scope in _scopes(sentences)]
+
+
+def in_section(sentences: Sequence[Sentence]) -> list[bool]:
+    """For each sentence, whether it is inside a ``Section`` (where ``Admitted``
+    generalizes over every section variable, unlike ``Qed``: not a drop-in stand-in).
+    """
+    return [any(kind == "Section" for kind, _ in scope) for scope in _scopes(sentences)]
 
 
 def _premises(
@@ -489,7 +504,11 @@ def extract_all(
     if workers <= 1 or len(files) <= 1:
         results = [_extract_one(item) for item in files]
     else:
-        with ProcessPoolExecutor(max_workers=workers) as pool:
+        import multiprocessing
+
+        # forkserver: the caller is a threaded flow process (Prefect, maybe vLLM)
+        context = multiprocessing.get_context("forkserver")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
             results = list(pool.map(_extract_one, files, chunksize=1))
     lemmas: list[FormalLemma] = []
     failed: list[tuple[str, str]] = []

@@ -16,6 +16,7 @@ import os
 import re
 import select
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -38,6 +39,7 @@ from mathmill.formal.extract import (
     ExtractError,
     LemmaBlock,
     Sentence,
+    in_section,
     parse_blocks,
     read_source,
     step_text,
@@ -155,6 +157,25 @@ def _parse_goals(value: ET.Element) -> CoqGoals | None:
     return CoqGoals(fg=fg, bg=bg, shelved=shelved, given_up=given_up)
 
 
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` (resolved here, in the parent: the child only calls it) that
+    makes the child get SIGKILL when the parent dies (Linux ``PR_SET_PDEATHSIG``), so a
+    killed run leaves no coqidetop behind busy with a runaway tactic. None elsewhere.
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    kill = int(signal.SIGKILL)
+
+    def arm() -> None:
+        prctl(1, kill)  # PR_SET_PDEATHSIG
+
+    return arm
+
+
 class CoqWorker:
     """One ``coqidetop.opt`` process speaking the CoqIDE XML protocol, synchronously.
 
@@ -214,6 +235,7 @@ class CoqWorker:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
+            preexec_fn=_die_with_parent(),
         )
         self._parser = ET.XMLPullParser(events=("end",))
         self._parser.feed(b"<coq>")
@@ -447,6 +469,7 @@ class _Replay:
         self.timeout_s = timeout_s
         self.admit_others = admit_others
         self.on_step = on_step
+        self.sectioned = in_section(sentences)
         self.committed: list[str] = []  # what to resend after a restart
 
     def where(self, idx: int) -> str:
@@ -494,7 +517,12 @@ class _Replay:
         if term.startswith("Abort"):
             return
         if term.startswith("Admitted") or (
-            self.admit_others and term.startswith("Qed") and b.kind in LEMMA_KINDS
+            self.admit_others
+            and term.startswith("Qed")
+            and b.kind in LEMMA_KINDS
+            # inside a Section, Admitted generalizes over every section variable (Qed
+            # only over those the proof uses): the lemma's type would change after End
+            and not self.sectioned[b.statement]
         ):
             texts = self.admitted_texts(b)
         else:

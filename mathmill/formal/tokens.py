@@ -57,7 +57,6 @@ def token_counter(name: str = DEFAULT_TOKENIZER) -> TokenCounter:
 
 
 def _hf_counter(name: str) -> TokenCounter:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         from tokenizers import Tokenizer
     except ImportError:
@@ -66,11 +65,21 @@ def _hf_counter(name: str) -> TokenCounter:
             f"{DEFAULT_TOKENIZER!r}"
         ) from None
     path = os.path.join(name, "tokenizer.json")
+    if not os.path.isfile(path):  # a Hugging Face name: its file in the local cache only
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "tokenizer.json")
+        except Exception:  # an invalid repo id, or no huggingface_hub
+            cached = None
+        if not isinstance(cached, str):
+            raise ConfigError(
+                f"tokenizer {name!r}: not a local tokenizer folder (with tokenizer.json) "
+                "nor a name in the Hugging Face cache; nothing is downloaded"
+            )
+        path = cached
     try:
-        tok = Tokenizer.from_file(path) if os.path.isfile(path) else Tokenizer.from_pretrained(name)
+        tok = Tokenizer.from_file(path)
     except Exception as e:
-        raise ConfigError(
-            f"tokenizer {name!r}: not a local tokenizer folder (with tokenizer.json) nor a "
-            f"name in the Hugging Face cache ({type(e).__name__}); nothing is downloaded"
-        ) from None
+        raise ConfigError(f"tokenizer {name!r}: cannot read {path} ({type(e).__name__})") from None
     return TokenCounter(name=name, encode=lambda t: tok.encode(t, add_special_tokens=False).ids)

@@ -21,6 +21,7 @@ import argparse
 import asyncio
 import json
 import random
+import re
 import socket
 import threading
 import time
@@ -378,14 +379,15 @@ class FakeOpenAIServer:
 
 def _prompt_logprobs(body: dict[str, Any]) -> dict[str, Any]:
     """vLLM's ``prompt_logprobs`` extra, shaped as vLLM sends it: one entry per prompt
-    word (token ids 100, 101, ...), none for the first, each with the prompt's token
-    (rank 2, logprob -0.5) and a better alternative (id 7, rank 1, logprob -0.1);
+    word with the whitespace before it (``" beta"``, as a BPE token decodes: the tokens
+    join back to the text; token ids 100, 101, ...), none for the first, each with the
+    prompt's token (rank 2, logprob -0.5) and a better alternative (id 7, rank 1, logprob -0.1);
     ``prompt_token_ids`` with ``return_token_ids``.
     """
     k = body.get("prompt_logprobs")
     if k is None:
         return {}
-    words = _prompt_text(body).split()
+    words = re.findall(r"\s*\S+", _prompt_text(body))
     ids = [100 + i for i in range(len(words))]
     positions: list[dict[str, Any] | None] = [None]
     for i in range(1, len(words)):

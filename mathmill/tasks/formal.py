@@ -19,9 +19,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from mathmill.errors import ConfigError
+from mathmill.formal.diverse import select_diverse
+from mathmill.formal.extract import discover, extract_all
+from mathmill.formal.replay import replay_file
+from mathmill.formal.tokens import token_counter
 from mathmill.pipeline.chunks import drop, raise_if_transient, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
@@ -82,8 +86,6 @@ def source_files(cfg: ExtractConfig) -> list[tuple[Path, Path, str]]:
     """The ``(file, root, module)`` triples the extract stage reads, sorted; an unknown
     directory or a ``files`` entry that matches nothing is a :class:`ConfigError`.
     """
-    from mathmill.formal.extract import discover
-
     for directory, _ in cfg.sources:
         if not Path(directory).is_dir():
             raise ConfigError(f"source: {directory!r} is not a directory")
@@ -105,8 +107,11 @@ def files_digest(cfg: ExtractConfig) -> str:
     """
     h = hashlib.sha256()
     for path, root, module in source_files(cfg):
-        st = os.stat(path)
-        h.update(f"{path.relative_to(root)}|{module}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        for part in (path, path.with_suffix(".glob")):  # premises come from the .glob
+            if part.exists():
+                st = os.stat(part)
+                name = part.relative_to(root)
+                h.update(f"{name}|{module}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()[:16]
 
 
@@ -133,8 +138,6 @@ async def formal_extract(chunk: Chunk, cfg: ExtractConfig) -> StageResult:
     file that cannot be parsed goes to ``dropped`` with the reason. Chunks hold whole
     files (a file's lemmas replay in one Coq process).
     """
-    from mathmill.formal.extract import extract_all
-
     files = source_files(cfg)
     lemmas, failed = await asyncio.to_thread(extract_all, files, cfg.workers)
     roots = {str(f.relative_to(root)): str(root) for f, root, _ in files}
@@ -197,8 +200,6 @@ async def formal_measure(chunk: Chunk, cfg: MeasureConfig) -> StageResult:
     lemma outside the step or token bounds goes to ``dropped`` with the reason. (It runs
     before replay: it reads only the text, so Coq replays only lemmas that can be kept.)
     """
-    from mathmill.formal.tokens import token_counter
-
     lemmas: list[FormalLemma] = chunk.rows("lemmas")
     counter = token_counter(cfg.tokenizer)
     statements = counter.count([x.statement for x in lemmas])
@@ -249,8 +250,6 @@ async def formal_replay(chunk: Chunk, cfg: ReplayConfig) -> StageResult:
     per file, restarted on a crash or a timeout), with the goals before each tactic; a
     proof that does not replay to its terminator goes to ``dropped`` with Coq's error.
     """
-    from mathmill.formal.replay import replay_file
-
     lemmas: list[FormalLemma] = chunk.rows("measured")
     by_file: dict[tuple[str, str], list[FormalLemma]] = {}
     for lemma in lemmas:
@@ -305,8 +304,6 @@ async def formal_select(chunk: Chunk, cfg: SelectConfig) -> StageResult:
     """``num_documents`` lemmas chosen by greedy farthest-point over BM25 similarity
     of statement + proof (seeded), in pick order.
     """
-    from mathmill.formal.diverse import select_diverse
-
     lemmas: list[FormalLemma] = sorted(chunk.rows("replayed"), key=lambda x: (x.file, x.start))
     docs = [f"{x.statement}\n{x.proof}" for x in lemmas]
     picked = await asyncio.to_thread(select_diverse, docs, cfg.num_documents, cfg.seed)
@@ -429,8 +426,13 @@ def score_prompt(lemma: FormalLemma, reasoning: str | None) -> str:
 
 def tactic_tokens(prompt_logprobs: Sequence[TokenLogprob], suffix: str) -> list[TokenLogprob]:
     """The prompt tokens that spell ``suffix`` (the tactics, at the end of the prompt):
-    from the last token back until their text covers it (a token that straddles the
-    boundary counts as a tactic token).
+    from the last token back until their text covers it; the first may also hold the
+    whitespace before the tactics (``"\\nintros"``). A :class:`ValueError` when the
+    tokens' texts do not join up to the suffix (a token split inside a multi-byte
+    character decodes to U+FFFD; a tokenizer whose token texts are not the text, e.g.
+    SentencePiece's ``▁``; a token that holds text before the tactics): the span would
+    be a guess, and a guessed span scores different tokens with and without the
+    reasoning.
     """
     out: list[TokenLogprob] = []
     covered = 0
@@ -439,9 +441,17 @@ def tactic_tokens(prompt_logprobs: Sequence[TokenLogprob], suffix: str) -> list[
             break
         out.append(token)
         covered += len(token.token)
+    out.reverse()
+    text = "".join(t.token for t in out)
+    if text.endswith(suffix) and not text[: len(text) - len(suffix)].strip():
+        return out
     if covered < len(suffix):
-        raise ValueError(f"the prompt's tokens cover {covered} of {len(suffix)} tactic characters")
-    return out[::-1]
+        why = f"they cover {covered} of {len(suffix)} characters"
+    elif "\ufffd" in text:
+        why = "a token splits a multi-byte character"
+    else:
+        why = "a token straddles the start of the tactics or its text is not the text"
+    raise ValueError(f"the scoring model's prompt tokens do not spell the tactics: {why}")
 
 
 def _mean_logprob(tokens: Sequence[TokenLogprob]) -> float:
@@ -469,17 +479,28 @@ def score_requests(lemma: FormalLemma, cfg: ScoreConfig) -> list[GenRequest]:
 def score_lemma(lemma: FormalLemma, by_id: dict[str, Generation]) -> FormalLemma:
     """``lemma`` with every reasoning's score from its scoring generations (see
     :func:`score_requests`): mean logprob per tactic token with the reasoning minus
-    without. A failed call or missing prompt logprobs is a :class:`ValueError`.
+    without. A reasoning whose call failed is left out (its reason in the lemma's
+    ``metadata["not_scored"]``); a failed call without the reasoning, or no reasoning
+    scored, is a :class:`ValueError`.
     """
     base = _scored_mean(by_id[f"{lemma.id}:none"], lemma)
     scored = []
+    skipped: dict[str, JsonValue] = {}
     for r in lemma.reasonings:
         g = by_id[f"{lemma.id}:{r.index}"]
-        mean = _scored_mean(g, lemma)
+        try:
+            mean = _scored_mean(g, lemma)
+        except ValueError as e:
+            skipped[str(r.index)] = str(e)
+            continue
         scored.append(
             r.model_copy(update={"score": mean - base, "logprob_with": mean, "scored_by": g.model})
         )
-    meta = {**lemma.metadata, "logprob_without": base}
+    if not scored:
+        raise ValueError(f"no reasoning could be scored: {next(iter(skipped.values()), '')}")
+    meta: dict[str, JsonValue] = {**lemma.metadata, "logprob_without": base}
+    if skipped:
+        meta["not_scored"] = skipped
     return lemma.model_copy(update={"reasonings": scored, "metadata": meta})
 
 
@@ -501,18 +522,27 @@ async def formal_score(chunk: Chunk, cfg: ScoreConfig) -> StageResult:
     gens = await generate(chunk.rt, "scorer", requests, stage="formal_score")
     failed = [g.error for g in gens if g.error is not None]
     raise_if_transient("formal_score", chunk.spec.key, failed, len(gens))
+    answered = [g for g in gens if g.error is None]
+    if answered and not any(g.prompt_logprobs for g in answered):
+        raise ConfigError(
+            f"formal_score: the scoring model ({answered[0].model or 'scorer'}) returned no "
+            "prompt logprobs; score with vLLM: the engine (scorer_backend kind 'engine'), "
+            "the vllm pool ('deployment'), or a vLLM server (scorer.base_url)"
+        )
     by_id = {g.id: g for g in gens}
     kept: list[FormalLemma] = []
     dropped: list[Dropped] = []
     counts: Counter[str] = Counter()
     for x in lemmas:
         try:
-            kept.append(score_lemma(x, by_id))
+            done = score_lemma(x, by_id)
         except ValueError as e:
             dropped.append(drop("formal_score", "not_scored", x, x.id, str(e)))
             counts["formal_score.failed"] += 1
             continue
-        counts["formal_score.scored"] += len(x.reasonings)
+        kept.append(done)
+        counts["formal_score.scored"] += len(done.reasonings)
+        counts["formal_score.reasoning_failed"] += len(x.reasonings) - len(done.reasonings)
     return StageResult(
         rows={"scored": kept},
         dropped=dropped,
@@ -593,7 +623,10 @@ async def formal_judge(chunk: Chunk, cfg: JudgeConfig) -> StageResult:
     errors: list[ErrorInfo] = []
 
     async def one(x: FormalLemma) -> FormalLemma:
-        order = sorted(x.reasonings, key=lambda r: (-(r.score or float("-inf")), r.index))
+        order = sorted(
+            x.reasonings,
+            key=lambda r: (-(r.score if r.score is not None else float("-inf")), r.index),
+        )
         judged: dict[int, FormalReasoning] = {}
         chosen = None
         for r in order[: cfg.max_checks]:
