@@ -22,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mathmill.flows.options import ModelRole, StorageFields
+from mathmill.formal.replay import coq_version
 from mathmill.pipeline.budget import BudgetFields
 from mathmill.pipeline.dag import Pipeline, Resources, RunState, Step, run_pipeline
 from mathmill.pipeline.finish import RunResult
@@ -331,6 +332,7 @@ PIPELINE: Pipeline[FormalParams, FormalResult] = Pipeline(
         Step(
             formal_replay,
             lambda p: ReplayConfig(sources=tuple(p.all_sources()), timeout_s=p.replay_timeout_s),
+            extra=lambda p: {"coq": coq_version()},
         ),
         Step(
             formal_select,

@@ -12,6 +12,7 @@ process is restarted and the file's prefix sent again, proofs admitted).
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import select
@@ -55,6 +56,7 @@ __all__ = [
     "CoqWorker",
     "ReplayOutcome",
     "coq_available",
+    "coq_version",
     "replay_file",
 ]
 
@@ -64,6 +66,20 @@ COQIDETOP = "coqidetop.opt"
 def coq_available() -> bool:
     """Whether ``coqc`` and ``coqidetop.opt`` are on the PATH."""
     return shutil.which("coqc") is not None and shutil.which(COQIDETOP) is not None
+
+
+@functools.cache
+def coq_version() -> str:
+    """``coqc --version``'s first line (part of the replay stage's cache key: another
+    Coq may replay differently); ``"none"`` when Coq is not installed.
+    """
+    try:
+        out = subprocess.run(
+            ["coqc", "--version"], capture_output=True, text=True, timeout=30, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "none"
+    return (out.stdout.strip().splitlines() or ["unknown"])[0]
 
 
 @dataclass
