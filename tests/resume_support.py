@@ -41,3 +41,12 @@ def kill_9_midway(
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         paused.clear()
+
+
+def run_env(prefect_api: dict[str, str]) -> dict[str, str]:
+    """The environment of a ``mathmill run`` subprocess in a test: this one's basics
+    (home, locale, PATH, PYTHONPATH, TMPDIR, HF offline mode) and the test's Prefect
+    server, nothing else (no keys, no stray settings).
+    """
+    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE")
+    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api

@@ -6,7 +6,6 @@ what an uninterrupted run writes: no row lost, none doubled.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer
 from tests.curate_world import CurateWorld, planted_input, write_jsonl
-from tests.resume_support import kill_9_midway
+from tests.resume_support import kill_9_midway, run_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -28,11 +27,6 @@ def command(base_url: str, data: Path, out: Path) -> list[str]:
         *("--benchmarks", "math500,amc23,aime", "--chunk-size", "4", "--concurrency", "2"),
         *("--sandbox-timeout", "1.5", "--no-progress"),
     ]
-
-
-def env(prefect_api: dict[str, str]) -> dict[str, str]:
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR")
-    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api
 
 
 def rows(out: Path) -> dict[str, list[tuple[str, ...]]]:
@@ -55,7 +49,7 @@ def test_kill_9_mid_solve_then_resume(prefect_api: dict[str, str], tmp_path: Pat
     with FakeOpenAIServer(first) as fake:
         whole = subprocess.run(
             command(fake.base_url, data, tmp_path / "whole"),
-            env=env(prefect_api),
+            env=run_env(prefect_api),
             capture_output=True,
             text=True,
         )
@@ -67,14 +61,14 @@ def test_kill_9_mid_solve_then_resume(prefect_api: dict[str, str], tmp_path: Pat
     with FakeOpenAIServer(world) as fake:
         kill_9_midway(
             command(fake.base_url, data, tmp_path / "run"),
-            env(prefect_api),
+            run_env(prefect_api),
             ready=lambda: world.stages["solve.code"] + world.stages["solve.repair"] >= 14,
             paused=world.paused,
         )
         killed_at = dict(world.stages)
         resumed = subprocess.run(
             command(fake.base_url, data, tmp_path / "run"),
-            env=env(prefect_api),
+            env=run_env(prefect_api),
             capture_output=True,
             text=True,
         )

@@ -6,7 +6,6 @@ replay, real Parquet and a kill -9 / resume that pays no call twice.
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from mathmill.records import (
 from mathmill.storage import RunStore
 from mathmill.tasks.formal import goals_text, score_lemma, score_prompt, tactic_tokens
 from tests.formal_world import COPY_MARK, PLANTED, FormalWorld
-from tests.resume_support import kill_9_midway
+from tests.resume_support import kill_9_midway, run_env
 
 KEPT = {"add_zero_r", "add_succ_r", "triple_plus", "double_even", "le_add_both", "mul_two_r"}
 KEPT |= {"after_broken"}  # add_comm' has 9 steps, one_step 1, broken_swap does not replay
@@ -205,11 +204,6 @@ def command(base_url: str, out: Path) -> list[str]:
     ]
 
 
-def env(prefect_api: dict[str, str]) -> dict[str, str]:
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR")
-    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api
-
-
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_kill_9_mid_reasoning_then_resume_pays_no_call_twice(
@@ -219,14 +213,14 @@ def test_kill_9_mid_reasoning_then_resume_pays_no_call_twice(
     with FakeOpenAIServer(world) as fake:
         kill_9_midway(
             command(fake.base_url, tmp_path / "run"),
-            env(prefect_api),
+            run_env(prefect_api),
             ready=lambda: world.stages["formal_reason"] >= 3,
             paused=world.paused,
         )
         killed_at = dict(world.stages)
         resumed = subprocess.run(
             command(fake.base_url, tmp_path / "run"),
-            env=env(prefect_api),
+            env=run_env(prefect_api),
             capture_output=True,
             text=True,
         )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ from mathmill.records import FormalLemma, FormalReasoning
 from mathmill.storage import RunStore
 from mathmill.tasks.formal import ScoreConfig, score_lemma, score_prompt, score_requests
 from tests.formal_world import COPY_MARK, FormalWorld
-from tests.resume_support import kill_9_midway
+from tests.resume_support import kill_9_midway, run_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm, pytest.mark.timeout(1200)]
 
@@ -151,11 +150,6 @@ def command(base_url: str, out: Path, engine: Any) -> list[str]:
     ]
 
 
-def env(prefect_api: dict[str, str]) -> dict[str, str]:
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE")
-    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api
-
-
 def test_kill_9_mid_reasoning_on_mathcomp_then_resume_pays_no_call_twice(
     prefect_api: dict[str, str], vllm_config: Any, tmp_path: Path
 ) -> None:
@@ -169,12 +163,12 @@ def test_kill_9_mid_reasoning_on_mathcomp_then_resume_pays_no_call_twice(
         argv = command(fake.base_url, tmp_path / "run", engine)
         kill_9_midway(
             argv,
-            env(prefect_api),
+            run_env(prefect_api),
             ready=lambda: world.stages["formal_reason"] >= 6,
             paused=world.paused,
         )
         killed_at = dict(world.stages)
-        resumed = subprocess.run(argv, env=env(prefect_api), capture_output=True, text=True)
+        resumed = subprocess.run(argv, env=run_env(prefect_api), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert 6 <= killed_at["formal_reason"] < 20  # killed mid-reasoning
     assert world.stages["formal_reason"] == 20  # every lemma reasoned once, over both runs

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from mathmill.flows.curate import CurateParams, CurateResult, curate
 from mathmill.llm.fake_server import FakeOpenAIServer
 from mathmill.records import CuratedRow
 from tests.curate_world import CurateWorld, key, planted_input, write_jsonl
+from tests.resume_support import run_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -152,8 +152,7 @@ def test_cli_curate_then_evaluate_the_test_split(
     data = write_jsonl(tmp_path / "in.jsonl", planted.rows)
     by_key, _ = _levels(planted)
     world = CurateWorld(planted.kinds, rungs=RUNGS, levels=by_key)
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR")
-    env = {k: v for k, v in os.environ.items() if k in keep} | prefect_api
+    env = run_env(prefect_api)
     out = tmp_path / "run"
     with FakeOpenAIServer(world) as fake:
         rungs = json.dumps(RUNG_MODELS)

@@ -5,7 +5,6 @@ pays for no finished LLM call twice and writes what an uninterrupted run writes.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from mathmill.llm.fake_server import FakeOpenAIServer, Fault, RecordedRequest, Reply, Response
-from tests.resume_support import kill_9_midway
+from tests.resume_support import kill_9_midway, run_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -66,11 +65,6 @@ def command(base_url: str, data: Path, out: Path) -> list[str]:
     ]
 
 
-def env(prefect_api: dict[str, str]) -> dict[str, str]:
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR")
-    return {k: v for k, v in os.environ.items() if k in keep} | prefect_api
-
-
 def exported(out: Path) -> list[dict[str, object]]:
     rows = [json.loads(line) for line in (out / "sharegpt.jsonl").read_text().splitlines()]
     for row in rows:
@@ -85,7 +79,7 @@ def test_kill_9_then_resume(prefect_api: dict[str, str], tmp_path: Path) -> None
     with FakeOpenAIServer(Solver()) as fake:
         whole = subprocess.run(
             command(fake.base_url, data, tmp_path / "whole"),
-            env=env(prefect_api),
+            env=run_env(prefect_api),
             capture_output=True,
             text=True,
         )
@@ -99,13 +93,13 @@ def test_kill_9_then_resume(prefect_api: dict[str, str], tmp_path: Path) -> None
     with FakeOpenAIServer(solver) as fake:
         kill_9_midway(
             command(fake.base_url, data, tmp_path / "run"),
-            env(prefect_api),
+            run_env(prefect_api),
             ready=lambda: solver.answered >= PROBLEMS * 3 // 2,  # about half the calls
             paused=solver.paused,
         )
         resumed = subprocess.run(
             command(fake.base_url, data, tmp_path / "run"),
-            env=env(prefect_api),
+            env=run_env(prefect_api),
             capture_output=True,
             text=True,
         )

@@ -25,6 +25,7 @@ from mathmill.errors import ConfigError
 from mathmill.flows.train import TrainParams, TrainResult, loss_chart, train
 from tests.deploy_support import ROOT
 from tests.prefect_support import artifacts
+from tests.resume_support import run_env
 
 GSM8K = ROOT / "tests" / "data" / "gsm8k_test.jsonl"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -148,8 +149,7 @@ def test_lora_killed_after_a_checkpoint_resumes_and_the_merged_model_runs_in_vll
     fields["lora"] = {"enabled": True, "r": 8, "alpha": 16}
     config.write_text(json.dumps(fields))
     argv = [sys.executable, "-m", "mathmill", "run", "train", "--config", str(config)]
-    keep = ("HOME", "LANG", "PATH", "PYTHONPATH", "TMPDIR", "HF_HUB_OFFLINE")
-    env = {k: v for k, v in os.environ.items() if k in keep} | prefect_api
+    env = run_env(prefect_api)
     proc = subprocess.Popen(
         argv,
         env=env,
