@@ -233,11 +233,7 @@ def _resources(p: CritiqueParams) -> Resources:
 
 
 def _critiques(state: RunState) -> list[CritiqueExample]:
-    cached = state.rt.extra.get("critique.rows")
-    if cached is None:
-        rows = state.read("critiques", CritiqueExample)
-        cached = state.rt.extra["critique.rows"] = sorted(rows, key=lambda r: r.position)
-    return list(cached)
+    return sorted(state.read("critiques", CritiqueExample), key=lambda r: r.position)
 
 
 def _exports(state: RunState) -> dict[str, str]:

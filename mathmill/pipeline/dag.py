@@ -95,6 +95,7 @@ class RunState:
     failures: list[BaseException]
     started: float
     prefect: bool
+    _rows: dict[tuple[str, type[Any]], list[Any]] = field(default_factory=dict, repr=False)
 
     def by_dataset(self) -> dict[str, list[ChunkRef]]:
         """The run's chunks by dataset, in order."""
@@ -109,11 +110,16 @@ class RunState:
 
     def read(self, dataset: str, model: type[Any]) -> list[Any]:
         """Every row the run wrote to ``dataset``, as ``model`` records, chunk by chunk
-        in chunk-key order (a chunked stage's: its input order).
+        in chunk-key order (a chunked stage's: its input order). Read once per run: the
+        exports, report and statistics hooks share it (a new list each call).
         """
-        data = self.rt.store.dataset(dataset)
-        chunks = self.by_dataset().get(dataset, [])
-        return [row for ref in chunks for row in data.read_chunk(ref, model)]
+        rows = self._rows.get((dataset, model))
+        if rows is None:
+            data = self.rt.store.dataset(dataset)
+            chunks = self.by_dataset().get(dataset, [])
+            rows = [row for ref in chunks for row in data.read_chunk(ref, model)]
+            self._rows[(dataset, model)] = rows
+        return list(rows)
 
 
 Hook = Callable[[RunState], Any]
