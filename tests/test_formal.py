@@ -231,3 +231,17 @@ def test_kill_9_mid_reasoning_then_resume_pays_no_call_twice(
     kept = read(tmp_path / "run", "formal", FormalLemma)
     assert len(kept) == 7 and {x.name for x in kept} == KEPT
     assert "7 kept with a reasoning" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_with_the_judge_off_the_best_scored_reasoning_is_kept_unjudged(tmp_path: Path) -> None:
+    world = FormalWorld()
+    with FakeOpenAIServer(world) as fake:
+        cfg = params(fake.base_url, tmp_path / "run", judge_enabled=False)
+        result: FormalResult = asyncio.run(formal(params=cfg))
+    assert result.kept == 6 and result.rejected == 0
+    assert world.stages["formal_judge"] == 0
+    for x in read(tmp_path / "run", "formal", FormalLemma):
+        best = max(x.reasonings, key=lambda r: (r.score, -r.index))
+        assert x.chosen == best.index
+        assert all(r.verdict is None for r in x.reasonings)

@@ -140,14 +140,14 @@ async def formal_extract(chunk: Chunk, cfg: ExtractConfig) -> StageResult:
     """
     files = source_files(cfg)
     lemmas, failed = await asyncio.to_thread(extract_all, files, cfg.workers)
-    roots = {str(f.relative_to(root)): str(root) for f, root, _ in files}
+    roots = {module: str(root) for _, root, module in files}  # one module per file
     chunks: list[list[FormalLemma]] = [[]]
     last_file = None
     for lemma in lemmas:
         if lemma.file != last_file and len(chunks[-1]) >= cfg.lemmas_per_chunk:
             chunks.append([])
         last_file = lemma.file
-        root = roots.get(lemma.file, "")
+        root = roots.get(lemma.module, "")
         chunks[-1].append(lemma.model_copy(update={"metadata": {**lemma.metadata, "root": root}}))
     counts: Counter[str] = Counter(
         {"formal_extract.files": len(files), "formal_extract.lemmas": len(lemmas)}
@@ -627,12 +627,11 @@ async def formal_judge(chunk: Chunk, cfg: JudgeConfig) -> StageResult:
             x.reasonings,
             key=lambda r: (-(r.score if r.score is not None else float("-inf")), r.index),
         )
+        if not cfg.enabled:  # the best-scored one, unjudged
+            return x.model_copy(update={"chosen": order[0].index if order else None})
         judged: dict[int, FormalReasoning] = {}
         chosen = None
         for r in order[: cfg.max_checks]:
-            if not cfg.enabled:
-                chosen = r.index
-                break
             verdict, error = await _judge_one(chunk, x, r)
             if error is not None:
                 errors.append(error)
