@@ -102,6 +102,12 @@ class GradingTimeout(Exception):
     """The comparison did not finish in time."""
 
 
+class SidecarUnusable(Exception):
+    """The helper process (:mod:`mathmill.sidecar`) could not take the work sent to it
+    (it could not unpickle it); the work is done in the run's process instead.
+    """
+
+
 class InvalidEngineRequest(ValueError):
     """A request the vLLM engine cannot take (too long, bad schema): an error row."""
 

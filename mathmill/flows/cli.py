@@ -65,6 +65,20 @@ PrefectServer = Annotated[
     ServerMode | None, typer.Option("--prefect-server", help=PREFECT_SERVER_HELP)
 ]
 run_app = typer.Typer(help="Run a pipeline (a Prefect flow).", no_args_is_help=True)
+
+
+@run_app.callback()
+def _start_helper() -> None:
+    """Start the helper process (:mod:`mathmill.sidecar`) first thing, so that it imports
+    the grader and the report's charting while this one imports the flow and Prefect
+    (not for ``--help``).
+    """
+    from mathmill import sidecar
+
+    if not {"--help", "-h"} & set(sys.argv[1:]):
+        sidecar.warm(*sidecar.GRADING, *sidecar.REPORT)
+
+
 console = Console(soft_wrap=True)
 if not console.is_terminal:  # piped or in CI: 80 columns would cut the tables
     console.width = 120
@@ -191,11 +205,16 @@ def run_flow(
             print_ui(link)
             raise
 
+    from mathmill import sidecar
+
     skip_pyarrow_pandas_probe()
-    with prefect_api(server) as api:
-        quiet_known_errors()
-        with live_view(progress, str(getattr(flow, "name", "run"))):
-            return asyncio.run(_run(api))
+    try:
+        with prefect_api(server) as api:
+            quiet_known_errors()
+            with live_view(progress, str(getattr(flow, "name", "run"))):
+                return asyncio.run(_run(api))
+    finally:
+        sidecar.stop()  # the command is done with it: exit without waiting for it
 
 
 @contextlib.contextmanager

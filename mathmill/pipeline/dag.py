@@ -248,7 +248,7 @@ async def run_pipeline(
         return pipeline.result(out=params.out, dry_run=True)  # type: ignore[attr-defined]
     started = time.perf_counter()
     listener = listener or live_listener.get()
-    _prewarm_report()
+    _prewarm(pipeline)
     async with open_pipeline_runtime(pipeline, params) as (rt, res):
         with use_runtime(rt):
             tracker = Tracker(artifacts=prefect, listener=listener, meter=rt.pool.meter)
@@ -261,20 +261,13 @@ async def run_pipeline(
             return result
 
 
-def _prewarm_report() -> None:
-    """Import the dataset report's charting (matplotlib, ~0.7 s) in a background thread
-    while the run works, so that drawing the charts at its end does not wait for it.
+def _prewarm(pipeline: Pipeline[Any, Any]) -> None:
+    """Have the helper process (:mod:`mathmill.sidecar`) import, while the run works,
+    what its stages' side work (grading) and then the dataset report (matplotlib) need.
     """
-    import threading
+    from mathmill import sidecar
 
-    def load() -> None:
-        with contextlib.suppress(Exception):  # finish_run reports a failing import itself
-            import matplotlib.backends.backend_agg
-            import matplotlib.figure  # noqa: F401
-
-            import mathmill.report.charts  # noqa: F401
-
-    threading.Thread(target=load, name="mathmill-report-import", daemon=True).start()
+    sidecar.warm(*(m for step in pipeline.steps for m in step.stage.warm), *sidecar.REPORT)
 
 
 Call = Callable[[Stage[Any], Any, BaseModel], Awaitable[StageOutput]]

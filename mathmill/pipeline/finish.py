@@ -120,14 +120,8 @@ async def finish_run(state: RunState) -> Any:
         "result": result.model_dump(mode="json"),
         "chunks": {k: [r.model_dump(mode="json") for r in v] for k, v in by_dataset.items()},
     }
-    rendered = await _dataset_report(state, manifest, logger)
-    if rendered is not None:
-        result.outputs["report.html"] = manifest["result"]["outputs"]["report.html"] = (
-            rendered.html_url
-        )
-    write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
-    save_spend(state.rt)
-    if state.prefect:
+
+    async def publish() -> None:
         try:
             await state.tracker.flush()  # the chunks' progress updates, sent meanwhile
         except Exception as e:  # the progress bar is a convenience: the run is done
@@ -135,9 +129,21 @@ async def finish_run(state: RunState) -> Any:
         sends = _artifacts(state, report, status, stats)
         if not failed:  # the progress artifact at 100, sent with them
             sends.append(state.tracker.publish("done", finished=True))
-        if rendered is not None:
-            sends.append(_report_artifacts(state, rendered, status, logger))
         await asyncio.gather(*sends)
+
+    # the artifacts are sent while the report is drawn (in the helper process)
+    sending = asyncio.ensure_future(publish()) if state.prefect else None
+    rendered = await _dataset_report(state, manifest, logger)
+    if rendered is not None:
+        result.outputs["report.html"] = manifest["result"]["outputs"]["report.html"] = (
+            rendered.html_url
+        )
+    write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
+    save_spend(state.rt)
+    if sending is not None:
+        await sending
+        if rendered is not None:
+            await _report_artifacts(state, rendered, status, logger)
     if failed:
         for error in state.failures:  # bad settings: say so, re-running won't help
             if isinstance(error, ConfigError):
@@ -199,13 +205,21 @@ def _artifacts(
 
 
 async def _dataset_report(state: RunState, manifest: dict[str, Any], logger: Any) -> Any:
-    """``report.html`` and its charts (:mod:`mathmill.report`), drawn in a worker
-    thread; None, with a warning, when that fails: a chart never fails a run.
+    """``report.html`` and its charts (:mod:`mathmill.report`), drawn in the helper
+    process (:mod:`mathmill.sidecar`; where there is none, in a worker thread); None,
+    with a warning, when that fails: a chart never fails a run.
     """
-    try:
-        from mathmill.report import render
+    from mathmill import sidecar
 
-        return await asyncio.to_thread(render, state.rt.store, manifest)
+    try:
+        from mathmill.report import render_run
+
+        store = state.rt.store
+        # a local run directory by its absolute path (the helper's cwd may differ)
+        config = store.config.model_copy(update={"url": store.url}) if store.is_local else None
+        return await sidecar.call(
+            render_run, config or store.config, manifest, limit_s=_REPORT_S, in_thread=True
+        )
     except Exception as e:  # the report is a convenience: the run is done
         logger.warning("could not write the dataset report (report.html): %s", e)
         return None
@@ -225,30 +239,36 @@ async def _report_artifacts(state: RunState, rendered: Any, status: str, logger:
     )
 
     name, url = state.pipeline.name, rendered.html_url
-    try:
-        await acreate_markdown_artifact(
+    link = f"file://{url}" if url.startswith("/") else url
+    sends = [
+        acreate_markdown_artifact(
             rendered.markdown,
             key=f"{name}-dataset-report",
             description=f"{name} dataset report: key figures ({status})",
-        )
-        link = f"file://{url}" if url.startswith("/") else url
-        await acreate_link_artifact(
+        ),
+        acreate_link_artifact(
             link,
             link_text="report.html",
             key=f"{name}-report-html",
             description=f"{name} dataset report with charts",
-        )
-        png = rendered.pngs.get("rows")
-        if png is not None and len(png) <= _IMAGE_ARTIFACT_MAX:
-            await acreate_image_artifact(
+        ),
+    ]
+    png = rendered.pngs.get("rows")
+    if png is not None and len(png) <= _IMAGE_ARTIFACT_MAX:
+        sends.append(
+            acreate_image_artifact(
                 "data:image/png;base64," + base64.b64encode(png).decode("ascii"),
                 key=f"{name}-report-chart",
                 description=f"{name}: rows by stage and outcome",
             )
-    except Exception as e:  # artifacts are a convenience
-        logger.warning("could not publish the dataset report's artifacts: %s", e)
+        )
+    for outcome in await asyncio.gather(*sends, return_exceptions=True):
+        if isinstance(outcome, Exception):  # artifacts are a convenience
+            logger.warning("could not publish the dataset report's artifacts: %s", outcome)
 
 
+_REPORT_S = 300.0
+"""Seconds the helper process may take to draw the report before it is drawn here."""
 _IMAGE_ARTIFACT_MAX = 400_000
 """Bytes of PNG sent inline (as a data: URL) as the image artifact, at most."""
 

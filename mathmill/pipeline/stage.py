@@ -77,6 +77,7 @@ _PLUMBING = (
     "mathmill.local_server",
     "mathmill.prefect_server",
     "mathmill._lazy",
+    "mathmill.sidecar",
 )
 
 
@@ -139,6 +140,7 @@ class Stage(Generic[P]):
     outputs: Mapping[str, type[Record]] = field(default_factory=dict)
     description: str = ""
     extra_code: tuple[str, ...] = ()
+    warm: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind != "source" and not self.inputs:
@@ -223,6 +225,7 @@ def stage(
     inputs: Mapping[str, type[Record]] | None = None,
     outputs: Mapping[str, type[Record]] | None = None,
     code: Sequence[str] = (),
+    warm: Sequence[str] = (),
 ) -> Callable[[StageFn[P]], Stage[P]]:
     """Declare a stage: decorate its ``async def fn(chunk, params) -> StageResult``.
 
@@ -231,7 +234,8 @@ def stage(
     calls (their endpoints are in its cache key), ``prompts`` the template ids it
     renders (their hashes too). ``code``: modules whose source joins the cache key
     besides those found from the stage's imports (plumbing that decides rows, such as
-    the vLLM engine's request mapping).
+    the vLLM engine's request mapping). ``warm``: modules the stage's side work imports
+    in the helper process (:mod:`mathmill.sidecar`), imported there when the run starts.
     """
 
     def declare(fn: StageFn[P]) -> Stage[P]:
@@ -246,6 +250,7 @@ def stage(
             outputs=dict(outputs or {}),
             description=(fn.__doc__ or "").strip().split("\n\n")[0],
             extra_code=tuple(code),
+            warm=tuple(warm),
         )
 
     return declare

@@ -13,9 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from mathmill.storage import RunStore
+from mathmill.storage import RunStore, StorageConfig
 
-__all__ = ["Rendered", "render", "render_report"]
+__all__ = ["Rendered", "render", "render_report", "render_run"]
 
 
 @dataclass
@@ -52,6 +52,13 @@ def render(store: RunStore, manifest: dict[str, Any] | None = None) -> Rendered:
     out.files = {"report.html": html_url, **out.files}
     out.markdown = key_figures_markdown(data, html_url)
     return out
+
+
+def render_run(config: StorageConfig, manifest: dict[str, Any] | None = None) -> Rendered:
+    """:func:`render` for the run directory ``config`` names: the work sent to the
+    helper process (:mod:`mathmill.sidecar`), which opens the store itself.
+    """
+    return render(RunStore(config), manifest)
 
 
 def render_report(store_or_url: RunStore | str) -> dict[str, str]:

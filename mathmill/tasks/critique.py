@@ -20,6 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill import sidecar
 from mathmill.pipeline.chunks import Runtime, fingerprint, raise_if_transient, split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
@@ -37,7 +38,7 @@ from mathmill.records import (
     stable_id,
 )
 from mathmill.tasks.generation import generate, role_model
-from mathmill.tasks.sample import grade_samples, sample_requests
+from mathmill.tasks.sample import agrade_samples, sample_requests
 
 __all__ = [
     "KEEP_RULES",
@@ -103,6 +104,7 @@ class CritiqueSampleConfig(BaseModel):
     prompts=("sample_system",),
     inputs={"problems": Problem},
     outputs={"samples": Sample},
+    warm=sidecar.GRADING,
 )
 async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResult:
     """A chunk of problems sampled by every model (each on its own backend: an
@@ -142,7 +144,7 @@ async def critique_sample(chunk: Chunk, cfg: CritiqueSampleConfig) -> StageResul
                 ]
             rows = [
                 s.model_copy(update={"id": stable_id(s.id, name), "generator": name})
-                for s in grade_samples(problems, mine, sampling_of(name))
+                for s in await agrade_samples(problems, mine, sampling_of(name))
             ]
             out.append((name, rows, [g.error for g in mine if g.error is not None]))
         return out

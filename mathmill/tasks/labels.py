@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill import sidecar
 from mathmill.labels.domain import DEFAULT_DOMAINS, DEFAULT_RULES, classify
 from mathmill.labels.rasch import LadderObs, fit_rasch
 from mathmill.labels.split import FilterConfig, SplitConfig, apply_filters, assign_splits
@@ -33,7 +34,7 @@ from mathmill.records import (
     stable_id,
 )
 from mathmill.tasks.generation import generate
-from mathmill.tasks.sample import grade_samples, sample_requests
+from mathmill.tasks.sample import agrade_samples, sample_requests
 
 __all__ = [
     "DifficultyConfig",
@@ -85,6 +86,7 @@ class LadderConfig(BaseModel):
     prompts=("sample_system",),
     inputs={"classified": CuratedRow},
     outputs={"laddered": CuratedRow, "ladder_samples": Sample},
+    warm=sidecar.GRADING,
 )
 async def ladder(chunk: Chunk, cfg: LadderConfig) -> StageResult:
     """Rung by rung over the whole set (one model loaded at a time; a deployment rung
@@ -125,7 +127,7 @@ async def ladder(chunk: Chunk, cfg: LadderConfig) -> StageResult:
         counts[f"ladder.errors.{rung}"] += len(failed)
         graded = [
             s.model_copy(update={"rung": rung, "id": stable_id(s.id, rung)})
-            for s in grade_samples(active, gens, rung_sampling)
+            for s in await agrade_samples(active, gens, rung_sampling)
         ]
         samples += graded
         for g in gens:

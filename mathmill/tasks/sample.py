@@ -6,13 +6,13 @@ against the problem's reference answer, with the logprobs of its tokens.
 from __future__ import annotations
 
 from collections import Counter, defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from mathmill.grading.extract import extract_answer
-from mathmill.grading.reference import check_answer
+from mathmill import sidecar
+from mathmill.grading.reference import Graded, grade_solutions
 from mathmill.pipeline.chunks import split_rows
 from mathmill.pipeline.stage import Chunk, StageResult, stage
 from mathmill.prompts import load_prompt
@@ -21,7 +21,6 @@ from mathmill.records import (
     GenRequest,
     Problem,
     Sample,
-    SampleStatus,
     SamplingParams,
     stable_id,
 )
@@ -31,6 +30,7 @@ __all__ = [
     "STATS_COLUMNS",
     "SampleConfig",
     "SampleFigures",
+    "agrade_samples",
     "grade_samples",
     "sample",
     "sample_requests",
@@ -56,6 +56,7 @@ class SampleConfig(BaseModel):
     prompts=("sample_system",),
     inputs={"problems": Problem},
     outputs={"samples": Sample},
+    warm=sidecar.GRADING,
 )
 async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
     """A chunk of problems' samples, generated as one batch on the sampler's backend
@@ -66,7 +67,7 @@ async def sample(chunk: Chunk, cfg: SampleConfig) -> StageResult:
     gens = await generate(
         chunk.rt, "sampler", sample_requests(problems, cfg.sampling), stage="sample"
     )
-    rows = grade_samples(problems, gens, cfg.sampling)
+    rows = await agrade_samples(problems, gens, cfg.sampling)
     counts: Counter[str] = Counter(f"sample.{r.status}" for r in rows)
     return StageResult(
         rows=dict(split_rows("samples", rows, cfg.rows_per_chunk)),
@@ -92,25 +93,20 @@ def sample_requests(problems: Sequence[Problem], sampling: SamplingParams) -> li
     ]
 
 
-def _grade(
-    reference: str | None, text: str, problem: str | None = None
-) -> tuple[SampleStatus, str | None, str]:
-    found = extract_answer(text)
-    verdict = check_answer(reference, found.text if found else None, problem=problem)
-    status: SampleStatus = verdict.status  # type: ignore[assignment]
-    reason = f"{verdict.rule}: {verdict.reason}".strip(": ") if verdict.rule else verdict.reason
-    return status, verdict.predicted, reason
-
-
 def grade_samples(
-    problems: Sequence[Problem], gens: Sequence[Generation], sampling: SamplingParams
+    problems: Sequence[Problem],
+    gens: Sequence[Generation],
+    sampling: SamplingParams,
+    grades: Sequence[Graded] | None = None,
 ) -> list[Sample]:
     """One :class:`Sample` per generated solution (or one ``error`` row for a request
     that failed), graded against the problem's answer; ``sampling`` is what the
-    requests asked for.
+    requests asked for. ``grades``: the solutions' grades, already computed (in the
+    order of :func:`_to_grade`; see :func:`agrade_samples`).
     """
     prompt = load_prompt("sample_system").ref
     by_id = {p.id: p for p in problems}
+    todo = iter(grades if grades is not None else grade_solutions(_to_grade(by_id, gens)))
     rows: list[Sample] = []
     for g in gens:
         p = by_id[g.id]
@@ -129,7 +125,7 @@ def grade_samples(
             )
             continue
         for c in g.choices:
-            status, answer, reason = _grade(p.answer, c.text, p.statement)
+            status, answer, reason = next(todo)
             lps = c.logprobs
             total = sum(t.logprob for t in lps) if lps else None
             rows.append(
@@ -149,6 +145,35 @@ def grade_samples(
                 )
             )
     return rows
+
+
+def _to_grade(
+    by_id: Mapping[str, Problem], gens: Sequence[Generation]
+) -> list[tuple[str | None, str, str | None]]:
+    """(reference, solution, problem) of every solution generated, in order."""
+    return [
+        (by_id[g.id].answer, c.text, by_id[g.id].statement)
+        for g in gens
+        if g.error is None
+        for c in g.choices
+    ]
+
+
+async def agrade_samples(
+    problems: Sequence[Problem], gens: Sequence[Generation], sampling: SamplingParams
+) -> list[Sample]:
+    """:func:`grade_samples`, the grading done in the helper process
+    (:mod:`mathmill.sidecar`: math-verify and sympy on another core, the event loop
+    free meanwhile); in-process where there is none.
+    """
+    items = _to_grade({p.id: p for p in problems}, gens)
+    grades = await sidecar.call(grade_solutions, items, limit_s=_GRADE_S * len(items) + 60)
+    return grade_samples(problems, gens, sampling, grades)
+
+
+_GRADE_S = 5.0
+"""The grader's time limit per answer (its default): a batch in the helper that takes
+longer than this per answer plus a minute is given up there and graded here."""
 
 
 class SampleFigures(Protocol):

@@ -1,0 +1,220 @@
+"""The helper process (mathmill.sidecar): side work runs in another process, gets the
+same answers as in-process, falls back to this process when the helper dies, cannot
+take the work or overruns, never sees API keys, dies with its parent; a run's own
+process imports neither the grader's sympy nor matplotlib.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mathmill import sidecar
+from mathmill.llm.fake_server import FakeOpenAIServer, RecordedRequest, Reply
+from mathmill.records import GenChoice, Generation, Problem, SamplingParams
+from mathmill.tasks.sample import agrade_samples, grade_samples
+from tests.resume_support import run_env
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBLEMS = ROOT / "tests/data/problems/amc23_5.jsonl"
+
+
+@pytest.fixture(autouse=True)
+def fresh_helper(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Each test starts and ends without a helper (and with it on)."""
+    monkeypatch.delenv("MATHMILL_SIDECAR", raising=False)
+    sidecar.stop()
+    yield
+    sidecar.stop()
+
+
+def where(parent: int) -> str:
+    return "parent" if os.getpid() == parent else "helper"
+
+
+def die_in_helper(parent: int) -> str:
+    if os.getpid() != parent:
+        os._exit(3)
+    return "parent"
+
+
+def slow_in_helper(parent: int) -> str:
+    if os.getpid() != parent:
+        time.sleep(60)
+    return "parent"
+
+
+def fails(text: str) -> str:
+    raise ValueError(text)
+
+
+def env_value(name: str) -> str | None:
+    return os.environ.get(name)
+
+
+def test_work_runs_in_the_helper_and_in_process_when_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert sidecar.enabled()  # the test machines have 2 CPUs or more
+    assert sidecar.call_sync(where, os.getpid()) == "helper"
+    assert asyncio.run(sidecar.call(where, os.getpid())) == "helper"
+    monkeypatch.setenv("MATHMILL_SIDECAR", "0")
+    assert not sidecar.enabled()
+    assert sidecar.call_sync(where, os.getpid()) == "parent"
+    assert asyncio.run(sidecar.call(where, os.getpid(), in_thread=True)) == "parent"
+
+
+def test_a_dead_helper_an_unpicklable_job_and_an_overrun_fall_back(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mathmill.sidecar")
+    assert sidecar.call_sync(die_in_helper, os.getpid()) == "parent"
+    assert "could not run die_in_helper" in caplog.text
+    # a new helper after the dead one
+    assert sidecar.call_sync(where, os.getpid()) == "helper"
+    # what does not pickle is known before it is sent, and runs here
+    assert sidecar.call_sync(lambda: os.getpid()) == os.getpid()
+    assert "could not run" in caplog.text and "<lambda>" in caplog.text
+    # an overrun: the helper is killed, the work done here
+    assert asyncio.run(sidecar.call(slow_in_helper, os.getpid(), limit_s=2)) == "parent"
+    assert "slow_in_helper (took too long)" in caplog.text
+    assert sidecar.call_sync(where, os.getpid()) == "helper"
+
+
+def test_the_works_own_error_is_raised_as_it_is(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mathmill.sidecar")
+    with pytest.raises(ValueError, match="bad row 7"):
+        asyncio.run(sidecar.call(fails, "bad row 7"))
+    assert "could not run" not in caplog.text  # not retried here: it is the work's error
+
+
+def test_the_helper_has_no_api_keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-canary-helper")
+    monkeypatch.setenv("MATHMILL_JUDGE_API_KEY", "sk-canary-judge")
+    monkeypatch.setenv("HF_TOKEN", "hf-canary")
+    monkeypatch.setenv("MATHMILL_KEEP_ME", "yes")
+    assert sidecar.call_sync(env_value, "OPENAI_API_KEY") is None
+    assert sidecar.call_sync(env_value, "MATHMILL_JUDGE_API_KEY") is None
+    assert sidecar.call_sync(env_value, "HF_TOKEN") is None
+    assert sidecar.call_sync(env_value, "MATHMILL_KEEP_ME") == "yes"
+
+
+def test_the_helper_dies_with_its_parent(tmp_path: Path) -> None:
+    code = (
+        "import os, sys, time\n"
+        "from mathmill import sidecar\n"
+        "print(sidecar.call_sync(os.getpid), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert parent.stdout is not None
+    helper = int(parent.stdout.readline())
+    assert helper != parent.pid
+    os.kill(helper, 0)  # alive
+    parent.send_signal(signal.SIGKILL)
+    parent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(helper, signal.SIGKILL)
+        pytest.fail("the helper outlived its killed parent")
+
+
+def _graded_world() -> tuple[list[Problem], list[Generation], SamplingParams]:
+    rows = [json.loads(line) for line in PROBLEMS.open()]
+    problems = [
+        Problem(id=f"p{i}", source="t", statement=r["problem"], answer=str(r["answer"]))
+        for i, r in enumerate(rows)
+    ]
+    texts = [
+        lambda a: rf"so \boxed{{{a}}}",
+        lambda a: rf"so \boxed{{{a}+1}}",
+        lambda a: "no answer here",
+        lambda a: rf"\boxed{{\frac{{2*({a})}}{{2}}}}",
+    ]
+    gens = [
+        Generation(
+            id=p.id,
+            model="m",
+            backend="endpoint",
+            choices=[
+                GenChoice(index=j, text=t(p.answer), finish_reason="stop", tokens=5)
+                for j, t in enumerate(texts)
+            ],
+        )
+        for p in problems
+    ]
+    return problems, gens, SamplingParams(n=len(texts))
+
+
+def test_grading_in_the_helper_matches_grading_here() -> None:
+    problems, gens, sampling = _graded_world()
+    here = grade_samples(problems, gens, sampling)
+    there = asyncio.run(agrade_samples(problems, gens, sampling))
+    skip = {"created_at"}
+    assert [r.model_dump(exclude=skip) for r in there] == [r.model_dump(exclude=skip) for r in here]
+    statuses = {r.status for r in here}
+    assert {"correct", "incorrect", "no_answer"} <= statuses, statuses
+
+
+def _answer(request: RecordedRequest) -> Reply:
+    """36 for every problem: right for two of the five, wrong for the others."""
+    n = int((request.body or {}).get("n") or 1)
+    return Reply(contents=["so the answer is \\boxed{36}"] * n)
+
+
+def test_a_run_grades_and_draws_its_report_without_sympy_or_matplotlib_here(
+    prefect_api: dict[str, str], tmp_path: Path
+) -> None:
+    """The run's own process never imports the grader's math-verify/sympy nor
+    matplotlib: the helper does both; the rows are graded and the report drawn.
+    """
+    mods = tmp_path / "modules.json"
+    code = (
+        "import atexit, json, sys\n"
+        f"out = open({str(mods)!r}, 'w')\n"
+        "atexit.register(lambda: out.write(json.dumps(sorted(sys.modules))) and out.close())\n"
+        "from mathmill.cli import main\n"
+        "sys.argv = ['mathmill', *sys.argv[1:]]\n"
+        "main()\n"
+    )
+    run = tmp_path / "run"
+    with FakeOpenAIServer(_answer) as fake:
+        args = ["run", "sample", "--input", str(PROBLEMS)]
+        args += ["--samples", "2", "--base-url", fake.base_url, "--model", "m"]
+        done = subprocess.run(
+            [sys.executable, "-c", code, *args, "--out", str(run)],
+            capture_output=True,
+            text=True,
+            env=run_env(prefect_api),
+            timeout=600,
+        )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = set(json.loads(mods.read_text()))
+    assert not {"math_verify", "sympy", "matplotlib"} & loaded
+    rows = [json.loads(line) for line in (run / "samples.jsonl").open()]
+    assert len(rows) == 10
+    right = {r["problem"]: r["answer"] == "36" for r in map(json.loads, PROBLEMS.open())}
+    assert all(r["final_answer"] == "36" for r in rows)
+    assert [r["status"] for r in rows] == [
+        "correct" if right[r["problem"]] else "incorrect" for r in rows
+    ]
+    assert sum(r["status"] == "correct" for r in rows) == 4
+    html = (run / "report.html").read_text()
+    assert "report/rows.png" in html
+    assert (run / "report" / "rows.png").read_bytes()[:4] == b"\x89PNG"
