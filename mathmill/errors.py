@@ -103,8 +103,9 @@ class GradingTimeout(Exception):
 
 
 class SidecarUnusable(Exception):
-    """The helper process (:mod:`mathmill.sidecar`) could not take the work sent to it
-    (it could not unpickle it); the work is done in the run's process instead.
+    """The helper process (:mod:`mathmill.sidecar`) could not run the work sent to it
+    (it died, overran, or could not read the work); the work is done in the run's
+    process instead.
     """
 
 

@@ -1,17 +1,30 @@
 """The run's helper process: CPU-heavy side work of the orchestrator (grading with
-math-verify and sympy, drawing the dataset report with matplotlib) goes to one spawned
+math-verify and sympy, drawing the dataset report with matplotlib) goes to one helper
 process, so that it runs on another core while the flow's event loop keeps sending
 calls, and its imports are paid there, early (:func:`warm`), not on the run's path.
 
-One helper per orchestrator process, started on first use and reused by later runs in
-that process. It is off (the work runs in-process, as a plain call) with
-``MATHMILL_SIDECAR=0`` or where this process may use only one CPU. A helper that dies,
-cannot take the work (an argument that does not pickle) or overruns its ``limit_s`` is
-killed and the work is done in-process: the result is the same, only later. An error
-the work itself raises is raised to the caller as is.
+The helper is ``python -m mathmill.sidecar`` (nothing of the caller's ``__main__`` is
+run there), one per orchestrator process, started on first use and reused by later
+runs in that process; jobs go one at a time, in order, over its stdin and stdout. It is
+off (the work runs in-process, as a plain call) with ``MATHMILL_SIDECAR=0`` or where
+this process may use only one CPU.
 
-Only mathmill's own code runs there (no untrusted code: that is the sandbox's), without
-the environment's API keys and tokens; it dies with its parent.
+What can go wrong, and what happens:
+
+* the work raises: the error is raised to the caller as it is (any type, timeouts
+  included), once;
+* the work cannot be sent (it does not pickle) or read there: it runs in-process, the
+  helper keeps serving the others;
+* the helper dies or a job overruns its ``limit_s`` (counted from when it starts, not
+  while it waits its turn): the helper is killed, every job sent to it runs in-process
+  (a warning says so) and the next use starts a new helper.
+
+Only mathmill's own code runs there (untrusted code is the sandbox's). Its environment
+has no API keys, tokens or passwords (names with KEY, TOKEN, SECRET, PASSWORD or
+CREDENTIAL, except ``AWS_*``: the report reads object storage), and each job carries
+the caller's ``AWS_*`` settings as they are when it is sent. It ignores Ctrl-C (its
+parent decides), and it dies with its parent (``PR_SET_PDEATHSIG``, and it exits when
+its stdin closes).
 
 >>> call_sync(len, "abc")
 3
@@ -22,20 +35,26 @@ from __future__ import annotations
 import asyncio
 import atexit
 import concurrent.futures as cf
+import contextlib
 import importlib
+import itertools
 import logging
-import multiprocessing
 import os
 import pickle
+import queue
 import re
+import signal
+import struct
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
-from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 from mathmill.errors import SidecarUnusable
 
-__all__ = ["GRADING", "REPORT", "call", "call_sync", "enabled", "stop", "warm"]
+__all__ = ["GRADING", "REPORT", "call", "call_sync", "enabled", "helper_env", "stop", "warm"]
 
 T = TypeVar("T")
 log = logging.getLogger("mathmill.sidecar")
@@ -52,10 +71,8 @@ REPORT = (
 )
 """What drawing the dataset report imports: warmed when a run starts."""
 
-_SECRET_NAME = re.compile(r"API_KEY|ACCESS_TOKEN|HF_TOKEN|HUGGING_FACE_HUB_TOKEN", re.IGNORECASE)
-_pool: cf.ProcessPoolExecutor | None = None
-_lock = threading.Lock()
-_warmed: set[str] = set()
+_SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
+_HEADER = struct.Struct("!Q")
 
 
 def enabled() -> bool:
@@ -71,53 +88,59 @@ def enabled() -> bool:
     return cpus > 1
 
 
-def _init() -> None:
-    """In the helper: die with the parent (Linux), drop API keys and tokens from the
-    environment (grading and the report need none).
+def helper_env() -> dict[str, str]:
+    """The helper's environment: this process's, without API keys, tokens and
+    passwords (``AWS_*`` kept for object storage), with mathmill importable.
     """
-    for name in [n for n in os.environ if _SECRET_NAME.search(n)]:
-        del os.environ[name]
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_") or not _SECRET.search(k)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def _aws() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+
+
+# -- the wire: length-prefixed pickles -----------------------------------------------
+
+
+def _write(stream: IO[bytes], obj: Any) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)) + data)
+    stream.flush()
+
+
+def _read(stream: IO[bytes]) -> Any:
+    """The next object; EOFError when the other side is gone."""
+
+    def exactly(n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = stream.read(left)
+            if not chunk:
+                raise EOFError
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    (n,) = _HEADER.unpack(exactly(_HEADER.size))
+    return pickle.loads(exactly(n))
+
+
+# -- in the helper -------------------------------------------------------------------
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the parent dies (Linux); gone at once if it already has."""
     try:
         import ctypes
-        import signal
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: it exits when its pipe closes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: stdin's end of file stops it
         pass
-
-
-def _helper() -> cf.ProcessPoolExecutor | None:
-    """The helper, started on first use (spawn: this process has threads); None when
-    :func:`enabled` says no.
-    """
-    global _pool
-    if not enabled():
-        return None
-    with _lock:
-        if _pool is None:
-            context = multiprocessing.get_context("spawn")
-            _pool = cf.ProcessPoolExecutor(max_workers=1, mp_context=context, initializer=_init)
-            _warmed.clear()
-            _stop_at_exit()
-        return _pool
-
-
-_hooked = False
-
-
-def _stop_at_exit() -> None:
-    """Kill the helper when this process exits, before concurrent.futures' and
-    multiprocessing's own exit hooks wait for the work it is doing (an import no longer
-    needed): hooks run last registered first.
-    """
-    global _hooked
-    if not _hooked:
-        _hooked = True
-        atexit.register(_reset)  # before multiprocessing's, which joins it (LIFO)
-        register = getattr(threading, "_register_atexit", None)
-        if register is not None:
-            register(_reset)
+    if os.getppid() != parent:
+        os._exit(0)
 
 
 def _import(names: tuple[str, ...]) -> None:
@@ -125,83 +148,243 @@ def _import(names: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
+def _outcome(job: int, blob: bytes) -> tuple[int, str, Any]:
+    """(job, "ok", result) | (job, "error", (pickled error or None, its text)) |
+    (job, "unusable", why).
+    """
+    try:
+        fn, args, aws = pickle.loads(blob)
+    except Exception as e:
+        return job, "unusable", f"cannot read the work here: {type(e).__name__}: {e}"
+    for name in [n for n in os.environ if n.startswith("AWS_") and n not in aws]:
+        del os.environ[name]
+    os.environ.update(aws)
+    try:
+        result = fn(*args)
+    except Exception as e:
+        error: bytes | None = None
+        with contextlib.suppress(Exception):  # sent as text when it does not round-trip
+            blob = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.loads(blob)
+            error = blob
+        return job, "error", (error, f"{type(e).__name__}: {e}")
+    return job, "ok", result
+
+
+def serve(parent: int) -> None:
+    """The helper's loop: read a job, say it started, run it, write its outcome."""
+    _die_with(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    inp = sys.stdin.buffer
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the work's prints: to stderr
+    sys.stdout = sys.stderr
+    while True:
+        try:
+            job, blob = _read(inp)
+        except EOFError:
+            return
+        _write(out, (job, "start", None))
+        outcome = _outcome(job, blob)
+        try:
+            _write(out, outcome)
+        except Exception as e:  # a result that does not pickle
+            _write(out, (job, "error", (None, f"cannot send the result back: {e}")))
+
+
+# -- in the caller -------------------------------------------------------------------
+
+
+class _Helper:
+    """One helper process and the jobs sent to it."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mathmill.sidecar", str(os.getpid())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            env=helper_env(),
+        )
+        self.lock = threading.Lock()
+        self.jobs: dict[int, tuple[cf.Future[Any], float | None, str]] = {}
+        self.ids = itertools.count()
+        self.outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
+        self.deadline: float | None = None  # of the job running now
+        self.wake = threading.Event()
+        self.dead: str | None = None
+        for target in (self._send_loop, self._read_loop, self._watch_loop):
+            threading.Thread(target=target, name="mathmill-sidecar", daemon=True).start()
+
+    def submit(self, blob: bytes, limit_s: float | None, what: str) -> cf.Future[Any]:
+        future: cf.Future[Any] = cf.Future()
+        with self.lock:
+            if self.dead is not None:
+                raise SidecarUnusable(self.dead)
+            job = next(self.ids)
+            self.jobs[job] = (future, limit_s, what)
+        self.outbox.put((job, blob))
+        return future
+
+    def _send_loop(self) -> None:
+        assert self.proc.stdin is not None
+        while (item := self.outbox.get()) is not None:
+            try:
+                _write(self.proc.stdin, item)
+            except OSError as e:
+                self.fail(f"the helper process stopped reading ({e})")
+                return
+
+    def _read_loop(self) -> None:
+        assert self.proc.stdout is not None
+        while True:
+            try:
+                job, kind, value = _read(self.proc.stdout)
+            except Exception:  # EOFError: it exited or was killed
+                code = self.proc.wait()
+                self.fail(f"the helper process exited (code {code})")
+                return
+            with self.lock:
+                entry = self.jobs.get(job) if kind == "start" else self.jobs.pop(job, None)
+                if kind == "start":
+                    limit = entry[1] if entry else None
+                    self.deadline = time.monotonic() + limit if limit is not None else None
+                    self.wake.set()
+                    continue
+                self.deadline = None
+            if entry is not None:
+                _settle(entry[0], kind, value)
+
+    def _watch_loop(self) -> None:
+        while self.dead is None:
+            deadline = self.deadline
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if self.wake.wait(wait):
+                self.wake.clear()
+                continue
+            if self.deadline is not None and self.deadline <= time.monotonic():
+                running = [what for _, _, what in self.jobs.values()][:1]
+                self.fail(f"{''.join(running) or 'a job'} took too long")
+
+    def fail(self, why: str) -> None:
+        """Kill the helper; every job sent to it fails with :class:`SidecarUnusable`."""
+        global _current
+        with self.lock:
+            if self.dead is not None:
+                return
+            self.dead = why
+            jobs, self.jobs = list(self.jobs.values()), {}
+        with _lock:
+            if _current is self:
+                _current = None
+        self.wake.set()
+        self.outbox.put(None)
+        with contextlib.suppress(OSError):
+            self.proc.kill()
+        for future, _, _ in jobs:
+            _settle(future, "unusable", why)
+
+    def stop(self) -> None:
+        """End it now, whatever it is doing."""
+        self.fail("the helper process was stopped")
+        self.proc.wait()
+
+
+def _settle(future: cf.Future[Any], kind: str, value: Any) -> None:
+    if future.done():  # its caller gave up on it
+        return
+    try:
+        if kind == "ok":
+            future.set_result(value)
+        elif kind == "error":
+            error, text = value
+            future.set_exception(pickle.loads(error) if error else RuntimeError(text))
+        else:
+            future.set_exception(SidecarUnusable(value))
+    except cf.InvalidStateError:  # cancelled meanwhile
+        pass
+
+
+_lock = threading.Lock()
+_current: _Helper | None = None
+_warmed: set[str] = set()
+_hooked = False
+
+
+def _helper() -> _Helper | None:
+    """The helper, started on first use; None when :func:`enabled` says no."""
+    global _current, _hooked
+    if not enabled():
+        return None
+    with _lock:
+        if _current is None:
+            try:
+                _current = _Helper()
+            except OSError as e:  # no process can be started: the work runs here
+                log.warning("cannot start the helper process (%s); working in this one", e)
+                return None
+            _warmed.clear()
+            if not _hooked:
+                _hooked = True
+                atexit.register(stop)
+        return _current
+
+
+def _submit(fn: Callable[..., Any], args: tuple[Any, ...], limit_s: float | None) -> Any:
+    """The work sent to the helper: its future, or None when there is no helper or the
+    work does not pickle (known here, before anything is sent; the helper keeps
+    serving the others).
+    """
+    helper = _helper()
+    if helper is None:
+        return None
+    what = getattr(fn, "__qualname__", repr(fn))
+    try:
+        blob = pickle.dumps((fn, args, _aws()), protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception as e:
+        log.warning("%s cannot go to the helper process (%s); running it here", what, e)
+        return None
+    try:
+        return helper.submit(blob, limit_s, what)
+    except SidecarUnusable:
+        return None
+
+
+def _fell_back(fn: Callable[..., Any], error: BaseException) -> None:
+    log.warning(
+        "the helper process could not run %s (%s); running it in this process",
+        getattr(fn, "__qualname__", fn),
+        error,
+    )
+
+
 def warm(*modules: str) -> None:
     """Start the helper (if it is on) and have it import ``modules`` now, in the
     background, so that the work that needs them does not wait for them. Not waited
     for; a module that fails to import fails the work that needs it, not this.
     """
-    pool = _helper()
     todo = tuple(m for m in modules if m not in _warmed)
-    if pool is None or not todo:
+    if not todo or _helper() is None:
         return
     _warmed.update(todo)
-    try:
-        pool.submit(_import, todo).add_done_callback(_ignore)
-    except (RuntimeError, BrokenProcessPool):  # shut down or broken: on next use
-        _reset()
-
-
-def _ignore(future: cf.Future[Any]) -> None:
-    if not future.cancelled():
-        future.exception()  # retrieved: no "exception never retrieved" noise
-
-
-def _reset() -> None:
-    """Kill the helper (a later use starts a new one)."""
-    global _pool
-    with _lock:
-        pool, _pool = _pool, None
-    if pool is not None:
-        for process in list((getattr(pool, "_processes", None) or {}).values()):
-            process.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def stop() -> None:
-    """Stop the helper now, whatever it is doing (at the end of a command)."""
-    _reset()
-
-
-def _run(blob: bytes) -> Any:
-    """In the helper: the pickled ``(fn, args)``, called."""
-    try:
-        fn, args = pickle.loads(blob)
-    except Exception as e:
-        raise SidecarUnusable(f"{type(e).__name__}: {e}") from None
-    return fn(*args)
-
-
-_BROKEN = (BrokenProcessPool, SidecarUnusable, cf.TimeoutError, asyncio.TimeoutError)
-
-
-def _submit(fn: Callable[..., Any], args: tuple[Any, ...]) -> cf.Future[Any] | None:
-    """The work, sent to the helper; None when there is none or it cannot take it
-    (pickled here, so that what does not pickle is known before it is sent).
-    """
-    pool = _helper()
-    if pool is None:
-        return None
-    try:
-        blob = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-        return pool.submit(_run, blob)
-    except (pickle.PicklingError, TypeError, AttributeError, RuntimeError, *_BROKEN) as e:
-        _fell_back(fn, e)
-        return None
+    future = _submit(_import, (todo,), None)
+    if future is not None:
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 async def call(
     fn: Callable[..., T], *args: Any, limit_s: float | None = None, in_thread: bool = False
 ) -> T:
     """``fn(*args)`` in the helper, awaited without blocking the event loop; in-process
-    when the helper is off or fails (``in_thread``: then in a worker thread, else on the
-    loop). ``fn`` and ``args`` must pickle; ``fn`` must be importable by name.
+    when the helper is off or cannot run it (``in_thread``: then in a worker thread,
+    else on the loop). ``fn`` must be importable by name and ``args`` must pickle (or
+    it runs here); ``limit_s``: the most it may take there once started.
     """
-    future = _submit(fn, args)
+    future = _submit(fn, args, limit_s)
     if future is not None:
         try:
-            result: T = await asyncio.wait_for(asyncio.wrap_future(future), limit_s)
+            result: T = await asyncio.wrap_future(future)
             return result
-        except _BROKEN as e:
+        except SidecarUnusable as e:
             _fell_back(fn, e)
     if in_thread:
         return await asyncio.to_thread(fn, *args)
@@ -210,21 +393,23 @@ async def call(
 
 def call_sync(fn: Callable[..., T], *args: Any, limit_s: float | None = None) -> T:
     """:func:`call` for synchronous code: ``fn(*args)`` in the helper, waited for."""
-    future = _submit(fn, args)
+    future = _submit(fn, args, limit_s)
     if future is not None:
         try:
-            result: T = future.result(limit_s)
+            result: T = future.result()
             return result
-        except _BROKEN as e:
+        except SidecarUnusable as e:
             _fell_back(fn, e)
     return fn(*args)
 
 
-def _fell_back(fn: Callable[..., Any], error: BaseException) -> None:
-    why = "took too long" if isinstance(error, cf.TimeoutError | asyncio.TimeoutError) else error
-    log.warning(
-        "the helper process could not run %s (%s); running it in this process",
-        getattr(fn, "__qualname__", fn),
-        why or type(error).__name__,
-    )
-    _reset()
+def stop() -> None:
+    """Stop the helper now, whatever it is doing (at the end of a command, at exit)."""
+    with _lock:
+        helper = _current
+    if helper is not None:
+        helper.stop()
+
+
+if __name__ == "__main__":
+    serve(int(sys.argv[1]))

@@ -18,6 +18,7 @@ from typing import Any
 from prefect import get_run_logger
 from pydantic import BaseModel, ConfigDict, Field
 
+from mathmill import sidecar
 from mathmill.errors import ConfigError, IncompleteRun
 from mathmill.flows.registry import PIPELINES
 from mathmill.pipeline.chunks import ChunkSpec, Runtime, StageOutput, prompt_hashes, use_runtime
@@ -96,6 +97,7 @@ async def chunks(params: ChunksParams) -> ChunksResult:
     pipeline = load_pipeline(params.pipeline)
     run_params = pipeline.params.model_validate(params.run)
     step = pipeline.step(params.stage)
+    sidecar.warm(*step.stage.warm)  # the helper imports what the stage's side work needs
     stage_params = step.params(run_params)
     task = run_params.with_results(step.stage.task)
     result = ChunksResult(chunks=len(params.specs))

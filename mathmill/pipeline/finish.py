@@ -6,6 +6,7 @@ and the incomplete-run error when chunks failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable
 from typing import Any
@@ -133,13 +134,20 @@ async def finish_run(state: RunState) -> Any:
 
     # the artifacts are sent while the report is drawn (in the helper process)
     sending = asyncio.ensure_future(publish()) if state.prefect else None
-    rendered = await _dataset_report(state, manifest, logger)
-    if rendered is not None:
-        result.outputs["report.html"] = manifest["result"]["outputs"]["report.html"] = (
-            rendered.html_url
-        )
-    write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
-    save_spend(state.rt)
+    try:
+        rendered = await _dataset_report(state, manifest, logger)
+        if rendered is not None:
+            result.outputs["report.html"] = manifest["result"]["outputs"]["report.html"] = (
+                rendered.html_url
+            )
+        write_run_file(store, "manifest.json", dump_json(manifest), failed=failed)
+        save_spend(state.rt)
+    except BaseException:  # the manifest could not be written: nothing left running
+        if sending is not None:
+            sending.cancel()
+            with contextlib.suppress(BaseException):
+                await sending
+        raise
     if sending is not None:
         await sending
         if rendered is not None:
