@@ -71,6 +71,7 @@ REPORT = (
 )
 """What drawing the dataset report imports: warmed when a run starts."""
 
+_WARM_S = 300.0  # an import that hangs (a font cache's lock) must not hold the line
 _SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.IGNORECASE)
 _HEADER = struct.Struct("!Q")
 
@@ -102,17 +103,20 @@ def _aws() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
 
 
-# -- the wire: length-prefixed pickles -----------------------------------------------
+# -- the wire: length-prefixed frames ------------------------------------------------
+# caller -> helper: pickle((job, blob)); helper -> caller: pickle((job, kind, payload)),
+# payload pickled apart, so a payload the caller cannot read fails that job alone.
 
 
 def _write(stream: IO[bytes], obj: Any) -> None:
     data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
-    stream.write(_HEADER.pack(len(data)) + data)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
     stream.flush()
 
 
 def _read(stream: IO[bytes]) -> Any:
-    """The next object; EOFError when the other side is gone."""
+    """The next frame, unpickled; EOFError when the other side is gone."""
 
     def exactly(n: int) -> bytes:
         chunks, left = [], n
@@ -128,19 +132,34 @@ def _read(stream: IO[bytes]) -> Any:
     return pickle.loads(exactly(n))
 
 
+def _dumps(obj: Any) -> bytes:
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
 # -- in the helper -------------------------------------------------------------------
 
 
-def _die_with(parent: int) -> None:
-    """SIGKILL when the parent dies (Linux); gone at once if it already has."""
-    try:
-        import ctypes
+def _die_with(parent: int, deathsig: bool) -> None:
+    """End when the parent does: SIGKILL from the kernel (Linux, ``deathsig``: only
+    when the parent's main thread started it, as the signal follows the thread), and a
+    watcher that notices a new parent; gone at once if the parent already is.
+    """
+    if deathsig:
+        try:
+            import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: stdin's end of file stops it
-        pass
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the watcher does it
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
     if os.getppid() != parent:
         os._exit(0)
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _import(names: tuple[str, ...]) -> None:
@@ -148,14 +167,14 @@ def _import(names: tuple[str, ...]) -> None:
         importlib.import_module(name)
 
 
-def _outcome(job: int, blob: bytes) -> tuple[int, str, Any]:
-    """(job, "ok", result) | (job, "error", (pickled error or None, its text)) |
-    (job, "unusable", why).
+def _outcome(job: int, blob: bytes) -> tuple[int, str, bytes]:
+    """(job, "ok", result) | (job, "error", (error or None, its text)) |
+    (job, "unusable", why), the payload pickled.
     """
     try:
         fn, args, aws = pickle.loads(blob)
     except Exception as e:
-        return job, "unusable", f"cannot read the work here: {type(e).__name__}: {e}"
+        return job, "unusable", _dumps(f"cannot read the work here: {type(e).__name__}: {e}")
     for name in [n for n in os.environ if n.startswith("AWS_") and n not in aws]:
         del os.environ[name]
     os.environ.update(aws)
@@ -163,18 +182,19 @@ def _outcome(job: int, blob: bytes) -> tuple[int, str, Any]:
         result = fn(*args)
     except Exception as e:
         error: bytes | None = None
-        with contextlib.suppress(Exception):  # sent as text when it does not round-trip
-            blob = pickle.dumps(e, protocol=pickle.HIGHEST_PROTOCOL)
-            pickle.loads(blob)
-            error = blob
-        return job, "error", (error, f"{type(e).__name__}: {e}")
-    return job, "ok", result
+        with contextlib.suppress(Exception):  # sent as text when it does not pickle
+            error = _dumps(e)
+        return job, "error", _dumps((error, f"{type(e).__name__}: {e}"))
+    try:
+        return job, "ok", _dumps(result)
+    except Exception as e:
+        return job, "error", _dumps((None, f"cannot send the result back: {e}"))
 
 
-def serve(parent: int) -> None:
+def serve(parent: int, deathsig: bool) -> None:
     """The helper's loop: read a job, say it started, run it, write its outcome."""
-    _die_with(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    _die_with(parent, deathsig)
     inp = sys.stdin.buffer
     out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # the work's prints: to stderr
@@ -184,34 +204,35 @@ def serve(parent: int) -> None:
             job, blob = _read(inp)
         except EOFError:
             return
-        _write(out, (job, "start", None))
-        outcome = _outcome(job, blob)
-        try:
-            _write(out, outcome)
-        except Exception as e:  # a result that does not pickle
-            _write(out, (job, "error", (None, f"cannot send the result back: {e}")))
+        _write(out, (job, "start", b""))
+        _write(out, _outcome(job, blob))
 
 
 # -- in the caller -------------------------------------------------------------------
 
 
 class _Helper:
-    """One helper process and the jobs sent to it."""
+    """One helper process and the jobs sent to it, one at a time: a job is sent when
+    the one before it is done, so a job whose caller gave up meanwhile is never sent.
+    """
 
     def __init__(self) -> None:
+        main = threading.current_thread() is threading.main_thread()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mathmill.sidecar", str(os.getpid())],
+            [sys.executable, "-P", "-m", "mathmill.sidecar", str(os.getpid()), str(int(main))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=helper_env(),
+            process_group=0,  # the terminal's Ctrl-C is for the run, not for it
         )
         self.lock = threading.Lock()
         self.jobs: dict[int, tuple[cf.Future[Any], float | None, str]] = {}
         self.ids = itertools.count()
         self.outbox: queue.SimpleQueue[tuple[int, bytes] | None] = queue.SimpleQueue()
-        self.deadline: float | None = None  # of the job running now
+        self.running: tuple[int, float | None] | None = None  # job, deadline
         self.wake = threading.Event()
         self.dead: str | None = None
+        self.served = False  # a job finished here: it works
         for target in (self._send_loop, self._read_loop, self._watch_loop):
             threading.Thread(target=target, name="mathmill-sidecar", daemon=True).start()
 
@@ -227,47 +248,67 @@ class _Helper:
 
     def _send_loop(self) -> None:
         assert self.proc.stdin is not None
-        while (item := self.outbox.get()) is not None:
-            try:
-                _write(self.proc.stdin, item)
-            except OSError as e:
-                self.fail(f"the helper process stopped reading ({e})")
-                return
+        try:
+            while (item := self.outbox.get()) is not None:
+                job, blob = item
+                with self.lock:
+                    entry = self.jobs.get(job)
+                try:
+                    if entry is None or not entry[0].set_running_or_notify_cancel():
+                        with self.lock:  # its caller gave up before its turn
+                            self.jobs.pop(job, None)
+                        continue
+                except RuntimeError:  # settled meanwhile (the helper failed)
+                    continue
+                _write(self.proc.stdin, (job, blob))
+                cf.wait([entry[0]])
+        except Exception as e:  # a closed pipe, no memory for the frame
+            self.fail(f"the helper process stopped taking work ({type(e).__name__}: {e})")
 
     def _read_loop(self) -> None:
         assert self.proc.stdout is not None
-        while True:
-            try:
-                job, kind, value = _read(self.proc.stdout)
-            except Exception:  # EOFError: it exited or was killed
-                code = self.proc.wait()
-                self.fail(f"the helper process exited (code {code})")
-                return
-            with self.lock:
-                entry = self.jobs.get(job) if kind == "start" else self.jobs.pop(job, None)
-                if kind == "start":
-                    limit = entry[1] if entry else None
-                    self.deadline = time.monotonic() + limit if limit is not None else None
-                    self.wake.set()
-                    continue
-                self.deadline = None
-            if entry is not None:
-                _settle(entry[0], kind, value)
+        try:
+            while True:
+                job, kind, payload = _read(self.proc.stdout)
+                with self.lock:
+                    if kind == "start":
+                        entry = self.jobs.get(job)
+                        limit = entry[1] if entry else None
+                        self.running = (job, time.monotonic() + limit if limit else None)
+                        self.wake.set()
+                        continue
+                    entry = self.jobs.pop(job, None)
+                    self.running = None
+                    self.served = True
+                if entry is not None:
+                    _settle(entry[0], kind, payload)
+        except EOFError:  # it exited or was killed
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.fail(f"the helper process exited (code {self.proc.wait()})")
+        except Exception as e:  # a frame that cannot be read: it cannot be trusted
+            self.fail(f"cannot read the helper process ({type(e).__name__}: {e})")
 
     def _watch_loop(self) -> None:
         while self.dead is None:
-            deadline = self.deadline
+            with self.lock:
+                running = self.running
+            deadline = running[1] if running else None
             wait = None if deadline is None else max(0.0, deadline - time.monotonic())
             if self.wake.wait(wait):
                 self.wake.clear()
                 continue
-            if self.deadline is not None and self.deadline <= time.monotonic():
-                running = [what for _, _, what in self.jobs.values()][:1]
-                self.fail(f"{''.join(running) or 'a job'} took too long")
+            what = None
+            with self.lock:
+                if running is not None and self.running == running:  # still that job
+                    entry = self.jobs.get(running[0])
+                    what = entry[2] if entry else "a job"
+            if what is not None:
+                self.fail(f"{what} took too long")
 
     def fail(self, why: str) -> None:
         """Kill the helper; every job sent to it fails with :class:`SidecarUnusable`."""
-        global _current
+        global _current, _deaths
         with self.lock:
             if self.dead is not None:
                 return
@@ -276,28 +317,44 @@ class _Helper:
         with _lock:
             if _current is self:
                 _current = None
+            _deaths = 0 if self.served else _deaths + 1
         self.wake.set()
         self.outbox.put(None)
         with contextlib.suppress(OSError):
             self.proc.kill()
         for future, _, _ in jobs:
-            _settle(future, "unusable", why)
+            _settle(future, "unusable", _dumps(why))
 
     def stop(self) -> None:
         """End it now, whatever it is doing."""
         self.fail("the helper process was stopped")
         self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if pipe is not None:
+                    pipe.close()
 
 
-def _settle(future: cf.Future[Any], kind: str, value: Any) -> None:
+def _settle(future: cf.Future[Any], kind: str, payload: bytes) -> None:
+    """Resolve ``future`` from an outcome; a payload that cannot be read here makes
+    the job unusable (it runs here) or, for an error, a RuntimeError with its text.
+    """
     if future.done():  # its caller gave up on it
         return
     try:
+        try:
+            value = pickle.loads(payload)
+        except Exception as e:
+            kind, value = "unusable", f"cannot read its outcome ({type(e).__name__}: {e})"
         if kind == "ok":
             future.set_result(value)
         elif kind == "error":
             error, text = value
-            future.set_exception(pickle.loads(error) if error else RuntimeError(text))
+            try:
+                exc = pickle.loads(error) if error else RuntimeError(text)
+            except Exception:
+                exc = RuntimeError(text)
+            future.set_exception(exc)
         else:
             future.set_exception(SidecarUnusable(value))
     except cf.InvalidStateError:  # cancelled meanwhile
@@ -308,6 +365,8 @@ _lock = threading.Lock()
 _current: _Helper | None = None
 _warmed: set[str] = set()
 _hooked = False
+_deaths = 0  # helpers in a row that died before finishing a job
+_MAX_DEATHS = 3
 
 
 def _helper() -> _Helper | None:
@@ -316,6 +375,8 @@ def _helper() -> _Helper | None:
     if not enabled():
         return None
     with _lock:
+        if _current is None and _deaths >= _MAX_DEATHS:
+            return None  # it cannot serve here: the work runs in this process
         if _current is None:
             try:
                 _current = _Helper()
@@ -366,7 +427,7 @@ def warm(*modules: str) -> None:
     if not todo or _helper() is None:
         return
     _warmed.update(todo)
-    future = _submit(_import, (todo,), None)
+    future = _submit(_import, (todo,), _WARM_S)
     if future is not None:
         future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
@@ -412,4 +473,4 @@ def stop() -> None:
 
 
 if __name__ == "__main__":
-    serve(int(sys.argv[1]))
+    serve(int(sys.argv[1]), sys.argv[2:3] == ["1"])

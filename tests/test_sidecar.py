@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,6 +74,40 @@ class Unreadable(Exception):
 
 def fails_unreadably() -> str:
     raise Unreadable("x", "y")
+
+
+def _only_in(pid: int) -> str:
+    if os.getpid() != pid:
+        raise ValueError("cannot be rebuilt outside the helper")
+    return "rebuilt"
+
+
+class OnlyThere:
+    """Unpickles only in the process that made it (the helper)."""
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return _only_in, (self.pid,)
+
+
+def unreadable_result(parent: int) -> object:
+    return "parent" if os.getpid() == parent else OnlyThere()
+
+
+class OnlyThereError(Exception):
+    def __reduce__(self) -> tuple[object, tuple[int]]:
+        return _only_in, (os.getpid(),)
+
+
+def unreadable_error() -> str:
+    raise OnlyThereError("made in the helper")
+
+
+def touch(path: str) -> str:
+    Path(path).write_text("ran")
+    return "ran"
 
 
 def env_value(name: str) -> str | None:
@@ -147,6 +182,47 @@ def test_concurrent_jobs_an_unpicklable_one_and_an_overrun(
     assert caplog.text.count("slow_in_helper took too long") == 3  # the three behind it
 
 
+def test_outcomes_this_process_cannot_read(caplog: pytest.LogCaptureFixture) -> None:
+    """A result that cannot be unpickled here: the work runs here (that job alone); an
+    error that cannot: a RuntimeError with its text; the helper serves on.
+    """
+    caplog.set_level(logging.WARNING, logger="mathmill.sidecar")
+    pid = sidecar.call_sync(helper_pid)
+    assert sidecar.call_sync(unreadable_result, os.getpid()) == "parent"
+    assert "cannot read its outcome" in caplog.text
+    with pytest.raises(RuntimeError, match="OnlyThereError: made in the helper"):
+        sidecar.call_sync(unreadable_error)
+    assert sidecar.call_sync(helper_pid) == pid
+
+
+def test_a_job_whose_caller_gave_up_is_never_sent(tmp_path: Path) -> None:
+    me, marker = os.getpid(), tmp_path / "ran.txt"
+
+    async def scenario() -> list[object]:
+        first = asyncio.ensure_future(sidecar.call(where, me, 1.0))
+        await asyncio.sleep(0.2)  # the first one is running
+        gave_up = asyncio.ensure_future(sidecar.call(touch, str(marker)))
+        await asyncio.sleep(0)
+        gave_up.cancel()
+        last = await sidecar.call(where, me, 0.0)
+        return [await first, last, gave_up.cancelled()]
+
+    assert asyncio.run(scenario()) == ["helper", "helper", True]
+    assert not marker.exists()
+
+
+def test_a_helper_started_by_a_thread_outlives_the_thread() -> None:
+    """The kernel's parent-death signal follows the thread that started the process:
+    a helper started from a worker thread must not die with that thread.
+    """
+    got: list[int] = []
+    thread = threading.Thread(target=lambda: got.append(sidecar.call_sync(helper_pid)))
+    thread.start()
+    thread.join()
+    assert sidecar.call_sync(where, os.getpid(), 1.0) == "helper"
+    assert sidecar.call_sync(helper_pid) == got[0]
+
+
 def test_the_works_own_error_is_raised_as_it_is_once(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
@@ -191,14 +267,24 @@ def test_the_helper_has_no_api_keys_and_ignores_ctrl_c(monkeypatch: pytest.Monke
     assert sidecar.call_sync(helper_pid) == pid
 
 
-@pytest.mark.parametrize("when", ["at once", "once it serves"])
+@pytest.mark.parametrize("when", ["at once", "busy", "busy, started by a thread"])
 def test_the_helper_dies_with_its_parent(when: str) -> None:
+    """Killed while the helper starts, or while it runs a long job (started by the main
+    thread: the kernel's signal; by a thread that ended: its own watcher).
+    """
+    start = "sidecar.warm('math_verify')"
+    if "thread" in when:
+        start = f"t = threading.Thread(target=lambda: {start}); t.start(); t.join()"
     code = (
-        "import os, sys, time\n"
+        "import os, sys, threading, time\n"
         "from mathmill import sidecar\n"
-        "sidecar.warm('math_verify')\n"
+        f"{start}\n"
         "print(sidecar._current.proc.pid, flush=True)\n"
-        + ("os.kill(os.getpid(), 9)\n" if when == "at once" else "sidecar.call_sync(len, 'x')\n")
+        + (
+            "os.kill(os.getpid(), 9)\n"
+            if when == "at once"
+            else "threading.Thread(target=sidecar.call_sync, args=(time.sleep, 120)).start()\n"
+        )
         + "time.sleep(120)\n"
     )
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
@@ -206,7 +292,7 @@ def test_the_helper_dies_with_its_parent(when: str) -> None:
     helper = int(parent.stdout.readline())
     assert helper != parent.pid
     if when != "at once":
-        time.sleep(1)
+        time.sleep(3)  # it has started the long job
         os.kill(helper, 0)  # alive while its parent is
         parent.send_signal(signal.SIGKILL)
     parent.wait(timeout=30)
@@ -257,6 +343,7 @@ def test_grading_in_the_helper_matches_grading_here(caplog: pytest.LogCaptureFix
     skip = {"created_at"}
     assert [r.model_dump(exclude=skip) for r in there] == [r.model_dump(exclude=skip) for r in here]
     assert "could not run" not in caplog.text  # graded there, not here after all
+    assert "cannot go to the helper" not in caplog.text
     statuses = {r.status for r in here}
     assert {"correct", "incorrect", "no_answer"} <= statuses, statuses
 

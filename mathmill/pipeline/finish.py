@@ -214,20 +214,23 @@ def _artifacts(
 
 async def _dataset_report(state: RunState, manifest: dict[str, Any], logger: Any) -> Any:
     """``report.html`` and its charts (:mod:`mathmill.report`), drawn in the helper
-    process (:mod:`mathmill.sidecar`; where there is none, in a worker thread); None,
-    with a warning, when that fails: a chart never fails a run.
+    process (:mod:`mathmill.sidecar`) for a local or S3 run directory (others may need
+    credentials the helper is not given), else or where there is none in a worker
+    thread; None, with a warning, when that fails: a chart never fails a run.
     """
     from mathmill import sidecar
 
     try:
-        from mathmill.report import render_run
+        from mathmill.report import render, render_run
 
         store = state.rt.store
-        # a local run directory by its absolute path (the helper's cwd may differ)
-        config = store.config.model_copy(update={"url": store.url}) if store.is_local else None
-        return await sidecar.call(
-            render_run, config or store.config, manifest, limit_s=_REPORT_S, in_thread=True
-        )
+        if store.is_local:  # by its absolute path (the helper's cwd may differ)
+            config = store.config.model_copy(update={"url": store.url})
+        elif store.url.startswith("s3://"):
+            config = store.config
+        else:
+            return await asyncio.to_thread(render, store, manifest)
+        return await sidecar.call(render_run, config, manifest, limit_s=_REPORT_S, in_thread=True)
     except Exception as e:  # the report is a convenience: the run is done
         logger.warning("could not write the dataset report (report.html): %s", e)
         return None
