@@ -306,8 +306,10 @@ class _Helper:
             if what is not None:
                 self.fail(f"{what} took too long")
 
-    def fail(self, why: str) -> None:
-        """Kill the helper; every job sent to it fails with :class:`SidecarUnusable`."""
+    def fail(self, why: str, died: bool = True) -> None:
+        """Kill the helper; every job sent to it fails with :class:`SidecarUnusable`.
+        ``died``: it failed (not stopped), which counts toward giving up on helpers.
+        """
         global _current, _deaths
         with self.lock:
             if self.dead is not None:
@@ -317,7 +319,8 @@ class _Helper:
         with _lock:
             if _current is self:
                 _current = None
-            _deaths = 0 if self.served else _deaths + 1
+            if died:
+                _deaths = 0 if self.served else _deaths + 1
         self.wake.set()
         self.outbox.put(None)
         with contextlib.suppress(OSError):
@@ -327,7 +330,7 @@ class _Helper:
 
     def stop(self) -> None:
         """End it now, whatever it is doing."""
-        self.fail("the helper process was stopped")
+        self.fail("the helper process was stopped", died=False)
         self.proc.wait()
         for pipe in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):

@@ -37,6 +37,7 @@ def fresh_helper(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     if not sidecar.enabled():
         pytest.skip("one CPU: the helper is off by design")
     sidecar.stop()
+    monkeypatch.setattr(sidecar, "_deaths", 0)
     yield
     sidecar.stop()
 
@@ -147,6 +148,22 @@ def test_a_dead_helper_an_unpicklable_job_and_an_overrun_fall_back(
     assert asyncio.run(sidecar.call(slow_in_helper, os.getpid(), limit_s=2)) == "parent"
     assert "slow_in_helper took too long" in caplog.text
     assert sidecar.call_sync(helper_pid) not in (second, os.getpid())
+
+
+def test_helpers_that_die_unserved_are_given_up_stopped_ones_are_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mathmill.sidecar")
+    me = os.getpid()
+    for _ in range(4):  # stopped before they finished anything: not deaths
+        sidecar.warm("math_verify")
+        sidecar.stop()
+    assert sidecar.call_sync(where, me) == "helper"
+    sidecar.stop()
+    for _ in range(3):  # each dies in its first job
+        assert sidecar.call_sync(die_in_helper, me) == "parent"
+    assert sidecar.call_sync(where, me) == "parent"  # no fourth helper
+    assert caplog.text.count("could not run die_in_helper") == 3
 
 
 def test_concurrent_jobs_an_unpicklable_one_and_an_overrun(
